@@ -1,0 +1,76 @@
+"""``adalora-deploy``: the command line.
+
+Every error a user can cause ends in one line on stderr and exit status 2; an interrupted run exits 130.
+Each subcommand lives with the code it drives and registers itself through ``add_parser(subparsers)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+__all__ = ["main"]
+
+logger = logging.getLogger("adalora_deploy")
+
+# Modules that register subcommands, in the order they are listed in --help.
+_COMMAND_MODULES = (
+    "adalora_deploy.commands",
+    "adalora_deploy.quantize",
+    "export.commands",
+)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from adalora_deploy.artifacts import ArtifactError
+    from adalora_deploy.backends import UnsupportedLayerError
+    from adalora_deploy.checkpoint import AdapterMismatchError
+    from adalora_deploy.config import ConfigError
+    from adalora_deploy.data import DataError
+    from adalora_deploy.training import TrainingError
+
+    errors: list[type[BaseException]] = [ArtifactError, UnsupportedLayerError, AdapterMismatchError, ConfigError,
+                                         DataError, TrainingError]
+    for module_name, class_name in (("adalora_deploy.quantize", "QuantizationError"),
+                                    ("export", "ExportError"), ("export", "ParityError")):
+        try:
+            errors.append(getattr(importlib.import_module(module_name), class_name))
+        except (ImportError, AttributeError):
+            pass
+    return tuple(errors)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adalora-deploy", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ImportError as error:
+            logger.debug("commands of %s unavailable: %s", name, error)
+            continue
+        if hasattr(module, "add_parser"):
+            module.add_parser(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.run(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; finished artifacts and the last checkpoint are intact", file=sys.stderr)
+        return 130
+    except _user_errors() as error:
+        print(f"adalora-deploy {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,359 @@
+"""Configuration: the AdaLoRA hyper-parameters (PEFT's names and defaults) and the YAML run config.
+
+Every config is a frozen dataclass validated in ``__post_init__``; a violation raises :class:`ConfigError`
+naming the field, the value, the rule and the fix. Unknown keys are rejected with the nearest valid name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, get_args
+
+import yaml
+
+__all__ = [
+    "AdaLoraConfig",
+    "ConfigError",
+    "ModelConfig",
+    "RunConfig",
+    "TrainConfig",
+    "apply_overrides",
+    "from_mapping",
+    "load_run_config",
+]
+
+QuantizationKind = Literal["none", "bnb-nf4", "bnb-fp4", "bnb-int8", "gptq"]
+DtypeName = Literal["float32", "bfloat16", "float16"]
+
+# PEFT's defaults per model_type (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING) for the families we test.
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
+}
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule; the message says field, value, rule and fix."""
+
+
+def _fail(section: str, name: str, value: Any, rule: str, fix: str) -> None:
+    raise ConfigError(f"{section}.{name} = {value!r}: {rule}; {fix}")
+
+
+def _check_choice(section: str, name: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        _fail(section, name, value, f"must be one of {', '.join(map(repr, choices))}", "pick one of those")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdaLoraConfig:
+    """AdaLoRA hyper-parameters, named and defaulted as in PEFT's ``AdaLoraConfig``."""
+
+    total_step: int
+    """Number of optimizer steps of the whole run (T); required, the budget schedule depends on it."""
+    init_r: int = 12
+    """Initial rank of every adapted layer."""
+    target_r: int = 8
+    """Average rank per layer at the end: the final budget is n_layers * target_r."""
+    tinit: int = 0
+    """Warm-up steps at the full budget, before any masking."""
+    tfinal: int = 0
+    """Steps at the end with the rank pattern frozen at the target budget."""
+    deltaT: int = 1
+    """Mask every deltaT steps during the budgeting phase."""
+    beta1: float = 0.85
+    """EMA coefficient of the sensitivity (Eq. 10)."""
+    beta2: float = 0.85
+    """EMA coefficient of the uncertainty (Eq. 11)."""
+    orth_reg_weight: float = 0.5
+    """γ, weight of the orthogonal regularizer added to every training loss."""
+    lora_alpha: float = 8
+    """Numerator of the fixed scale lora_alpha / (init_r + 1e-5)."""
+    lora_dropout: float = 0.0
+    """Dropout on the adapter's input."""
+    target_modules: list[str] | str | None = None
+    """Module names (matched as name suffixes) or one regex (full match); None = the model family's default."""
+    task_type: str = "CAUSAL_LM"
+    """PEFT task type written to adapter_config.json."""
+    regularizer: Literal["peft", "paper"] = "peft"
+    """'peft': mean of unsquared Frobenius norms; 'paper': sum of squared norms (Eq. 4)."""
+    schedule: Literal["cubic", "linear"] = "cubic"
+    """Budget schedule; AdaLoRA is cubic, linear exists only as an option."""
+    compact_in_training: bool = False
+    """At the final step, slice the adapters to their surviving ranks and re-point the optimizer."""
+
+    def __post_init__(self) -> None:
+        section = "adapter"
+        for name in ("total_step", "init_r", "target_r", "tinit", "tfinal", "deltaT"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                _fail(section, name, value, "must be an integer", "write a whole number")
+        if self.total_step <= 0:
+            _fail(section, "total_step", self.total_step, "must be > 0", "set it to the number of optimizer steps")
+        if self.tinit < 0 or self.tfinal < 0:
+            _fail(section, "tinit" if self.tinit < 0 else "tfinal", min(self.tinit, self.tfinal), "must be >= 0",
+                  "use 0 for no warm-up / final phase")
+        if self.tinit >= self.total_step - self.tfinal:
+            _fail(section, "tinit", self.tinit,
+                  f"tinit must be < total_step - tfinal = {self.total_step - self.tfinal} so a budgeting phase exists",
+                  "lower tinit or tfinal, or raise total_step")
+        if self.deltaT < 1:
+            _fail(section, "deltaT", self.deltaT, "must be >= 1", "mask every deltaT >= 1 steps")
+        if self.init_r < 1:
+            _fail(section, "init_r", self.init_r, "must be >= 1", "start from a positive rank")
+        if not 0 < self.target_r < self.init_r:
+            _fail(section, "target_r", self.target_r, f"must satisfy 0 < target_r < init_r = {self.init_r}",
+                  "pick a target rank below the initial rank (PEFT crashes in kthvalue otherwise)")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not 0 <= value < 1:
+                _fail(section, name, value, "must be in [0, 1)", "use e.g. 0.85 (the default)")
+        for name in ("orth_reg_weight", "lora_alpha"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                _fail(section, name, value, "must be >= 0", "use a non-negative weight")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            _fail(section, "lora_dropout", self.lora_dropout, "must be in [0, 1)", "use 0 for no dropout")
+        if self.target_modules is not None:
+            names = [self.target_modules] if isinstance(self.target_modules, str) else self.target_modules
+            if not names or not all(isinstance(n, str) and n for n in names):
+                _fail(section, "target_modules", self.target_modules, "must be a non-empty list of names or a regex",
+                      "e.g. [q_proj, v_proj]")
+            if isinstance(self.target_modules, str):
+                try:
+                    re.compile(self.target_modules)
+                except re.error as error:
+                    _fail(section, "target_modules", self.target_modules, f"is not a valid regex ({error})",
+                          "fix the pattern or give a list of names")
+            else:
+                object.__setattr__(self, "target_modules", list(self.target_modules))
+        _check_choice(section, "regularizer", self.regularizer, ("peft", "paper"))
+        _check_choice(section, "schedule", self.schedule, ("cubic", "linear"))
+
+    def to_peft_dict(self, rank_pattern: Mapping[str, list[bool]] | None) -> dict[str, Any]:
+        """The ``adapter_config.json`` PEFT writes for an AdaLoRA adapter."""
+        target = self.target_modules
+        return {
+            "peft_type": "ADALORA",
+            "task_type": self.task_type,
+            "init_r": self.init_r,
+            "target_r": self.target_r,
+            "r": 8,
+            "tinit": self.tinit,
+            "tfinal": self.tfinal,
+            "deltaT": self.deltaT,
+            "beta1": self.beta1,
+            "beta2": self.beta2,
+            "orth_reg_weight": self.orth_reg_weight,
+            "total_step": self.total_step,
+            "lora_alpha": self.lora_alpha,
+            "lora_dropout": self.lora_dropout,
+            "target_modules": sorted(target) if isinstance(target, list) else target,
+            "rank_pattern": dict(rank_pattern) if rank_pattern is not None else None,
+            "bias": "none",
+            "fan_in_fan_out": False,
+            "init_lora_weights": True,
+            "inference_mode": True,
+            "modules_to_save": None,
+            "layers_to_transform": None,
+            "layers_pattern": None,
+            "revision": None,
+        }
+
+    @classmethod
+    def from_peft_dict(cls, data: Mapping[str, Any]) -> tuple[AdaLoraConfig, dict[str, list[bool]] | None]:
+        """Read PEFT's ``adapter_config.json`` (AdaLoRA); returns the config and its rank_pattern."""
+        if data.get("peft_type") != "ADALORA":
+            raise ConfigError(f"adapter_config.json has peft_type {data.get('peft_type')!r}, expected 'ADALORA'")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        if "total_step" not in kwargs or kwargs["total_step"] is None:
+            raise ConfigError("adapter_config.json has no total_step; AdaLoRA adapters always record it")
+        return cls(**kwargs), data.get("rank_pattern")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """Which base model to adapt and how to load it."""
+
+    path: str
+    """A local Hugging Face model folder (or a GPTQ folder when quantization is 'gptq')."""
+    quantization: QuantizationKind = "none"
+    """Base kind: none (float), bnb-nf4, bnb-fp4, bnb-int8 (LLM.int8) or gptq."""
+    dtype: DtypeName = "float32"
+    """Dtype of float weights and of the bnb compute."""
+    double_quant: bool = False
+    """bnb 4-bit: quantize the absmax statistics too (bnb_4bit_use_double_quant)."""
+    int8_threshold: float = 6.0
+    """bnb LLM.int8: outlier threshold (llm_int8_threshold)."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, str) or not self.path:
+            _fail("model", "path", self.path, "must be a folder path", "point it at a local Hugging Face model folder")
+        _check_choice("model", "quantization", self.quantization, get_args(QuantizationKind))
+        _check_choice("model", "dtype", self.dtype, get_args(DtypeName))
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
+            _fail("model", "device", self.device, "must be auto, cpu, cuda or cuda:N", "use 'auto'")
+        if not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
+            _fail("model", "int8_threshold", self.int8_threshold, "must be >= 0", "use 6.0 (transformers' default)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """The training run."""
+
+    data: str
+    """A .txt or .jsonl file ({"text": ...} per line)."""
+    steps: int
+    """Optimizer steps; this is AdaLoRA's total_step."""
+    batch_size: int = 4
+    """Sequences per micro-batch."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    seq_len: int = 32
+    """Tokens per sequence."""
+    lr: float = 5e-3
+    """AdamW learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    max_grad_norm: float | None = None
+    """Clip the adapters' gradient norm to this (None = no clipping)."""
+    seed: int = 0
+    """Seed of the adapter init, dropout and batch order."""
+    checkpoint_every: int = 10
+    """Write a resumable checkpoint every this many optimizer steps (0 = only at the end)."""
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail("train", name, value, "must be an integer >= 1", "use a positive whole number")
+        if not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            _fail("train", "lr", self.lr, "must be > 0", "use e.g. 5.0e-3")
+        if not isinstance(self.checkpoint_every, int) or self.checkpoint_every < 0:
+            _fail("train", "checkpoint_every", self.checkpoint_every, "must be an integer >= 0", "use 0 to save only at the end")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            _fail("train", "max_grad_norm", self.max_grad_norm, "must be > 0 or null", "remove it to disable clipping")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """A whole ``adalora-deploy train`` run: model, adapter and training sections."""
+
+    model: ModelConfig
+    adapter: AdaLoraConfig
+    train: TrainConfig
+    source: str | None = field(default=None, compare=False)
+    """The file this config was read from (relative paths in it resolve against its folder)."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for YAML/JSON (the adapter section without total_step, which is train.steps)."""
+        adapter = dataclasses.asdict(self.adapter)
+        adapter.pop("total_step")
+        return {"model": dataclasses.asdict(self.model), "adapter": adapter, "train": dataclasses.asdict(self.train)}
+
+
+def from_mapping(cls: type, data: Any, section: str, **extra: Any) -> Any:
+    """Build the dataclass ``cls`` from a mapping, rejecting unknown keys with the nearest valid one."""
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{section}: expected a mapping of keys to values, got {type(data).__name__}")
+    names = [f.name for f in dataclasses.fields(cls) if f.init and f.name != "source"]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"did you mean {section}.{close[0]}?" if close else f"valid keys: {', '.join(names)}"
+            raise ConfigError(f"{section}.{key}: unknown key; {hint}")
+    try:
+        return cls(**dict(data), **extra)
+    except TypeError as error:
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in data and f.name not in extra]
+        if missing:
+            raise ConfigError(f"{section}.{missing[0]}: required key is missing") from None
+        raise ConfigError(f"{section}: {error}") from None
+
+
+def _parse_value(text: str) -> Any:
+    return yaml.safe_load(text) if text.strip() else ""
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config mapping."""
+    data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    for item in overrides:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=50")
+        dotted, value = item.split("=", 1)
+        section, key = dotted.split(".", 1)
+        if section not in ("model", "adapter", "train"):
+            close = difflib.get_close_matches(section, ["model", "adapter", "train"], n=1)
+            hint = f"did you mean {close[0]}?" if close else "sections are model, adapter, train"
+            raise ConfigError(f"--set {item!r}: unknown section {section!r}; {hint}")
+        data.setdefault(section, {})[key] = _parse_value(value)
+    return data
+
+
+def parse_run_config(data: Any, source: str | None = None) -> RunConfig:
+    """Validate a raw mapping (as read from YAML) into a :class:`RunConfig`."""
+    if not isinstance(data, Mapping):
+        raise ConfigError("the config file must be a YAML mapping with sections model, adapter, train")
+    for key in data:
+        if key not in ("model", "adapter", "train"):
+            close = difflib.get_close_matches(str(key), ["model", "adapter", "train"], n=1)
+            hint = f"did you mean {close[0]}?" if close else "sections are model, adapter, train"
+            raise ConfigError(f"{key}: unknown section; {hint}")
+    for key in ("model", "adapter", "train"):
+        if key not in data:
+            raise ConfigError(f"{key}: required section is missing")
+    base = Path(source).parent if source else Path.cwd()
+    model_data = dict(data["model"]) if isinstance(data["model"], Mapping) else data["model"]
+    train_data = dict(data["train"]) if isinstance(data["train"], Mapping) else data["train"]
+    if isinstance(model_data, dict) and isinstance(model_data.get("path"), str):
+        model_data["path"] = _resolve(model_data["path"], base)
+    if isinstance(train_data, dict) and isinstance(train_data.get("data"), str):
+        train_data["data"] = _resolve(train_data["data"], base)
+    model = from_mapping(ModelConfig, model_data, "model")
+    train = from_mapping(TrainConfig, train_data, "train")
+    adapter_data = data["adapter"]
+    if isinstance(adapter_data, Mapping) and "total_step" in adapter_data:
+        if adapter_data["total_step"] != train.steps:
+            raise ConfigError(f"adapter.total_step = {adapter_data['total_step']!r} differs from train.steps = "
+                              f"{train.steps}; remove adapter.total_step (it is train.steps)")
+        adapter_data = {k: v for k, v in adapter_data.items() if k != "total_step"}
+    adapter = from_mapping(AdaLoraConfig, adapter_data, "adapter", total_step=train.steps)
+    return RunConfig(model=model, adapter=adapter, train=train, source=source)
+
+
+def _resolve(value: str, base: Path) -> str:
+    """Paths in a config are relative to the config file; ``builtin:`` names are kept as they are."""
+    if value.startswith("builtin:") or os.path.isabs(value):
+        return value
+    return str((base / value).resolve())
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read, override and validate a YAML run config."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: must be a YAML mapping with sections model, adapter, train")
+    return parse_run_config(apply_overrides(data, overrides or []), source=str(path))

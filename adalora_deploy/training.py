@@ -1,0 +1,303 @@
+"""Training AdaLoRA: our own loop, and a ``transformers.Trainer`` integration that is real AdaLoRA.
+
+Both drive one :class:`AdaLoraController`, which owns the two things AdaLoRA adds to a training step:
+
+    loss_total = loss + γ · R(P, Q)                              controller.regularize(loss)
+    loss_total.backward() -> optimizer.step()
+    controller.after_optimizer_step(step, optimizer)             importance, budget, mask (+ compaction)
+    optimizer.zero_grad()
+
+``step`` counts optimizer steps (not micro-batches), 0-based. With ``Trainer`` the hook is
+``on_optimizer_step`` (gradients still present); ``on_step_end`` would see zeroed gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import random
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import Trainer, TrainerCallback
+
+from adalora_deploy.adapters import AdapterSet, find_adapters, inject_adapters
+from adalora_deploy.allocator import AllocationStep, RankAllocator
+from adalora_deploy.artifacts import atomic_file, write_json
+from adalora_deploy.checkpoint import load_training_checkpoint, save_adapter, save_training_checkpoint
+from adalora_deploy.config import AdaLoraConfig, ConfigError, RunConfig
+from adalora_deploy.data import BlockBatches, token_blocks
+from adalora_deploy.models import load_base_model, load_tokenizer, materialize
+from adalora_deploy.regularizer import orthogonal_regularizer
+
+__all__ = [
+    "AdaLoraCallback",
+    "AdaLoraController",
+    "AdaLoraTrainer",
+    "TrainResult",
+    "TrainingError",
+    "make_optimizer",
+    "train",
+]
+
+logger = logging.getLogger(__name__)
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (a non-finite loss, a checkpoint that does not match the run)."""
+
+
+class AdaLoraController:
+    """The AdaLoRA part of a training step, shared by our loop and the Trainer integration.
+
+    Args:
+        adapters: the adapted layers.
+        config: the AdaLoRA config.
+    """
+
+    def __init__(self, adapters: AdapterSet, config: AdaLoraConfig):
+        self.adapters = adapters
+        self.config = config
+        self.allocator = RankAllocator(adapters, config)
+        self.regularized_micro_batches = 0
+        self.last_regularizer = 0.0
+
+    def regularizer(self) -> torch.Tensor:
+        """γ · R(P, Q) with the configured form; counts its calls so a skipped regularizer is caught."""
+        self.regularized_micro_batches += 1
+        if self.config.orth_reg_weight == 0:
+            return torch.zeros(())
+        value = orthogonal_regularizer(self.adapters, self.config.regularizer)
+        self.last_regularizer = float(value.detach())
+        return self.config.orth_reg_weight * value
+
+    def after_optimizer_step(self, step: int, optimizer: torch.optim.Optimizer | None = None) -> AllocationStep:
+        """Allocator update for optimizer step ``step``; compacts at the final step if configured.
+
+        Raises:
+            TrainingError: γ > 0 but no loss was regularized since the previous step.
+        """
+        if self.config.orth_reg_weight > 0 and self.regularized_micro_batches == 0:
+            raise TrainingError(
+                f"step {step}: the orthogonal regularizer was not applied (orth_reg_weight = "
+                f"{self.config.orth_reg_weight}); use AdaLoraTrainer or add controller.regularizer() to the loss")
+        self.regularized_micro_batches = 0
+        result = self.allocator.update_and_allocate(step)
+        if result.final and self.config.compact_in_training:
+            from adalora_deploy.compaction import compact_in_place
+
+            compact_in_place(self.adapters, optimizer)
+            logger.info("step %d: adapters compacted to %d triplets", step, result.live)
+        return result
+
+
+def make_optimizer(adapters: AdapterSet, lr: float, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    """AdamW over the adapter parameters (one group per layer, so compaction can re-point them)."""
+    groups = [{"params": [layer.lora_A, layer.lora_E, layer.lora_B]} for layer in adapters.values()]
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a training run produced."""
+
+    output_dir: Path
+    adapter_dir: Path
+    base_model: str
+    steps: int
+    first_loss: float
+    final_loss: float
+    live_ranks: dict[str, int]
+    resumed_from: int | None
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _data_path(value: str) -> str:
+    if value == "builtin:sample":
+        from adalora_deploy.demo import SAMPLE_TEXT
+
+        return str(SAMPLE_TEXT)
+    if value.startswith("builtin:"):
+        raise ConfigError(f"train.data = {value!r}: unknown builtin data; the builtin is 'builtin:sample'")
+    return value
+
+
+def _progress(total: int, initial: int, enabled: bool | None):
+    from tqdm.auto import tqdm
+
+    disable = not sys.stderr.isatty() if enabled is None else not enabled
+    return tqdm(total=total, initial=initial, disable=disable, unit="step", dynamic_ncols=True)
+
+
+def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progress: bool | None = None,
+          on_step: Callable[[dict[str, Any]], None] | None = None) -> TrainResult:
+    """Train an AdaLoRA adapter as ``run`` says; write ``adapter/``, ``checkpoint/``, ``metrics.jsonl``.
+
+    Args:
+        run: the validated run config.
+        output_dir: where artifacts go.
+        resume: continue from ``output_dir/checkpoint`` (the run config must be the same).
+        progress: show a progress bar (None: only when stderr is a terminal).
+        on_step: called with each step's metrics after the step is recorded.
+
+    Raises:
+        TrainingError: a non-finite loss, or an output folder holding another run.
+    """
+    output_dir = Path(output_dir)
+    checkpoint_dir = output_dir / "checkpoint"
+    metrics_path = output_dir / "metrics.jsonl"
+    if checkpoint_dir.exists() and not resume:
+        raise TrainingError(f"{output_dir} already holds a training checkpoint; pass --resume to continue it "
+                            "or choose another --output")
+    if resume and not (checkpoint_dir / "state.json").is_file():
+        raise TrainingError(f"--resume: no checkpoint in {checkpoint_dir}")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    t = run.train
+    _seed_everything(t.seed)
+    model_path = materialize(run.model.path, output_dir)
+    tokenizer = load_tokenizer(model_path)
+    model = load_base_model(dataclasses.replace(run.model, path=model_path))
+    device = next(model.parameters()).device
+    adapters = inject_adapters(model, run.adapter, seed=t.seed)
+    batches = BlockBatches(token_blocks(_data_path(t.data), tokenizer, t.seq_len), t.batch_size, t.seed)
+    controller = AdaLoraController(adapters, run.adapter)
+    run_record = run.to_dict()
+
+    def build_optimizer(adapter_set: AdapterSet) -> torch.optim.Optimizer:
+        return make_optimizer(adapter_set, t.lr, t.weight_decay)
+
+    start = 0
+    if resume:
+        start, optimizer, allocator_state, extra = load_training_checkpoint(
+            checkpoint_dir, adapters=adapters, optimizer_factory=build_optimizer)
+        saved = {k: v for k, v in extra.get("run", {}).items()}
+        if _comparable(saved) != _comparable(run_record):
+            raise TrainingError(f"{checkpoint_dir} was written by a different run config; resume with the same "
+                                "config or choose another --output")
+        controller.allocator.load_state_dict(allocator_state)
+        logger.info("resumed from step %d", start)
+    else:
+        optimizer = build_optimizer(adapters)
+    _rewrite_metrics(metrics_path, keep_before=start)
+    write_json(output_dir / "run.json", run_record | {"model_folder": model_path})
+
+    model.train()
+    losses: list[float] = []
+    bar = _progress(t.steps, start, progress)
+    with bar, open(metrics_path, "a", encoding="utf-8") as metrics_file:
+        for step in range(start, t.steps):
+            task_loss = 0.0
+            for micro in range(t.grad_accum):
+                batch = batches.batch(step * t.grad_accum + micro).to(device)
+                loss = model(input_ids=batch, labels=batch).loss
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"step {step}: the loss is {loss.item()}; lower train.lr or check the data "
+                                        f"(last checkpoint in {checkpoint_dir} is intact)")
+                total = (loss + controller.regularizer().to(loss.device)) / t.grad_accum
+                total.backward()
+                task_loss += loss.item() / t.grad_accum
+            if t.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(adapters.parameters(), t.max_grad_norm)
+            optimizer.step()
+            allocation = controller.after_optimizer_step(step, optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step, "loss": task_loss, "orth_reg": controller.last_regularizer,
+                      "budget": allocation.budget, "live_ranks": allocation.live, "masked": allocation.masked,
+                      "lr": optimizer.param_groups[0]["lr"], "skipped_importance": allocation.skipped_update}
+            metrics_file.write(json.dumps(record) + "\n")
+            metrics_file.flush()
+            losses.append(task_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{task_loss:.4f}", budget=allocation.budget)
+            done = step + 1
+            if done == t.steps or (t.checkpoint_every and done % t.checkpoint_every == 0):
+                save_training_checkpoint(checkpoint_dir, step=done, adapters=adapters, optimizer=optimizer,
+                                         allocator_state=controller.allocator.state_dict(), extra={"run": run_record})
+            if on_step is not None:
+                on_step(record)
+    adapter_dir = save_adapter(adapters, run.adapter, output_dir / "adapter", base_model_name_or_path=model_path)
+    return TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, base_model=model_path, steps=t.steps,
+                       first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
+                       live_ranks=adapters.live_ranks(), resumed_from=start if resume else None)
+
+
+def _comparable(record: dict[str, Any]) -> dict[str, Any]:
+    record = json.loads(json.dumps(record))
+    record.get("train", {}).pop("checkpoint_every", None)
+    return record
+
+
+def _rewrite_metrics(path: Path, keep_before: int) -> None:
+    lines = []
+    if keep_before and path.is_file():
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines()
+                 if line.strip() and json.loads(line)["step"] < keep_before]
+    with atomic_file(path) as temp:
+        temp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+
+
+# --- transformers.Trainer ---------------------------------------------------------------------------
+
+class AdaLoraCallback(TrainerCallback):
+    """Runs the rank allocator on every optimizer step of a ``transformers.Trainer``.
+
+    Uses ``on_optimizer_step`` (gradients present, before ``zero_grad``) with ``state.global_step`` as the
+    0-based optimizer step. Checks at train start that the Trainer runs exactly ``total_step`` steps.
+    """
+
+    def __init__(self, controller: AdaLoraController):
+        self.controller = controller
+        self.history: list[AllocationStep] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.max_steps and state.max_steps != self.controller.config.total_step:
+            raise ConfigError(f"adapter.total_step = {self.controller.config.total_step} but the Trainer runs "
+                              f"{state.max_steps} optimizer steps; set TrainingArguments(max_steps=total_step)")
+
+    def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        inner = getattr(optimizer, "optimizer", optimizer)
+        self.history.append(self.controller.after_optimizer_step(state.global_step, inner))
+
+
+class AdaLoraTrainer(Trainer):
+    """``transformers.Trainer`` that adds γ·R(P, Q) to every training loss and runs the rank allocator.
+
+    Args:
+        model: a model with AdaLoRA adapters (from :func:`inject_adapters`).
+        adalora_config: the AdaLoRA config the adapters were injected with.
+        **kwargs: forwarded to ``Trainer``.
+    """
+
+    def __init__(self, model: nn.Module, adalora_config: AdaLoraConfig, **kwargs):
+        adapters = find_adapters(model)
+        if not adapters:
+            raise ValueError("AdaLoraTrainer needs a model with AdaLoRA adapters; call inject_adapters first")
+        self.adalora = AdaLoraController(adapters, adalora_config)
+        self.adalora_callback = AdaLoraCallback(self.adalora)
+        callbacks = list(kwargs.pop("callbacks", None) or []) + [self.adalora_callback]
+        super().__init__(model=model, callbacks=callbacks, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        regularizer = self.adalora.regularizer().to(loss.device)
+        # When the loss is already normalized over the accumulation window, Trainer does not divide it by
+        # the accumulation steps; divide the regularizer ourselves so each optimizer step adds γ·R once.
+        scaled_for_accumulation = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or (
+            self.compute_loss_func is not None)
+        if scaled_for_accumulation:
+            regularizer = regularizer / self.current_gradient_accumulation_steps
+        loss = loss + regularizer
+        return (loss, outputs) if return_outputs else loss
