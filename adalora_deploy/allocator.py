@@ -113,6 +113,10 @@ class RankAllocator:
 
     def _update_importance(self) -> bool:
         params = self.adapters.parameters()
+        if all(p.grad is None for p in params):
+            raise RuntimeError(
+                "update_and_allocate found no adapter gradients: call it after optimizer.step() and before "
+                "optimizer.zero_grad() (with transformers.Trainer: on_optimizer_step, not on_step_end)")
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
         norms = torch._foreach_norm(grads)
         if not bool(torch.isfinite(torch.stack(norms)).all()):

@@ -276,8 +276,17 @@ def from_mapping(cls: type, data: Any, section: str, **extra: Any) -> Any:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
             hint = f"did you mean {section}.{close[0]}?" if close else f"valid keys: {', '.join(names)}"
             raise ConfigError(f"{section}.{key}: unknown key; {hint}")
+    values = dict(data)
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    for key, value in values.items():
+        # YAML 1.1 reads "1e-3" as a string; accept it for float fields instead of failing on a number.
+        if "float" in types.get(key, "") and isinstance(value, str):
+            try:
+                values[key] = float(value)
+            except ValueError:
+                raise ConfigError(f"{section}.{key} = {value!r}: must be a number; write e.g. 1.0e-3") from None
     try:
-        return cls(**dict(data), **extra)
+        return cls(**values, **extra)
     except TypeError as error:
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

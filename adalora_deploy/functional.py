@@ -140,10 +140,10 @@ def budget_at(step: int, *, init_budget: int, target_budget: int, tinit: int, tf
     """
     if schedule not in ("cubic", "linear"):
         raise ValueError(f"schedule must be 'cubic' or 'linear', got {schedule!r}")
+    if step >= final_step(tfinal, total_step):
+        return target_budget  # checked first: with tfinal = 0 and tinit = T - 1 the final step ends warm-up
     if step <= tinit:
         return init_budget
-    if is_final_step(step, tfinal=tfinal, total_step=total_step) or step > total_step - tfinal:
-        return target_budget
     progress = 1.0 - (step - tinit) / (total_step - tfinal - tinit)
     power = 3 if schedule == "cubic" else 1
     return int((init_budget - target_budget) * progress**power + target_budget)
