@@ -62,6 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes warns about optional CPU kernels on import; transformers draws its own loading bars.
+    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     try:
         return int(args.run(args) or 0)
     except KeyboardInterrupt:

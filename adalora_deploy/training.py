@@ -169,10 +169,10 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
     _seed_everything(t.seed)
     model_path = materialize(run.model.path, output_dir)
     tokenizer = load_tokenizer(model_path)
+    batches = BlockBatches(token_blocks(_data_path(t.data), tokenizer, t.seq_len), t.batch_size, t.seed)
     model = load_base_model(dataclasses.replace(run.model, path=model_path))
     device = next(model.parameters()).device
     adapters = inject_adapters(model, run.adapter, seed=t.seed)
-    batches = BlockBatches(token_blocks(_data_path(t.data), tokenizer, t.seq_len), t.batch_size, t.seed)
     controller = AdaLoraController(adapters, run.adapter)
     run_record = run.to_dict()
 
