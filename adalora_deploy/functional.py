@@ -99,12 +99,11 @@ def update_sensitivity(params: Sequence[torch.Tensor], grads: Sequence[torch.Ten
     """
     ipt = torch._foreach_mul(list(params), list(grads))
     torch._foreach_abs_(ipt)
-    torch._foreach_mul_(list(exp_avg_ipt), beta1)
-    torch._foreach_add_(list(exp_avg_ipt), ipt, alpha=1.0 - beta1)
-    deviation = torch._foreach_sub(ipt, list(exp_avg_ipt))
-    torch._foreach_abs_(deviation)
-    torch._foreach_mul_(list(exp_avg_unc), beta2)
-    torch._foreach_add_(list(exp_avg_unc), deviation, alpha=1.0 - beta2)
+    # Ī <- Ī + (1 - β1)(I - Ī) is the same EMA in one pass; then I is reused in place for |I - Ī|.
+    torch._foreach_lerp_(list(exp_avg_ipt), ipt, 1.0 - beta1)
+    torch._foreach_sub_(ipt, list(exp_avg_ipt))
+    torch._foreach_abs_(ipt)
+    torch._foreach_lerp_(list(exp_avg_unc), ipt, 1.0 - beta2)
 
 
 def element_scores(exp_avg_ipt: torch.Tensor, exp_avg_unc: torch.Tensor) -> torch.Tensor:

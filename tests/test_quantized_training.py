@@ -1,0 +1,60 @@
+"""AdaLoRA training on every base kind: same config, only model.quantization changes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adalora_deploy import AdaLoraConfig, inject_adapters
+from adalora_deploy.config import ModelConfig
+from adalora_deploy.data import BlockBatches, token_blocks
+from adalora_deploy.demo import SAMPLE_TEXT
+from adalora_deploy.models import load_base_model, load_tokenizer
+from adalora_deploy.training import AdaLoraController, make_optimizer
+
+STEPS = 16
+
+
+def _train(model, tokenizer, config: AdaLoraConfig) -> tuple[list[float], object]:
+    torch.manual_seed(0)
+    adapters = inject_adapters(model, config)
+    controller = AdaLoraController(adapters, config)
+    optimizer = make_optimizer(adapters, lr=1e-2)
+    batches = BlockBatches(token_blocks(SAMPLE_TEXT, tokenizer, 32), 4, seed=0)
+    model.train()
+    losses = []
+    for step in range(config.total_step):
+        batch = batches.batch(step)
+        loss = model(input_ids=batch, labels=batch).loss
+        (loss + controller.regularizer()).backward()
+        optimizer.step()
+        controller.after_optimizer_step(step, optimizer)
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses, adapters
+
+
+def _base_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
+
+
+@pytest.mark.parametrize(("quantization", "double_quant"), [
+    ("none", False), ("bnb-nf4", False), ("bnb-nf4", True), ("bnb-fp4", False), ("bnb-fp4", True), ("bnb-int8", False),
+])
+def test_training_lowers_loss_and_keeps_base(tiny_model_dir, quantization, double_quant):
+    config = AdaLoraConfig(total_step=STEPS, init_r=6, target_r=2, tinit=2, tfinal=3, lora_alpha=16,
+                           target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], orth_reg_weight=0.1)
+    model = load_base_model(ModelConfig(path=str(tiny_model_dir), quantization=quantization, double_quant=double_quant,
+                                        device="cpu"))
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert {"none": "Linear", "bnb-int8": "Linear8bitLt"}.get(quantization, "Linear4bit") in kinds
+    before = _base_state(model)
+    losses, adapters = _train(model, load_tokenizer(str(tiny_model_dir)), config)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    after = {k.replace(".base_layer", ""): v for k, v in _base_state(model).items()}
+    assert before.keys() <= after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before), "base weights changed during training"
+    assert sum(adapters.live_ranks().values()) == len(adapters) * config.target_r
+    kind = next(iter(adapters.values())).backend.describe(next(iter(adapters.values())).base_layer)
+    expected = {"none": "dense", "bnb-int8": "bnb-int8"}.get(quantization, f"bnb-{quantization[4:]}")
+    assert kind.startswith(expected) and kind.endswith("-dq") == double_quant
