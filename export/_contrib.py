@@ -1,0 +1,266 @@
+"""onnxruntime contrib-op schemas (domain ``com.microsoft``) and the custom torch ops that map onto them.
+
+onnx ships no schemas for ``com.microsoft`` operators, and onnxscript looks an operator's schema up before
+it emits a node, so each contrib op this package emits is registered once here as an ``onnx.defs.OpSchema``
+(only the inputs and attributes this package uses; onnxruntime validates against its own full schema).
+
+Each quantized matmul is a ``torch.library.custom_op`` in the ``adalora_export`` namespace: its eager
+implementation reproduces the onnxruntime kernel's arithmetic at ``accuracy_level`` 0, its fake
+implementation gives ``torch.export`` the output shape, and :data:`CUSTOM_TRANSLATION_TABLE` maps it to one
+contrib node for ``torch.onnx.export(..., custom_translation_table=...)``. This route was chosen over
+post-export graph surgery because the node is emitted with its final inputs and attributes at the place
+the module sits, with no name matching afterwards.
+"""
+
+from __future__ import annotations
+
+import onnx
+import torch
+from onnxscript import ir as _ir
+from onnxscript import opset18 as _op
+from onnxscript import values as _values
+
+__all__ = [
+    "CUSTOM_TRANSLATION_TABLE",
+    "MSFT_DOMAIN",
+    "NF4_CODE",
+    "FP4_CODE",
+    "dequantize_bnb4",
+    "dequantize_nbits",
+    "register_contrib_schemas",
+]
+
+MSFT_DOMAIN = "com.microsoft"
+
+_FLOAT = ["tensor(float)", "tensor(float16)"]
+
+
+def _schema(name: str, inputs, outputs, attributes, type_constraints) -> onnx.defs.OpSchema:
+    F = onnx.defs.OpSchema.FormalParameter
+    O = onnx.defs.OpSchema.FormalParameterOption
+    A = onnx.defs.OpSchema.Attribute
+    T = onnx.defs.OpSchema.AttrType
+    return onnx.defs.OpSchema(
+        name,
+        MSFT_DOMAIN,
+        1,
+        inputs=[F(n, t, "", param_option=O.Optional if opt else O.Single) for n, t, opt in inputs],
+        outputs=[F(n, t) for n, t in outputs],
+        type_constraints=type_constraints,
+        attributes=[A(n, T.INT, "", required=req) if req else A(n, onnx.helper.make_attribute(n, d)) for n, req, d in attributes],
+    )
+
+
+def register_contrib_schemas() -> None:
+    """Register the ``com.microsoft`` schemas this package emits (idempotent)."""
+    schemas = [
+        _schema(
+            "MatMulNBits",
+            [("A", "T1", False), ("B", "T2", False), ("scales", "T1", False), ("zero_points", "T3", True),
+             ("g_idx", "T4", True), ("bias", "T1", True)],
+            [("Y", "T1")],
+            [("K", True, 0), ("N", True, 0), ("bits", False, 4), ("block_size", True, 0), ("accuracy_level", False, 0)],
+            [("T1", _FLOAT, ""), ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
+             ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float16)", "tensor(float)"], ""),
+             ("T4", ["tensor(int32)"], "")],
+        ),
+        _schema(
+            "MatMulBnb4",
+            [("A", "T1", False), ("B", "T2", False), ("absmax", "T1", False)],
+            [("Y", "T1")],
+            [("K", True, 0), ("N", True, 0), ("block_size", True, 0), ("quant_type", True, 0),
+             ("training_mode", False, 0), ("transB", False, 1)],
+            [("T1", _FLOAT, ""), ("T2", ["tensor(uint8)"], "")],
+        ),
+    ]
+    for schema in schemas:
+        if not onnx.defs.has(schema.name, MSFT_DOMAIN):
+            onnx.defs.register_schema(schema)
+
+
+register_contrib_schemas()
+_MSFT = _values.Opset(MSFT_DOMAIN, 1)
+
+# bitsandbytes' 4-bit code books (bitsandbytes/functional.py get_4bit_type), index = 4-bit code.
+NF4_CODE = torch.tensor(
+    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+     0.7229568362236023, 1.0],
+    dtype=torch.float32,
+)
+FP4_CODE = torch.tensor(
+    [0.0, 0.005208333333, 0.66666667, 1.0, 0.33333333, 0.5, 0.16666667, 0.25,
+     -0.0, -0.005208333333, -0.66666667, -1.0, -0.33333333, -0.5, -0.16666667, -0.25],
+    dtype=torch.float32,
+)
+
+
+def _unpack_along_last(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Unpack uint8 bytes holding ``8 // bits`` values each, low bits first, keeping ``count`` values."""
+    per_byte = 8 // bits
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    values = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return values.flatten(-2)[..., :count]
+
+
+def dequantize_nbits(
+    qweight: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor, K: int, N: int, bits: int, block_size: int
+) -> torch.Tensor:
+    """MatMulNBits' weight as fp32 ``[N, K]``: ``scale[n, b] * (q[n, k] - zero[n, b])`` with ``b = k // block_size``.
+
+    Args:
+        qweight: uint8 ``[N, k_blocks, block_size * bits / 8]``, packed along K, low bits first.
+        scales: float ``[N, k_blocks]``.
+        zero_points: uint8 ``[N, ceil(k_blocks * bits / 8)]``, packed along the blocks like ``qweight``.
+        K, N, bits, block_size: the node's attributes.
+    """
+    k_blocks = qweight.shape[1]
+    q = _unpack_along_last(qweight, bits, block_size).float()  # [N, k_blocks, block_size]
+    z = _unpack_along_last(zero_points, bits, k_blocks).float()  # [N, k_blocks]
+    w = (q - z.unsqueeze(-1)) * scales.float().unsqueeze(-1)
+    return w.reshape(N, k_blocks * block_size)[:, :K]
+
+
+def dequantize_bnb4(packed: torch.Tensor, absmax: torch.Tensor, K: int, N: int, block_size: int, quant_type: int) -> torch.Tensor:
+    """MatMulBnb4's weight as fp32 ``[N, K]``: bitsandbytes' layout, first element of a byte in the high nibble."""
+    flat = packed.reshape(-1).to(torch.int32)
+    codes = torch.stack([(flat >> 4) & 0xF, flat & 0xF], dim=-1).reshape(-1)[: N * K]
+    table = NF4_CODE if quant_type == 1 else FP4_CODE
+    values = table[codes.long()]
+    scale = absmax.float().repeat_interleave(block_size)[: N * K]
+    return (values * scale).reshape(N, K)
+
+
+@torch.library.custom_op("adalora_export::matmul_nbits", mutates_args=())
+def matmul_nbits(
+    x: torch.Tensor,
+    qweight: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor,
+    K: int,
+    N: int,
+    bits: int,
+    block_size: int,
+    accuracy_level: int,
+) -> torch.Tensor:
+    """``x @ W.T`` with W from :func:`dequantize_nbits` (onnxruntime's arithmetic at accuracy_level 0)."""
+    weight = dequantize_nbits(qweight, scales, zero_points, K, N, bits, block_size).to(x.dtype)
+    return torch.matmul(x, weight.T)
+
+
+@matmul_nbits.register_fake
+def _(x, qweight, scales, zero_points, K, N, bits, block_size, accuracy_level):
+    return x.new_empty((*x.shape[:-1], N))
+
+
+@torch.library.custom_op("adalora_export::matmul_bnb4", mutates_args=())
+def matmul_bnb4(
+    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, K: int, N: int, block_size: int, quant_type: int
+) -> torch.Tensor:
+    """``x @ W.T`` with W from :func:`dequantize_bnb4` (what MatMulBnb4 and bnb's CPU forward compute)."""
+    weight = dequantize_bnb4(packed, absmax, K, N, block_size, quant_type).to(x.dtype)
+    return torch.matmul(x, weight.T)
+
+
+@matmul_bnb4.register_fake
+def _(x, packed, absmax, K, N, block_size, quant_type):
+    return x.new_empty((*x.shape[:-1], N))
+
+
+BNB_INV_127 = 7.874015718698502e-3
+"""bitsandbytes' int8_vectorwise_dequant constant (multiply by it instead of dividing by 127)."""
+BNB_INV_127_SQUARED = 6.200124e-05
+"""bitsandbytes' int8_mm_dequant constant for 1 / 127**2."""
+
+
+@torch.library.custom_op("adalora_export::int8_lt_matmul", mutates_args=())
+def int8_lt_matmul(
+    x: torch.Tensor, cb_t: torch.Tensor, scb: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, threshold: float
+) -> torch.Tensor:
+    """bitsandbytes LLM.int8 eval forward (0.50 default kernels), written out so ONNX can reproduce it.
+
+    Args:
+        x: [..., K] activations.
+        cb_t: int8 [K, N] weight codes (``CB.T``).
+        scb: fp32 [N] per-output absmax (``SCB``).
+        weight_t: fp32 [K, N] dequantized weight ``(CB * SCB * (1/127)).T`` for the outlier columns.
+        bias: fp32 [N] (zeros when the layer has none).
+        threshold: outlier threshold (<= 0: no outlier decomposition).
+    """
+    k, n = cb_t.shape
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)
+    a = x2.to(torch.float16).float()
+    outlier_cols = None
+    if threshold > 0:
+        big = a.abs() >= threshold
+        outlier_cols = big.any(dim=0)
+        a = a.masked_fill(big, 0.0)
+    row_stats = a.abs().amax(dim=1, keepdim=True)
+    q = torch.round(a * (row_stats.reciprocal() * 127.0))  # torch evaluates 127.0 / t as t.reciprocal() * 127
+    if outlier_cols is not None:
+        q = q.masked_fill(outlier_cols, 0.0)
+    acc = torch.matmul(q.to(torch.int64), cb_t.to(torch.int64)).to(torch.int32)  # exact integer products
+    out = acc.float() * (row_stats * scb.unsqueeze(0)) * BNB_INV_127_SQUARED + bias
+    if outlier_cols is not None:
+        out = out + torch.matmul(x2.float().masked_fill(~outlier_cols, 0.0), weight_t)
+    return out.reshape(*lead, n).to(x.dtype)
+
+
+@int8_lt_matmul.register_fake
+def _(x, cb_t, scb, weight_t, bias, threshold):
+    return x.new_empty((*x.shape[:-1], cb_t.shape[1]))
+
+
+def _int8_lt_matmul_onnx(x, cb_t, scb, weight_t, bias, threshold: float):
+    # x ─> Reshape[-1,K] ─> Cast(fp16) ─> Cast(fp32) = a
+    #  a ─> Abs ─> GreaterOrEqual(threshold) = big ─> Cast ─> ReduceMax(rows) ─> Cast(bool) = outlier_cols
+    #  a ─> Where(big, 0) ─> Abs ─> ReduceMax(cols) = row_stats ─> Reciprocal ─> Mul(127) = s
+    #  Mul(a, s) ─> Round ─> Where(outlier_cols, 0) ─> Cast(int8) ─> MatMulInteger(cb_t) ─> Cast(fp32)
+    #    ─> Mul(row_stats * scb) ─> Mul(1/127^2) ─> Add(bias) ─> Add(MatMul(Where(outlier_cols, x, 0), weight_t))
+    #    ─> Reshape[..., N]
+    def ints(*values: int):
+        return _op.Constant(value_ints=list(values))
+
+    k_and_n = _op.Shape(cb_t)
+    k = _op.Slice(k_and_n, ints(0), ints(1))
+    n = _op.Slice(k_and_n, ints(1), ints(2))
+    lead = _op.Slice(_op.Shape(x), ints(0), ints(-1))
+    x2 = _op.Reshape(x, _op.Concat(ints(-1), k, axis=0))
+    a = _op.Cast(_op.Cast(x2, to=_ir.DataType.FLOAT16), to=_ir.DataType.FLOAT)
+    zero = _op.Constant(value_float=0.0)
+    if threshold > 0:
+        big = _op.GreaterOrEqual(_op.Abs(a), _op.Constant(value_float=float(threshold)))
+        outlier_cols = _op.Cast(_op.ReduceMax(_op.Cast(big, to=_ir.DataType.FLOAT), ints(0), keepdims=1),
+                                to=_ir.DataType.BOOL)
+        a = _op.Where(big, zero, a)
+    row_stats = _op.ReduceMax(_op.Abs(a), ints(1), keepdims=1)
+    scale = _op.Mul(_op.Reciprocal(row_stats), _op.Constant(value_float=127.0))
+    q = _op.Round(_op.Mul(a, scale))
+    if threshold > 0:
+        q = _op.Where(outlier_cols, zero, q)
+    acc = _op.MatMulInteger(_op.Cast(q, to=_ir.DataType.INT8), cb_t)
+    out = _op.Mul(_op.Cast(acc, to=_ir.DataType.FLOAT), _op.Mul(row_stats, _op.Unsqueeze(scb, ints(0))))
+    out = _op.Add(_op.Mul(out, _op.Constant(value_float=BNB_INV_127_SQUARED)), bias)
+    if threshold > 0:
+        out = _op.Add(out, _op.MatMul(_op.Where(outlier_cols, x2, zero), weight_t))
+    return _op.Reshape(out, _op.Concat(lead, n, axis=0))
+
+
+def _matmul_nbits_onnx(x, qweight, scales, zero_points, K: int, N: int, bits: int, block_size: int, accuracy_level: int):
+    return _MSFT.MatMulNBits(
+        x, qweight, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level
+    )
+
+
+def _matmul_bnb4_onnx(x, packed, absmax, K: int, N: int, block_size: int, quant_type: int):
+    return _MSFT.MatMulBnb4(x, packed, absmax, K=K, N=N, block_size=block_size, quant_type=quant_type)
+
+
+CUSTOM_TRANSLATION_TABLE = {
+    torch.ops.adalora_export.matmul_nbits.default: _matmul_nbits_onnx,
+    torch.ops.adalora_export.matmul_bnb4.default: _matmul_bnb4_onnx,
+    torch.ops.adalora_export.int8_lt_matmul.default: _int8_lt_matmul_onnx,
+}
+"""Pass as ``torch.onnx.export(..., custom_translation_table=CUSTOM_TRANSLATION_TABLE)``."""

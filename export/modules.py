@@ -1,0 +1,540 @@
+"""Export-friendly replacements for adapted and quantized linears.
+
+Each module is a few buffers plus one line of math whose torch forward reproduces the arithmetic of the
+ONNX node(s) it exports to, so a torch model built from them is the reference for the exported graph:
+
+- :class:`LowRankBranch`: ``base(x) + (x @ A.T) @ B.T``, two MatMuls beside the base; factors are
+  initializers, or graph inputs with a symbolic rank axis (switchable adapters).
+- :class:`NBitsLinear`: onnxruntime ``com.microsoft.MatMulNBits`` (2/4/8-bit blockwise weights), built
+  from GPTQ tensors, a float weight (round-to-nearest), or a bitsandbytes Linear8bitLt / Linear4bit.
+- :class:`Bnb4Linear`: onnxruntime ``com.microsoft.MatMulBnb4``, bitsandbytes' NF4/FP4 layout byte for byte.
+- :class:`Int8EmulationLinear`: bitsandbytes LLM.int8 eval forward, exactly, in standard ops + MatMulInteger.
+
+Swap them in with :func:`swap_module`; :func:`runtime_factors` feeds adapter-inputs branches in torch.
+
+Quantized matmuls go through the custom ops in :mod:`export._contrib`; export with
+``custom_translation_table=export._contrib.CUSTOM_TRANSLATION_TABLE`` (``export.graph`` does).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from typing import Any, Iterator, Mapping
+
+import torch
+from torch import nn
+
+from export import _contrib  # noqa: F401  (registers the custom ops and schemas)
+
+__all__ = ["Bnb4Linear", "Int8EmulationLinear", "LowRankBranch", "NBitsLinear", "runtime_factors", "swap_module"]
+
+logger = logging.getLogger(__name__)
+
+_NBITS_CPU_BITS = (2, 4, 8)
+"""Bit widths onnxruntime's CPU MatMulNBits kernel implements."""
+_MAX_BLOCK = 256
+"""Largest block size every onnxruntime >= 1.20 CPU MatMulNBits accepts for all of 2/4/8 bits."""
+
+
+def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Replace the submodule ``name`` (dotted path) of ``root`` with ``new``; returns the old module."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
+class LowRankBranch(nn.Module):
+    """A base linear plus a low-rank branch: ``y = base(x) + (x @ A.T) @ B.T``.
+
+    ``A`` [r, in] and ``B`` [out, r] carry all scaling (AdaLoRA's ``E * Λ`` and ``alpha / r`` folded in).
+    They are stored transposed (``A.T`` [in, r], ``B.T`` [r, out]) so the graph holds exactly two MatMuls.
+
+    In adapter-inputs mode (``factors_as_inputs=True``) the module holds no factors: the export wrapper sets
+    them per call with :meth:`set_factors` from graph inputs named ``<module>.lora_A`` ([in, rank]) and
+    ``<module>.lora_B`` ([rank, out]), with a symbolic ``rank`` axis, so one graph serves any adapter.
+
+    ::
+
+        x ──> base ───────────────────────────> Add ──> y
+        └───> MatMul(lora_A [in,r]) ─> MatMul(lora_B [r,out]) ─┘
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        A: torch.Tensor | None = None,
+        B: torch.Tensor | None = None,
+        *,
+        factors_as_inputs: bool = False,
+        in_features: int | None = None,
+        out_features: int | None = None,
+    ) -> None:
+        """Args:
+        base: the frozen base layer (``nn.Linear``, :class:`NBitsLinear`, :class:`Bnb4Linear`, ...).
+        A: ``[r, in]`` down factor (required unless ``factors_as_inputs``).
+        B: ``[out, r]`` up factor (required unless ``factors_as_inputs``).
+        factors_as_inputs: take the factors from :meth:`set_factors` at call time instead.
+        in_features, out_features: sizes when ``base`` does not expose them.
+        """
+        super().__init__()
+        self.base = base
+        self.in_features = int(in_features if in_features is not None else base.in_features)
+        self.out_features = int(out_features if out_features is not None else base.out_features)
+        self.factors_as_inputs = factors_as_inputs
+        self._runtime_factors: tuple[torch.Tensor, torch.Tensor] | None = None
+        if factors_as_inputs:
+            if A is not None or B is not None:
+                raise ValueError("LowRankBranch: pass either A and B, or factors_as_inputs=True, not both")
+            return
+        if A is None or B is None:
+            raise ValueError("LowRankBranch: A and B are required unless factors_as_inputs=True")
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"LowRankBranch: expected A [r, in] and B [out, r], got {tuple(A.shape)} and {tuple(B.shape)}")
+        if A.shape[1] != self.in_features or B.shape[0] != self.out_features:
+            raise ValueError(
+                f"LowRankBranch: factors {tuple(A.shape)} / {tuple(B.shape)} do not fit base "
+                f"[{self.out_features}, {self.in_features}]"
+            )
+        self.register_buffer("lora_A", A.detach().float().T.contiguous())  # [in, r]
+        self.register_buffer("lora_B", B.detach().float().T.contiguous())  # [r, out]
+
+    @property
+    def rank(self) -> int | None:
+        """The stored rank, or ``None`` in adapter-inputs mode."""
+        return None if self.factors_as_inputs else int(self.lora_A.shape[1])
+
+    def set_factors(self, lora_A: torch.Tensor | None, lora_B: torch.Tensor | None) -> None:
+        """Adapter-inputs mode: use ``lora_A`` [in, r] and ``lora_B`` [r, out] until cleared with ``None``."""
+        if not self.factors_as_inputs:
+            raise ValueError("LowRankBranch.set_factors needs factors_as_inputs=True")
+        self._runtime_factors = None if lora_A is None else (lora_A, lora_B)
+
+    # x ──> base ──────────────────────────────────────> Add ──> y
+    # └───> MatMul(lora_A [in, r]) ──> MatMul(lora_B [r, out]) ──┘
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.factors_as_inputs:
+            if self._runtime_factors is None:
+                raise RuntimeError("LowRankBranch in adapter-inputs mode called without set_factors()")
+            a, b = self._runtime_factors
+        else:
+            a, b = self.lora_A, self.lora_B
+        return self.base(x) + torch.matmul(torch.matmul(x, a.to(x.dtype)), b.to(x.dtype))
+
+
+@contextlib.contextmanager
+def runtime_factors(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> Iterator[None]:
+    """Within the block, each adapter-inputs :class:`LowRankBranch` ``name`` computes with ``factors[name]``.
+
+    Args:
+        model: a model holding adapter-inputs branches.
+        factors: module name -> ``(A [r, in], B [out, r])`` in the PEFT orientation (scaling folded in);
+            every adapter-inputs branch must be present (use rank-0 factors to switch one off).
+    """
+    branches = {name: m for name, m in model.named_modules() if isinstance(m, LowRankBranch) and m.factors_as_inputs}
+    missing = sorted(set(branches) - set(factors))
+    unknown = sorted(set(factors) - set(branches))
+    if missing or unknown:
+        raise ValueError(f"runtime_factors: missing factors for {missing}; no adapter-inputs branch named {unknown}")
+    try:
+        for name, branch in branches.items():
+            A, B = factors[name]
+            branch.set_factors(A.float().T, B.float().T)
+        yield
+    finally:
+        for branch in branches.values():
+            branch.set_factors(None, None)
+
+
+def _pick_block_size(group: int, bits: int) -> int:
+    """Largest power of two in [16, 256] that divides ``group`` (each block then lies inside one group)."""
+    for block in (256, 128, 64, 32, 16):
+        if group % block == 0:
+            return block
+    raise ValueError(
+        f"NBitsLinear: group size {group} is not a multiple of 16; MatMulNBits needs blocks that are powers "
+        f"of two >= 16 inside one group. Re-quantize with group_size a multiple of 16."
+    )
+
+
+def _pack_along_last(values: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer values in [0, 2**bits) into uint8, ``8 // bits`` per byte, low bits first (pads with 0)."""
+    per_byte = 8 // bits
+    pad = (-values.shape[-1]) % per_byte
+    if pad:
+        values = torch.nn.functional.pad(values, (0, pad))
+    values = values.to(torch.int32).reshape(*values.shape[:-1], -1, per_byte)
+    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
+    return (values << shifts).sum(-1).to(torch.uint8)
+
+
+class NBitsLinear(nn.Module):
+    """``y = x @ W.T + bias`` with W stored as onnxruntime MatMulNBits blocks; exports to one MatMulNBits.
+
+    ``W[n, k] = scales[n, k // block] * (q[n, k] - zero[n, k // block])``, q and zero unsigned ``bits``-bit
+    integers. The torch forward dequantizes in fp32 and equals onnxruntime at ``accuracy_level`` 0 (fp32
+    compute) up to summation order; ``accuracy_level`` 4 quantizes activations to int8 per block in
+    onnxruntime (fast, lossy: judge with the lossy parity tier).
+
+    If the input channels were permuted (GPTQ act-order), ``perm`` gathers the activations first::
+
+        x ──> Gather(perm, axis=-1) ──> MatMulNBits(q, scales, zeros) ──> Add(bias) ──> y
+    """
+
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        zero_points: torch.Tensor,
+        *,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        block_size: int,
+        bias: torch.Tensor | None = None,
+        perm: torch.Tensor | None = None,
+        accuracy_level: int = 0,
+    ) -> None:
+        """Args:
+        qweight: uint8 ``[N, k_blocks, block_size * bits / 8]``.
+        scales: fp32 ``[N, k_blocks]``.
+        zero_points: uint8 ``[N, ceil(k_blocks * bits / 8)]``.
+        in_features, out_features: K and N.
+        bits: 2, 4 or 8.
+        block_size: power of two >= 16.
+        bias: optional ``[N]``.
+        perm: optional int64 ``[K]``: the layer computes ``x[..., perm] @ W.T``.
+        accuracy_level: MatMulNBits ``accuracy_level`` (0 exact fp32, 4 int8 activations).
+        """
+        super().__init__()
+        if bits not in _NBITS_CPU_BITS:
+            raise ValueError(f"NBitsLinear: bits={bits} is not supported by onnxruntime MatMulNBits (use 2, 4 or 8)")
+        if block_size < 16 or block_size & (block_size - 1):
+            raise ValueError(f"NBitsLinear: block_size={block_size} must be a power of two >= 16")
+        k_blocks = math.ceil(in_features / block_size)
+        expected = (out_features, k_blocks, block_size * bits // 8)
+        if tuple(qweight.shape) != expected or qweight.dtype != torch.uint8:
+            raise ValueError(f"NBitsLinear: qweight must be uint8 {expected}, got {qweight.dtype} {tuple(qweight.shape)}")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.bits = bits
+        self.block_size = block_size
+        self.accuracy_level = accuracy_level
+        self.register_buffer("qweight", qweight.contiguous())
+        self.register_buffer("scales", scales.float().contiguous())
+        self.register_buffer("zero_points", zero_points.to(torch.uint8).contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+        self.register_buffer("perm", None if perm is None else perm.to(torch.int64).contiguous())
+
+    # --- constructors -------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_integers(
+        cls,
+        q: torch.Tensor,
+        zeros: torch.Tensor,
+        scales: torch.Tensor,
+        *,
+        bits: int,
+        block_size: int,
+        bias: torch.Tensor | None = None,
+        perm: torch.Tensor | None = None,
+        accuracy_level: int = 0,
+    ) -> NBitsLinear:
+        """Build from unpacked integers.
+
+        Args:
+            q: ``[N, K]`` integer codes in [0, 2**bits).
+            zeros: ``[N, k_blocks]`` integer zero points in [0, 2**bits).
+            scales: ``[N, k_blocks]`` float scales.
+            bits, block_size, bias, perm, accuracy_level: as in the constructor.
+        """
+        n, k = q.shape
+        k_blocks = math.ceil(k / block_size)
+        if tuple(zeros.shape) != (n, k_blocks) or tuple(scales.shape) != (n, k_blocks):
+            raise ValueError(f"NBitsLinear.from_integers: zeros/scales must be [{n}, {k_blocks}]")
+        padded = torch.nn.functional.pad(q.to(torch.int32), (0, k_blocks * block_size - k))
+        packed = _pack_along_last(padded.reshape(n, k_blocks, block_size), bits)
+        zp = _pack_along_last(zeros.to(torch.int32), bits)
+        return cls(packed, scales, zp, in_features=k, out_features=n, bits=bits, block_size=block_size,
+                   bias=bias, perm=perm, accuracy_level=accuracy_level)
+
+    @classmethod
+    def from_float(
+        cls,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        *,
+        bits: int = 4,
+        block_size: int = 32,
+        accuracy_level: int = 0,
+    ) -> NBitsLinear:
+        """Round-to-nearest asymmetric quantization of a float ``[N, K]`` weight (``merged --weights int4/int8``).
+
+        Per block: ``scale = (max - min) / (2**bits - 1)`` with ``min <= 0 <= max``, ``zero = round(-min / scale)``,
+        ``q = clamp(round(w / scale) + zero, 0, 2**bits - 1)``.
+        """
+        w = weight.detach().float()
+        n, k = w.shape
+        k_blocks = math.ceil(k / block_size)
+        maxq = (1 << bits) - 1
+        padded = torch.nn.functional.pad(w, (0, k_blocks * block_size - k)).reshape(n, k_blocks, block_size)
+        lo = padded.amin(-1).clamp(max=0)
+        hi = padded.amax(-1).clamp(min=0)
+        scales = (hi - lo) / maxq
+        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
+        zeros = torch.round(-lo / scales).clamp(0, maxq)
+        q = torch.clamp(torch.round(padded / scales.unsqueeze(-1)) + zeros.unsqueeze(-1), 0, maxq)
+        q = q.reshape(n, -1)[:, :k]
+        return cls.from_integers(q, zeros, scales, bits=bits, block_size=block_size, bias=bias,
+                                 accuracy_level=accuracy_level)
+
+    @classmethod
+    def from_gptq(cls, layer: Any, *, accuracy_level: int = 0) -> NBitsLinear:
+        """Repack a GPTQ ``QuantLinear`` (buffers qweight/qzeros/scales/g_idx, attributes bits/group_size/
+        checkpoint_format) exactly; see :meth:`from_gptq_tensors`."""
+        return cls.from_gptq_tensors(
+            layer.qweight, layer.qzeros, layer.scales, getattr(layer, "g_idx", None),
+            bits=int(layer.bits), group_size=int(layer.group_size), in_features=int(layer.in_features),
+            out_features=int(layer.out_features), checkpoint_format=str(getattr(layer, "checkpoint_format", "gptq")),
+            bias=getattr(layer, "bias", None), accuracy_level=accuracy_level,
+        )
+
+    @classmethod
+    def from_gptq_tensors(
+        cls,
+        qweight: torch.Tensor,
+        qzeros: torch.Tensor,
+        scales: torch.Tensor,
+        g_idx: torch.Tensor | None,
+        *,
+        bits: int,
+        group_size: int,
+        in_features: int,
+        out_features: int,
+        checkpoint_format: str = "gptq",
+        bias: torch.Tensor | None = None,
+        accuracy_level: int = 0,
+    ) -> NBitsLinear:
+        """Repack GPTQ tensors into MatMulNBits blocks, exactly (the fp16 scales widen to fp32 losslessly).
+
+        Act-order (``g_idx`` not equal to ``i // group_size``) is handled by sorting the input channels by
+        group offline and gathering the activations with the same permutation, never by passing ``g_idx``
+        to MatMulNBits: onnxruntime's CPU kernel ignores uint8 zero points when ``g_idx`` is given.
+
+        Args:
+            qweight: int32 ``[K * bits / 32, N]`` packed along K, least significant first.
+            qzeros: int32 ``[G, N * bits / 32]`` packed along N; v1 (``"gptq"``) stores ``zero - 1``.
+            scales: ``[G, N]``.
+            g_idx: int32 ``[K]`` group of each input channel, or ``None`` for ``i // group_size``.
+            bits: 2, 4 or 8 (3-bit GPTQ has no MatMulNBits kernel).
+            group_size: the checkpoint's group size, -1 for one group.
+            in_features, out_features: K and N.
+            checkpoint_format: ``"gptq"`` (v1) or ``"gptq_v2"``.
+            bias: optional ``[N]``.
+            accuracy_level: MatMulNBits ``accuracy_level``.
+        """
+        if bits not in _NBITS_CPU_BITS:
+            raise ValueError(f"NBitsLinear.from_gptq: {bits}-bit GPTQ has no onnxruntime MatMulNBits kernel (2/4/8 only)")
+        if checkpoint_format not in ("gptq", "gptq_v2"):
+            raise ValueError(f"NBitsLinear.from_gptq: checkpoint_format {checkpoint_format!r} is not 'gptq' or 'gptq_v2'")
+        k, n = in_features, out_features
+        group = k if group_size == -1 else group_size
+        maxq = (1 << bits) - 1
+        shifts = torch.arange(32 // bits, dtype=torch.int32) * bits
+        q = ((qweight.to(torch.int32).unsqueeze(1) >> shifts.view(1, -1, 1)) & maxq).reshape(-1, n)[:k]  # [K, N]
+        z = ((qzeros.to(torch.int32).unsqueeze(-1) >> shifts) & maxq).reshape(qzeros.shape[0], -1)[:, :n]  # [G, N]
+        if checkpoint_format == "gptq":
+            z = (z + 1) & maxq
+        groups = torch.arange(k, dtype=torch.int32) // group
+        g_idx = groups if g_idx is None else g_idx.to(torch.int32)
+        perm = None
+        if not torch.equal(g_idx, groups):
+            order = torch.argsort(g_idx, stable=True)
+            if not torch.equal(g_idx[order], groups):
+                raise ValueError(
+                    "NBitsLinear.from_gptq: g_idx does not assign exactly group_size channels to each group; "
+                    "cannot map it onto MatMulNBits blocks"
+                )
+            perm, q = order.to(torch.int64), q[order]
+        if group >= k:  # one group: every block shares its scale, so any legal block size is exact
+            block = min(_MAX_BLOCK // 2, max(16, 1 << math.ceil(math.log2(k))))
+        else:
+            block = _pick_block_size(group, bits)
+        k_blocks = math.ceil(k / block)
+        block_group = (torch.arange(k_blocks) * block) // group  # group of each block
+        s = scales.float()[block_group].T.contiguous()  # [N, k_blocks]
+        zb = z[block_group].T.contiguous()
+        return cls.from_integers(q.T, zb, s, bits=bits, block_size=block, bias=bias, perm=perm,
+                                 accuracy_level=accuracy_level)
+
+    @classmethod
+    def from_bnb_int8(cls, layer: nn.Module, *, block_size: int = 128, accuracy_level: int = 4) -> NBitsLinear:
+        """From a bitsandbytes ``Linear8bitLt`` (inference weights): ``code = CB + 128``, ``scale = SCB / 127``.
+
+        Exact for the weight; the activations are not split into outliers as bnb does, so compare with the
+        lossy tier (serving default ``accuracy_level`` 4).
+        """
+        from export.bnb import linear8bit_state
+
+        cb, scb, _ = linear8bit_state(layer)
+        n, k = cb.shape
+        block = min(block_size, 1 << max(4, math.ceil(math.log2(k))))
+        k_blocks = math.ceil(k / block)
+        q = cb.to(torch.int32) + 128
+        scales = (scb.float() / 127.0).unsqueeze(1).expand(n, k_blocks)
+        zeros = torch.full((n, k_blocks), 128, dtype=torch.int32)
+        return cls.from_integers(q, zeros, scales, bits=8, block_size=block, bias=layer.bias,
+                                 accuracy_level=accuracy_level)
+
+    @classmethod
+    def from_bnb_4bit(cls, layer: nn.Module, *, block_size: int = 32, accuracy_level: int = 4) -> NBitsLinear:
+        """From a bitsandbytes ``Linear4bit``: dequantize (fp32), then round-to-nearest int4 (lossy)."""
+        from export.bnb import dequantize_linear4bit
+
+        return cls.from_float(dequantize_linear4bit(layer), layer.bias, bits=4, block_size=block_size,
+                              accuracy_level=accuracy_level)
+
+    # --- math ----------------------------------------------------------------------------------------------
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 ``[N, K]`` in the original input-channel order (the perm undone)."""
+        w = _contrib.dequantize_nbits(self.qweight, self.scales, self.zero_points, self.in_features,
+                                      self.out_features, self.bits, self.block_size)
+        if self.perm is not None:
+            w = torch.empty_like(w).index_copy_(1, self.perm, w)
+        return w
+
+    # x ──> [Gather(perm, axis=-1)] ──> com.microsoft.MatMulNBits ──> [Add(bias)] ──> y
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.perm is not None:
+            x = torch.index_select(x, -1, self.perm)
+        y = torch.ops.adalora_export.matmul_nbits(
+            x, self.qweight, self.scales, self.zero_points, self.in_features, self.out_features, self.bits,
+            self.block_size, self.accuracy_level,
+        )
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"block_size={self.block_size}, act_order={self.perm is not None}, accuracy_level={self.accuracy_level}")
+
+
+class Bnb4Linear(nn.Module):
+    """bitsandbytes 4-bit weights (NF4/FP4) served by onnxruntime ``com.microsoft.MatMulBnb4``.
+
+    The packed bytes are bnb's own (first element in the high nibble); double-quant statistics are
+    dequantized to fp32 absmax at construction. Exact vs bnb's forward (fp32 compute).
+
+    ::
+
+        x ──> MatMulBnb4(packed, absmax) ──> Add(bias) ──> y
+    """
+
+    def __init__(
+        self,
+        packed: torch.Tensor,
+        absmax: torch.Tensor,
+        *,
+        in_features: int,
+        out_features: int,
+        block_size: int,
+        quant_type: str,
+        bias: torch.Tensor | None = None,
+    ) -> None:
+        """Args:
+        packed: uint8 ``[(N * K + 1) // 2]`` bnb-packed codes of the row-major ``[N, K]`` weight.
+        absmax: fp32 ``[ceil(N * K / block_size)]``.
+        in_features, out_features: K and N.
+        block_size: bnb blocksize.
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        bias: optional ``[N]``.
+        """
+        super().__init__()
+        if quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"Bnb4Linear: quant_type {quant_type!r} is not 'nf4' or 'fp4'")
+        self.in_features = in_features
+        self.out_features = out_features
+        self.block_size = block_size
+        self.quant_type = quant_type
+        self.register_buffer("packed", packed.reshape(-1).to(torch.uint8).contiguous())
+        self.register_buffer("absmax", absmax.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def from_bnb(cls, layer: nn.Module) -> Bnb4Linear:
+        """From a quantized bitsandbytes ``Linear4bit`` (nf4/fp4, with or without double quant)."""
+        from export.bnb import linear4bit_state
+
+        state = linear4bit_state(layer)
+        return cls(state.packed, state.absmax, in_features=state.in_features, out_features=state.out_features,
+                   block_size=state.block_size, quant_type=state.quant_type, bias=layer.bias)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """fp32 ``[N, K]``."""
+        return _contrib.dequantize_bnb4(self.packed, self.absmax, self.in_features, self.out_features,
+                                        self.block_size, 1 if self.quant_type == "nf4" else 0)
+
+    # x ──> com.microsoft.MatMulBnb4 ──> [Add(bias)] ──> y
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.adalora_export.matmul_bnb4(
+            x, self.packed, self.absmax, self.in_features, self.out_features, self.block_size,
+            1 if self.quant_type == "nf4" else 0,
+        )
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"quant_type={self.quant_type}, block_size={self.block_size}")
+
+
+class Int8EmulationLinear(nn.Module):
+    """Exact ONNX emulation of bitsandbytes ``Linear8bitLt``'s eval forward (LLM.int8, arXiv:2208.07339).
+
+    With ``a = fp16(x)``, outlier elements ``|a| >= threshold`` (and their whole columns) go through a
+    float matmul; the rest is row-quantized ``q = round(a * 127 / max|a_row|)`` and multiplied in int32::
+
+        y = (q @ CB.T) * row_stats * SCB / 127**2 + bias + x[:, outlier_cols] @ W[:, outlier_cols].T
+
+    ONNX: Cast/Abs/GreaterOrEqual/Where/ReduceMax/Reciprocal/Mul/Round, MatMulInteger, Mul, Add, MatMul (the
+    node diagram is above ``export._contrib._int8_lt_matmul_onnx``). ``127 / row_stats`` is Reciprocal then
+    Mul, as torch evaluates it; a Div flips .5 rounding ties. Slow on CPU: for serving, prefer
+    :meth:`NBitsLinear.from_bnb_int8`.
+    """
+
+    def __init__(self, cb: torch.Tensor, scb: torch.Tensor, *, threshold: float, bias: torch.Tensor | None = None) -> None:
+        """Args:
+        cb: int8 ``[N, K]`` weight codes.
+        scb: ``[N]`` per-output absmax.
+        threshold: outlier threshold (bnb's ``llm_int8_threshold``; <= 0 disables outliers).
+        bias: optional ``[N]``.
+        """
+        super().__init__()
+        if cb.dtype != torch.int8 or cb.dim() != 2 or scb.shape != (cb.shape[0],):
+            raise ValueError(f"Int8EmulationLinear: expected int8 CB [N, K] and SCB [N], got {cb.dtype} "
+                             f"{tuple(cb.shape)} and {tuple(scb.shape)}")
+        self.out_features, self.in_features = cb.shape
+        self.threshold = float(threshold)
+        scb = scb.float()
+        self.register_buffer("cb_t", cb.T.contiguous())
+        self.register_buffer("scb", scb.contiguous())
+        self.register_buffer("weight_t", (cb.float() * scb.view(-1, 1) * _contrib.BNB_INV_127).T.contiguous())
+        self.register_buffer("bias", torch.zeros(self.out_features) if bias is None else bias.detach().float().clone())
+
+    @classmethod
+    def from_bnb(cls, layer: nn.Module) -> Int8EmulationLinear:
+        """From a quantized bitsandbytes ``Linear8bitLt`` (CB/SCB and its threshold)."""
+        from export.bnb import linear8bit_state
+
+        cb, scb, threshold = linear8bit_state(layer)
+        return cls(cb, scb, threshold=threshold, bias=layer.bias)
+
+    # the node graph is drawn above export._contrib._int8_lt_matmul_onnx
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.adalora_export.int8_lt_matmul(x, self.cb_t, self.scb, self.weight_t, self.bias, self.threshold)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}"

@@ -1,0 +1,222 @@
+"""onnxruntime sessions and greedy generation with the KV-cache decoding graph, plus the torch reference.
+
+The one module of the export package that imports onnxruntime.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Literal, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "DecoderSession",
+    "StepOutput",
+    "adapter_feeds",
+    "create_session",
+    "torch_greedy",
+]
+
+logger = logging.getLogger(__name__)
+
+Provider = Literal["cpu", "cuda", "auto"]
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError as error:  # pragma: no cover - onnxruntime is a core dependency
+        raise ImportError("running ONNX models needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from error
+    return onnxruntime
+
+
+def create_session(
+    model_path: str | os.PathLike,
+    *,
+    provider: Provider = "cpu",
+    intra_op_threads: int | None = None,
+    qdq_matmulnbits_accuracy_level: int | None = 0,
+    optimization: Literal["disable", "basic", "extended", "all"] = "all",
+):
+    """An ``onnxruntime.InferenceSession`` for an exported model.
+
+    Args:
+        model_path: the ``.onnx`` file (its ``.data`` file beside it).
+        provider: ``"cpu"``; ``"cuda"`` (error if onnxruntime has no CUDA provider); ``"auto"`` (CUDA when
+            available, else CPU).
+        intra_op_threads: onnxruntime intra-op threads (``None``: onnxruntime's default).
+        qdq_matmulnbits_accuracy_level: value of session option ``session.qdq_matmulnbits_accuracy_level``.
+            At default optimization onnxruntime fuses blocked DequantizeLinear + MatMul into MatMulNBits
+            with accuracy level 4 (~0.02 error per op); 0 keeps such fusions exact. ``None`` leaves the
+            option unset. It does not change MatMulNBits nodes already in the graph (their own attribute).
+        optimization: graph optimization level.
+
+    Raises:
+        RuntimeError: CUDA was asked for and this onnxruntime build has no CUDA provider.
+    """
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[optimization]
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = intra_op_threads
+    if qdq_matmulnbits_accuracy_level is not None:
+        options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(qdq_matmulnbits_accuracy_level))
+    available = ort.get_available_providers()
+    if provider == "cuda" and "CUDAExecutionProvider" not in available:
+        raise RuntimeError(
+            f"provider='cuda' asked for, but this onnxruntime offers {available}: pip install onnxruntime-gpu"
+        )
+    use_cuda = provider == "cuda" or (provider == "auto" and "CUDAExecutionProvider" in available)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+    logger.info("onnxruntime session for %s on %s", model_path, providers[0])
+    return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
+
+
+def adapter_feeds(factors: Mapping[str, tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]]) -> dict[str, np.ndarray]:
+    """Graph feeds for adapter-input branches from PEFT-oriented factors.
+
+    Args:
+        factors: module name -> ``(A [r, in], B [out, r])`` with scaling folded in (rank 0 switches a
+            module's adapter off).
+
+    Returns:
+        ``{"<module>.lora_A": A.T [in, r], "<module>.lora_B": B.T [r, out]}`` as contiguous fp32 arrays.
+    """
+    feeds: dict[str, np.ndarray] = {}
+    for name, (a, b) in factors.items():
+        a = a.detach().cpu().float().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float32)
+        b = b.detach().cpu().float().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, np.float32)
+        feeds[f"{name}.lora_A"] = np.ascontiguousarray(a.T, dtype=np.float32)
+        feeds[f"{name}.lora_B"] = np.ascontiguousarray(b.T, dtype=np.float32)
+    return feeds
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One run of the decoding graph."""
+
+    logits: np.ndarray
+    """[batch, seq, vocab]."""
+    present: tuple[np.ndarray, ...]
+    """(key_0, value_0, key_1, ...) each [batch, kv_heads, total_seq, head_dim]."""
+
+
+class DecoderSession:
+    """A KV-cache decoding graph (``export.graph`` interface) in onnxruntime.
+
+    Args:
+        session: an ``onnxruntime.InferenceSession`` of an exported decoder (see :func:`create_session`).
+    """
+
+    def __init__(self, session) -> None:
+        self.session = session
+        inputs = {i.name: i for i in session.get_inputs()}
+        self.past_names = tuple(n for n in inputs if n.startswith("past_key_values."))
+        self.adapter_names = tuple(n for n in inputs if n.endswith((".lora_A", ".lora_B")))
+        self.output_names = tuple(o.name for o in session.get_outputs())
+        if "input_ids" not in inputs or "attention_mask" not in inputs or not self.past_names:
+            raise ValueError(f"not a KV-cache decoding graph: inputs {sorted(inputs)}")
+        shape = inputs[self.past_names[0]].shape
+        self.num_layers = len(self.past_names) // 2
+        self.num_kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        self.past_dtype = np.float16 if "float16" in inputs[self.past_names[0]].type else np.float32
+
+    def empty_past(self, batch: int) -> tuple[np.ndarray, ...]:
+        """Zero-length past tensors for a prompt."""
+        shape = (batch, self.num_kv_heads, 0, self.head_dim)
+        return tuple(np.zeros(shape, self.past_dtype) for _ in self.past_names)
+
+    def step(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        past: Sequence[np.ndarray] | None = None,
+        adapter: Mapping[str, np.ndarray] | None = None,
+    ) -> StepOutput:
+        """Run the graph once.
+
+        Args:
+            input_ids: int64 [batch, seq].
+            attention_mask: int64 [batch, past_seq + seq].
+            past: the previous step's ``present`` (``None``: empty, i.e. a prompt).
+            adapter: feeds for the adapter inputs (see :func:`adapter_feeds`); required iff the graph has them.
+        """
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        past = self.empty_past(input_ids.shape[0]) if past is None else past
+        feeds = {"input_ids": input_ids, "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+        feeds.update(zip(self.past_names, past))
+        adapter = dict(adapter or {})
+        if set(adapter) != set(self.adapter_names):
+            raise ValueError(
+                f"adapter feeds {sorted(adapter)} do not match the graph's adapter inputs {sorted(self.adapter_names)}"
+            )
+        feeds.update(adapter)
+        outputs = self.session.run(list(self.output_names), feeds)
+        return StepOutput(logits=outputs[0], present=tuple(outputs[1:]))
+
+    def generate_greedy(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        max_new_tokens: int,
+        *,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        adapter: Mapping[str, np.ndarray] | None = None,
+    ) -> np.ndarray:
+        """Greedy decoding with the KV cache, batch with left padding, as transformers' ``generate`` does
+        (finished rows are filled with ``pad_token_id``; stops when all rows finished).
+
+        Returns:
+            int64 [batch, prompt + generated] (prompt included).
+        """
+        if eos_token_id is not None and pad_token_id is None:
+            raise ValueError("generate_greedy: eos_token_id needs a pad_token_id for finished rows")
+        sequences = np.asarray(input_ids, dtype=np.int64)
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        batch = sequences.shape[0]
+        finished = np.zeros(batch, dtype=bool)
+        current, past = sequences, None
+        for _ in range(max_new_tokens):
+            out = self.step(current, mask, past, adapter)
+            next_tokens = out.logits[:, -1].argmax(-1).astype(np.int64)
+            if eos_token_id is not None:
+                next_tokens = np.where(finished, pad_token_id, next_tokens)
+                finished |= next_tokens == eos_token_id
+            sequences = np.concatenate([sequences, next_tokens[:, None]], axis=1)
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            current, past = next_tokens[:, None], out.present
+            if finished.all():
+                break
+        return sequences
+
+
+def torch_greedy(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> torch.Tensor:
+    """transformers' greedy ``generate`` (no sampling, one beam): the reference for :meth:`DecoderSession.generate_greedy`.
+
+    Returns:
+        int64 [batch, prompt + generated].
+    """
+    with torch.no_grad():
+        return model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+            num_beams=1, eos_token_id=eos_token_id, pad_token_id=pad_token_id, min_new_tokens=0,
+        )

@@ -1,0 +1,268 @@
+"""Export-friendly modules: torch forward == what they replace, and onnxruntime == torch forward."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from export._contrib import FP4_CODE, NF4_CODE
+from export.modules import Bnb4Linear, Int8EmulationLinear, LowRankBranch, NBitsLinear
+from tests.export.helpers import export_module, gptq_rtn, op_types, run_module
+
+FP32_MATMUL_ATOL = 1e-5
+"""Same fp32 weights, different summation order (MLAS vs torch); measured <= 1.2e-6 at K = 64..128."""
+INT8_SERVING_MIN_COSINE = 0.999
+"""bnb int8 weights served by MatMulNBits at accuracy_level 4 vs bnb's LLM.int8 forward; measured 0.99998."""
+
+IN_FEATURES, OUT_FEATURES = 128, 48
+
+
+@pytest.fixture(scope="module")
+def linear() -> torch.nn.Linear:
+    torch.manual_seed(0)
+    return torch.nn.Linear(IN_FEATURES, OUT_FEATURES)
+
+
+@pytest.fixture(scope="module")
+def x() -> torch.Tensor:
+    return torch.randn(5, IN_FEATURES, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize(
+    ("bits", "group_size", "act_order", "checkpoint_format"),
+    [
+        (4, 32, False, "gptq"),
+        (4, 32, True, "gptq"),
+        (4, -1, False, "gptq_v2"),
+        (4, 64, True, "gptq_v2"),
+        (2, 32, False, "gptq"),
+        (2, 16, True, "gptq"),
+        (8, 32, False, "gptq"),
+        (8, 64, True, "gptq"),
+        (8, 128, True, "gptq"),  # one group: act-order needs no permutation
+    ],
+)
+def test_nbits_from_gptq_matches_dequantized_matmul(tmp_path, linear, x, bits, group_size, act_order, checkpoint_format):
+    tensors = gptq_rtn(linear.weight, bits=bits, group_size=group_size, act_order=act_order,
+                       checkpoint_format=checkpoint_format)
+    module = NBitsLinear.from_gptq_tensors(
+        tensors["qweight"], tensors["qzeros"], tensors["scales"], tensors["g_idx"], bits=bits,
+        group_size=group_size, in_features=IN_FEATURES, out_features=OUT_FEATURES,
+        checkpoint_format=checkpoint_format, bias=linear.bias,
+    )
+    # the repack is exact: same weight as the GPTQ format's own dequantization
+    torch.testing.assert_close(module.dequantized_weight(), tensors["dequantized"], rtol=0, atol=0)
+    reference = (x @ tensors["dequantized"].T + linear.bias).detach()
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), reference, rtol=0, atol=FP32_MATMUL_ATOL)
+    model = export_module(module, x, tmp_path / "m.onnx")
+    ops = op_types(model)
+    assert ops.count("MatMulNBits") == 1
+    # act-order: K permuted offline + one Gather on the activations, never g_idx (PITFALL in ONNX.md)
+    assert ("Gather" in ops) == (act_order and group_size not in (-1, IN_FEATURES))
+    assert all(len(n.input) <= 4 for n in model.graph.node if n.op_type == "MatMulNBits")
+    got = run_module(tmp_path / "m.onnx", x)
+    np.testing.assert_allclose(got, reference.numpy(), rtol=0, atol=FP32_MATMUL_ATOL)
+
+
+def test_nbits_from_gptq_layer_object(linear):
+    tensors = gptq_rtn(linear.weight, bits=4, group_size=32, act_order=True)
+
+    class FakeQuantLinear(torch.nn.Module):  # the contract of adalora_deploy.backends.gptq.QuantLinear
+        bits, group_size, in_features, out_features, checkpoint_format = 4, 32, IN_FEATURES, OUT_FEATURES, "gptq"
+
+    layer = FakeQuantLinear()
+    for name in ("qweight", "qzeros", "scales", "g_idx"):
+        layer.register_buffer(name, tensors[name])
+    layer.register_buffer("bias", linear.bias.detach())
+    module = NBitsLinear.from_gptq(layer)
+    torch.testing.assert_close(module.dequantized_weight(), tensors["dequantized"], rtol=0, atol=0)
+
+
+def test_nbits_from_gptq_one_group_with_odd_width(tmp_path):
+    linear = torch.nn.Linear(104, 32)  # K = 104: no power-of-two block >= 16 divides it; one group needs none
+    tensors = gptq_rtn(linear.weight, bits=4, group_size=-1, checkpoint_format="gptq_v2")
+    module = NBitsLinear.from_gptq_tensors(tensors["qweight"], tensors["qzeros"], tensors["scales"], None,
+                                           bits=4, group_size=-1, in_features=104, out_features=32,
+                                           checkpoint_format="gptq_v2", bias=linear.bias)
+    torch.testing.assert_close(module.dequantized_weight(), tensors["dequantized"], rtol=0, atol=0)
+    x = torch.randn(3, 104)
+    export_module(module, x, tmp_path / "m.onnx")  # onnxruntime pads the last block itself
+    reference = (x @ tensors["dequantized"].T + linear.bias).detach().numpy()
+    np.testing.assert_allclose(run_module(tmp_path / "m.onnx", x), reference, rtol=0, atol=FP32_MATMUL_ATOL)
+
+
+def test_nbits_rejects_unsupported_layouts(linear):
+    tensors = gptq_rtn(linear.weight, bits=4, group_size=32)
+    with pytest.raises(ValueError, match="3-bit"):
+        NBitsLinear.from_gptq_tensors(tensors["qweight"], tensors["qzeros"], tensors["scales"], None, bits=3,
+                                      group_size=32, in_features=IN_FEATURES, out_features=OUT_FEATURES)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        NBitsLinear.from_gptq_tensors(tensors["qweight"], tensors["qzeros"], tensors["scales"], None, bits=4,
+                                      group_size=24, in_features=IN_FEATURES, out_features=OUT_FEATURES)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_nbits_from_float_rtn(tmp_path, linear, x, bits):
+    module = NBitsLinear.from_float(linear.weight, linear.bias, bits=bits, block_size=32)
+    error = (module.dequantized_weight() - linear.weight).abs()
+    # round to nearest: at most half a step per block
+    step = module.scales.repeat_interleave(32, dim=1)[:, :IN_FEATURES]
+    assert bool((error <= step / 2 + 1e-6).all())
+    with torch.no_grad():
+        reference = module(x)
+    export_module(module, x, tmp_path / "m.onnx")
+    np.testing.assert_allclose(run_module(tmp_path / "m.onnx", x), reference.numpy(), rtol=0, atol=FP32_MATMUL_ATOL)
+
+
+@pytest.fixture(scope="module")
+def bnb():
+    return pytest.importorskip("bitsandbytes")
+
+
+BNB_OUT_FEATURES = 64
+"""bnb's AVX512-BF16 CPU kernel repacks weights in blocks of 32 output rows: N must be a multiple of 32."""
+
+
+@pytest.fixture(scope="module")
+def bnb_linear() -> torch.nn.Linear:
+    torch.manual_seed(3)
+    return torch.nn.Linear(IN_FEATURES, BNB_OUT_FEATURES)
+
+
+def _linear4bit(bnb, linear, quant_type, double_quant):
+    layer = bnb.nn.Linear4bit(IN_FEATURES, BNB_OUT_FEATURES, compute_dtype=torch.float32,
+                              compress_statistics=double_quant, quant_type=quant_type)
+    layer.load_state_dict(linear.state_dict())
+    # train mode: bnb's reference fp32 dequantize-then-matmul path; in eval + no-grad on AVX512-BF16 CPUs
+    # bnb switches to a bf16 kernel and repacks the weight in place (see export/bnb.py)
+    return layer.to("cpu").train()
+
+
+def test_bnb_code_books_match_bitsandbytes(bnb):
+    from bitsandbytes.functional import get_4bit_type
+
+    torch.testing.assert_close(NF4_CODE, get_4bit_type("nf4", device="cpu").float(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(FP4_CODE, get_4bit_type("fp4", device="cpu").float(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_bnb4_matches_bitsandbytes_forward(tmp_path, bnb, bnb_linear, x, quant_type, double_quant):
+    layer = _linear4bit(bnb, bnb_linear, quant_type, double_quant)
+    module = Bnb4Linear.from_bnb(layer)
+    with torch.no_grad():
+        reference = layer(x)
+        mine = module(x)
+    torch.testing.assert_close(mine, reference, rtol=0, atol=FP32_MATMUL_ATOL)
+    model = export_module(module, x, tmp_path / "m.onnx")
+    assert op_types(model).count("MatMulBnb4") == 1
+    np.testing.assert_allclose(run_module(tmp_path / "m.onnx", x), reference.numpy(), rtol=0, atol=FP32_MATMUL_ATOL)
+
+
+def test_nbits_from_bnb_int8(tmp_path, bnb, bnb_linear, x):
+    linear = bnb_linear
+    layer = bnb.nn.Linear8bitLt(IN_FEATURES, BNB_OUT_FEATURES, has_fp16_weights=False, threshold=6.0)
+    layer.load_state_dict(linear.state_dict())
+    layer = layer.to("cpu").eval()
+    exact = NBitsLinear.from_bnb_int8(layer, accuracy_level=0)
+    weight = layer.weight.CB.float() * (layer.weight.SCB.float() / 127.0).unsqueeze(1)
+    torch.testing.assert_close(exact.dequantized_weight(), weight, rtol=0, atol=0)
+    export_module(exact, x, tmp_path / "exact.onnx")
+    reference = (x @ weight.T + linear.bias).detach()
+    np.testing.assert_allclose(run_module(tmp_path / "exact.onnx", x), reference.numpy(), rtol=0, atol=FP32_MATMUL_ATOL)
+    serving = NBitsLinear.from_bnb_int8(layer)  # accuracy_level 4: lossy tier vs bnb's own forward
+    export_module(serving, x, tmp_path / "serving.onnx")
+    got = torch.from_numpy(run_module(tmp_path / "serving.onnx", x))
+    with torch.no_grad():
+        bnb_out = layer(x).float()
+    assert float(torch.nn.functional.cosine_similarity(got, bnb_out, dim=-1).min()) >= INT8_SERVING_MIN_COSINE
+
+
+def test_bnb4_after_bnb_cpu_repack(bnb, bnb_linear, x):
+    from bitsandbytes.functional import has_avx512bf16
+
+    from export.bnb import linear4bit_state
+
+    layer = _linear4bit(bnb, bnb_linear, "nf4", True)
+    exact = Bnb4Linear.from_bnb(layer)
+    layer.eval()
+    with torch.no_grad():
+        layer(x)  # may repack in place (AVX512-BF16 CPUs)
+    state = linear4bit_state(layer)
+    assert state.exact == (not has_avx512bf16())
+    repacked = Bnb4Linear.from_bnb(layer)
+    assert torch.equal(repacked.packed, exact.packed)  # the codes unpack back exactly
+    # absmax rounded to bfloat16 by bnb: relative error <= 2**-8
+    torch.testing.assert_close(repacked.absmax, exact.absmax, rtol=2**-8, atol=0)
+
+
+@pytest.mark.parametrize("threshold", [6.0, 0.0])
+def test_int8_emulation_matches_bitsandbytes_eval_forward(tmp_path, bnb, bnb_linear, threshold):
+    layer = bnb.nn.Linear8bitLt(IN_FEATURES, BNB_OUT_FEATURES, has_fp16_weights=False, threshold=threshold)
+    layer.load_state_dict(bnb_linear.state_dict())
+    layer = layer.to("cpu").eval()
+    x = torch.randn(2, 5, IN_FEATURES, generator=torch.Generator().manual_seed(4)) * 2
+    x[0, 1, 3], x[1, 2, 70] = 9.0, -7.5  # outlier columns (|a| >= 6)
+    with torch.no_grad():
+        reference = layer(x)
+        module = Int8EmulationLinear.from_bnb(layer)  # after a forward: CB/SCB live in layer.state
+        mine = module(x)
+    assert float((reference - bnb_linear(x)).abs().max()) > 1e-3  # int8 arithmetic is visible
+    torch.testing.assert_close(mine, reference, rtol=0, atol=FP32_MATMUL_ATOL)
+    model = export_module(module, x, tmp_path / "m.onnx")
+    ops = op_types(model)
+    assert "MatMulInteger" in ops and "Div" not in ops and ("GreaterOrEqual" in ops) == (threshold > 0)
+    np.testing.assert_allclose(run_module(tmp_path / "m.onnx", x), reference.numpy(), rtol=0, atol=FP32_MATMUL_ATOL)
+
+
+def test_nbits_from_bnb_4bit_requantizes(bnb, bnb_linear):
+    layer = _linear4bit(bnb, bnb_linear, "nf4", False)
+    module = NBitsLinear.from_bnb_4bit(layer, accuracy_level=0)
+    from export.bnb import dequantize_linear4bit
+
+    source = dequantize_linear4bit(layer)
+    step = module.scales.repeat_interleave(32, dim=1)[:, :IN_FEATURES]
+    assert bool(((module.dequantized_weight() - source).abs() <= step / 2 + 1e-6).all())
+
+
+def test_low_rank_branch_changes_output_then_matches(tmp_path, linear, x):
+    generator = torch.Generator().manual_seed(2)
+    A = torch.randn(3, IN_FEATURES, generator=generator) * 0.1
+    B = torch.randn(OUT_FEATURES, 3, generator=generator) * 0.1
+    branch = LowRankBranch(linear, A, B)
+    with torch.no_grad():
+        base_out, out = linear(x), branch(x)
+    assert float((out - base_out).abs().max()) > 1e-2  # the adapter matters before parity means anything
+    torch.testing.assert_close(out, base_out + (x @ A.T) @ B.T, rtol=0, atol=FP32_MATMUL_ATOL)
+    model = export_module(branch, x, tmp_path / "m.onnx")
+    assert op_types(model).count("MatMul") == 2  # the low-rank pair (the 2-D base linear is a Gemm)
+    np.testing.assert_allclose(run_module(tmp_path / "m.onnx", x), out.numpy(), rtol=0, atol=FP32_MATMUL_ATOL)
+
+
+def test_low_rank_branch_validates_shapes(linear):
+    with pytest.raises(ValueError, match="do not fit"):
+        LowRankBranch(linear, torch.zeros(2, IN_FEATURES + 1), torch.zeros(OUT_FEATURES, 2))
+    with pytest.raises(ValueError, match="required"):
+        LowRankBranch(linear)
+
+
+GPTQ_FP16_DEQUANT_RTOL = 2**-11
+"""QuantLinear rounds each dequantized weight to fp16 (gptqmodel's arithmetic); MatMulNBits keeps the exact
+fp32 product: at most half an fp16 ulp apart, relative 2**-11."""
+
+
+def test_nbits_from_project_quant_linear(tmp_path, linear, x):
+    gptq = pytest.importorskip("adalora_deploy.backends.gptq")
+    tensors = gptq_rtn(linear.weight, bits=4, group_size=32, act_order=True)
+    q = gptq.unpack_rows(tensors["qweight"], 4).T
+    zeros = torch.full((IN_FEATURES // 32, OUT_FEATURES), 8)
+    layer = gptq.QuantLinear.from_quantized(q, tensors["scales"], zeros, tensors["g_idx"], bits=4, group_size=32,
+                                            sym=True, desc_act=True, bias=linear.bias)
+    module = NBitsLinear.from_gptq(layer)
+    torch.testing.assert_close(module.dequantized_weight(), tensors["dequantized"], rtol=0, atol=0)
+    torch.testing.assert_close(module.dequantized_weight(), layer.dequantize_weight(), rtol=GPTQ_FP16_DEQUANT_RTOL, atol=0)
+    export_module(module, x, tmp_path / "m.onnx")
+    with torch.no_grad():
+        np.testing.assert_allclose(run_module(tmp_path / "m.onnx", x), module(x).numpy(), rtol=0, atol=FP32_MATMUL_ATOL)
