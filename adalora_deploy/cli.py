@@ -18,6 +18,7 @@ logger = logging.getLogger("adalora_deploy")
 # Modules that register subcommands, in the order they are listed in --help.
 _COMMAND_MODULES = (
     "adalora_deploy.commands",
+    "adalora_deploy.compaction_commands",
     "adalora_deploy.quantize",
     "export.commands",
 )

@@ -1,18 +1,81 @@
 """Compaction: slice adapters to the triplets that survived (ALGORITHM.md, Compaction).
 
     Q' = Q[keep, :]    Λ' = Λ[keep]    P' = P[:, keep]    scale unchanged (alpha / (init_r + 1e-5))
+
+The compacted adapter gives the masked adapter's output (up to float reassociation): a masked triplet
+has Λ = 0 and contributes exactly nothing. A layer left with rank 0 has no adapter at all. Two output
+formats, both loadable by ``peft.PeftModel.from_pretrained``::
+
+    adalora   PEFT's AdaLoRA format, tensors at the surviving ranks, rank_pattern kept
+    lora      PEFT's standard LoRA format with one rank per module and scaling 1:
+                  lora_A = Λ' * Q'   (r_k, d_in)      lora_B = P' * scale   (d_out, r_k)
+              rank_pattern = alpha_pattern = {re.escape(module): r_k}, so alpha_k / r_k = 1
+
+Compaction also happens during training (``AdaLoraConfig.compact_in_training``): at the final allocation
+step :func:`compact_in_place` slices the live layers and re-points the optimizer at the sliced tensors
+with their Adam moments sliced the same way.
+
+Equivalence with masked training (tests/test_compaction.py: tiny Llama, q_proj/v_proj, init_r 6 ->
+target_r 2, 16 steps, final mask at step 10, AdamW lr 1e-2):
+
+* ``orth_reg_weight = 0``: every loss equals the masked run's; measured bit-identical on CPU (the
+  test allows 1e-6 for reassociation of the rank contraction on other kernels). Kept triplets see
+  exactly the same gradients and Adam moments; masked ones contribute exactly nothing. Trainable
+  parameters dropped 2712 -> 776 and Adam state 5424 -> 1552 numbers at the final step. Gradient
+  clipping (``max_grad_norm``) breaks the identity: the masked run's norm includes masked Λ gradients.
+* ``orth_reg_weight > 0``: the runs differ after the final step. The masked run keeps all init_r rows
+  in ``Q Q^T - I`` and ``P^T P - I`` (masked P and Q rows still move, pulled by the regularizer), so the
+  kept rows' gradients include cross terms with masked rows; after slicing those terms are gone (and a
+  rank-0 layer leaves the mean's count). With γ = 0.5 the loss difference at steps 10-15 was 0, 0,
+  2.5e-5, 1.4e-4, 7.5e-5, 4.8e-5 (losses ~5.5; the first update after compaction is step 11's):
+  small, but not the same run.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
 import torch
 
+from adalora_deploy import functional as F
 from adalora_deploy.adapters import AdapterSet
+from adalora_deploy.artifacts import ArtifactError, atomic_dir, read_json, save_tensors, write_json
+from adalora_deploy.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter
+from adalora_deploy.config import AdaLoraConfig
 
-__all__ = ["compact_in_place", "compact_optimizer_state"]
+__all__ = [
+    "CompactAdapter",
+    "CompactFormat",
+    "CompactLayer",
+    "CompactionReport",
+    "LayerCompaction",
+    "compact_adapter",
+    "compact_in_place",
+    "compact_optimizer_state",
+    "compaction_report",
+    "from_adapters",
+    "lora_config_dict",
+    "read_compact_adapter",
+    "write_adalora",
+    "write_lora",
+]
+
+logger = logging.getLogger(__name__)
+
+CompactFormat = Literal["adalora", "lora"]
+FORMATS: tuple[str, ...] = ("adalora", "lora")
 
 # Which dimension of each factor indexes the rank.
 _RANK_DIM = {"lora_A": 0, "lora_E": 0, "lora_B": 1}
+
+
+# --- in-training compaction -------------------------------------------------------------------------
 
 
 @torch.no_grad()
@@ -42,6 +105,13 @@ def compact_optimizer_state(optimizer: torch.optim.Optimizer, old: torch.nn.Para
 def compact_in_place(adapters: AdapterSet, optimizer: torch.optim.Optimizer | None = None) -> dict[str, int]:
     """Slice every layer to its ``rank_mask`` in place; re-point ``optimizer`` (if given) to the new tensors.
 
+    A layer whose mask keeps nothing ends with zero-size factors and adds nothing to its base's output.
+    With ``orth_reg_weight = 0`` training continues exactly as masked training would (see module doc).
+
+    Args:
+        adapters: the adapted layers (already masked to their final rank pattern).
+        optimizer: the optimizer over the adapters' parameters, or None.
+
     Returns:
         The rank of each layer after compaction.
     """
@@ -54,3 +124,417 @@ def compact_in_place(adapters: AdapterSet, optimizer: torch.optim.Optimizer | No
             for name, rank_dim in _RANK_DIM.items():
                 compact_optimizer_state(optimizer, old[name], getattr(layer, name), index, rank_dim)
     return {name: layer.rank for name, layer in adapters.items()}
+
+
+# --- compacted adapters (offline) -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class CompactLayer:
+    """The surviving triplets of one adapted module.
+
+    Attributes:
+        name: module name in the base model (e.g. ``model.layers.0.self_attn.q_proj``).
+        rank_mask: which of the init_r triplets survive (length init_r).
+        lora_A: Q', ``(r_k, d_in)``.
+        lora_E: Λ', ``(r_k, 1)``.
+        lora_B: P', ``(d_out, r_k)``.
+        scale: ``lora_alpha / (init_r + 1e-5)``, unchanged by compaction.
+    """
+
+    name: str
+    rank_mask: tuple[bool, ...]
+    lora_A: torch.Tensor
+    lora_E: torch.Tensor
+    lora_B: torch.Tensor
+    scale: float
+
+    @property
+    def init_r(self) -> int:
+        """Rank the layer was trained from."""
+        return len(self.rank_mask)
+
+    @property
+    def rank(self) -> int:
+        """Surviving rank r_k."""
+        return int(self.lora_E.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        """d_in."""
+        return int(self.lora_A.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        """d_out."""
+        return int(self.lora_B.shape[0])
+
+    def lora_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Standard LoRA factors with scaling 1: ``(Λ' * Q' (r_k, d_in), P' * scale (d_out, r_k))``.
+
+        Computed and returned in float32 (PEFT keeps adapter weights in float32 by default), so folding
+        Λ and the scale in adds no half-precision rounding.
+        """
+        return F.lora_factors(self.lora_A.float(), self.lora_E.float(), self.lora_B.float(), self.scale)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``ΔW = P' (Λ' * Q') * scale``, ``(d_out, d_in)``, float32."""
+        return F.adapter_delta(self.lora_A.float(), self.lora_E.float(), self.lora_B.float(), self.scale)
+
+
+@dataclass(frozen=True, eq=False)
+class CompactAdapter:
+    """A whole adapter sliced to its surviving triplets, independent of any model.
+
+    Attributes:
+        config: the AdaLoRA config it was trained with (init_r and lora_alpha define the scale).
+        layers: every adapted module, rank-0 ones included (they are dropped when written).
+        fan_in_fan_out: the base layers store their weight ``(in, out)`` (GPT-2's Conv1D).
+        base_model_name_or_path: recorded in the written adapter_config.json.
+    """
+
+    config: AdaLoraConfig
+    layers: tuple[CompactLayer, ...]
+    fan_in_fan_out: bool = False
+    base_model_name_or_path: str | None = None
+
+    def live_layers(self) -> tuple[CompactLayer, ...]:
+        """Layers that keep at least one triplet."""
+        return tuple(layer for layer in self.layers if layer.rank > 0)
+
+    def rank_pattern(self) -> dict[str, list[bool]]:
+        """PEFT's AdaLoRA rank_pattern of the layers that survive."""
+        return {f"{layer.name}.lora_E": list(layer.rank_mask) for layer in self.live_layers()}
+
+
+def _slice_with_mask(name: str, mask: torch.Tensor, lora_A: torch.Tensor, lora_E: torch.Tensor,
+                     lora_B: torch.Tensor, scale: float) -> CompactLayer:
+    lora_A, lora_E, lora_B = F.slice_triplets(lora_A, lora_E, lora_B, mask)
+    return CompactLayer(name=name, rank_mask=tuple(bool(v) for v in mask.tolist()), lora_A=lora_A.detach().clone(),
+                        lora_E=lora_E.detach().clone(), lora_B=lora_B.detach().clone(), scale=scale)
+
+
+def from_adapters(adapters: AdapterSet, config: AdaLoraConfig,
+                  base_model_name_or_path: str | None = None) -> CompactAdapter:
+    """The surviving triplets of an in-memory model's adapters (masked or already compacted).
+
+    Args:
+        adapters: the model's adapted layers.
+        config: the AdaLoRA config they were injected with.
+        base_model_name_or_path: recorded in the written adapter_config.json.
+    """
+    layers = []
+    fan_in_fan_out = False
+    for name, layer in adapters.items():
+        lora_A, lora_E, lora_B = layer.live_factors()
+        layers.append(CompactLayer(name=name, rank_mask=tuple(bool(v) for v in layer.rank_mask.tolist()),
+                                   lora_A=lora_A.clone().cpu(), lora_E=lora_E.clone().cpu(),
+                                   lora_B=lora_B.clone().cpu(), scale=layer.scale))
+        fan_in_fan_out |= layer.backend.kind == "dense-conv1d"
+    return CompactAdapter(config=config, layers=tuple(layers), fan_in_fan_out=fan_in_fan_out,
+                          base_model_name_or_path=base_model_name_or_path)
+
+
+def read_compact_adapter(folder: str | Path) -> CompactAdapter:
+    """Read an AdaLoRA adapter folder (ours or PEFT's) and slice it to its surviving triplets.
+
+    Three cases, by what the folder holds for a module:
+
+    * rank_pattern entry and tensors at the pattern's rank (PEFT slices on save; so do we): taken as is.
+    * rank_pattern entry and tensors at init_r: sliced by the pattern.
+    * no rank_pattern (PEFT saves ``rank_pattern: null`` before the final allocation step): tensors are
+      at init_r and masked triplets have Λ exactly 0, so the triplets with Λ != 0 are kept. Dropping a
+      triplet with Λ = 0 leaves ΔW unchanged, so this is exact.
+
+    Raises:
+        ArtifactError: missing/corrupt files, tensors missing for a module or shapes that disagree.
+    """
+    folder = Path(folder)
+    config, rank_pattern, tensors = read_adapter(folder)
+    data = _read_config_json(folder)
+    names = sorted({key[len(PEFT_PREFIX):].rsplit(".", 1)[0] for key in tensors
+                    if key.startswith(PEFT_PREFIX) and key.endswith((".lora_A", ".lora_E", ".lora_B"))})
+    if not names:
+        raise ArtifactError(f"{folder / ADAPTER_WEIGHTS} has no AdaLoRA tensors (base_model.model.<module>.lora_A)")
+    scale = F.adapter_scale(config.lora_alpha, config.init_r)
+    layers = []
+    for name in names:
+        parts = [tensors.get(f"{PEFT_PREFIX}{name}.lora_{k}") for k in "AEB"]
+        if any(p is None for p in parts):
+            raise ArtifactError(f"adapter {folder}: {name} lacks one of lora_A, lora_E, lora_B")
+        lora_A, lora_E, lora_B = parts
+        rank = lora_E.shape[0]
+        if lora_E.dim() != 2 or lora_E.shape[1] != 1 or lora_A.shape[0] != rank or lora_B.shape[1] != rank:
+            raise ArtifactError(f"adapter {folder}: {name} has inconsistent shapes lora_A {tuple(lora_A.shape)}, "
+                                f"lora_E {tuple(lora_E.shape)}, lora_B {tuple(lora_B.shape)}")
+        pattern = (rank_pattern or {}).get(f"{name}.lora_E")
+        if pattern is None:
+            if rank != config.init_r:
+                raise ArtifactError(f"adapter {folder}: {name} has rank {rank} but no rank_pattern entry and "
+                                    f"init_r = {config.init_r}")
+            mask = lora_E.view(-1) != 0
+            layers.append(_slice_with_mask(name, mask, lora_A, lora_E, lora_B, scale))
+            continue
+        mask = torch.tensor(pattern, dtype=torch.bool)
+        if mask.numel() != config.init_r:
+            raise ArtifactError(f"adapter {folder}: rank_pattern of {name} has {mask.numel()} entries, "
+                                f"init_r = {config.init_r}")
+        if rank == config.init_r and int(mask.sum()) != rank:
+            layers.append(_slice_with_mask(name, mask, lora_A, lora_E, lora_B, scale))
+        elif rank == int(mask.sum()):
+            layers.append(CompactLayer(name=name, rank_mask=tuple(bool(v) for v in mask.tolist()), lora_A=lora_A,
+                                       lora_E=lora_E, lora_B=lora_B, scale=scale))
+        else:
+            raise ArtifactError(f"adapter {folder}: {name} has rank {rank}, its rank_pattern keeps "
+                                f"{int(mask.sum())} of {config.init_r}")
+    base = data.get("base_model_name_or_path")
+    return CompactAdapter(config=config, layers=tuple(layers), fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
+                          base_model_name_or_path=base if isinstance(base, str) else None)
+
+
+def _read_config_json(folder: Path) -> dict:
+    data = read_json(folder / ADAPTER_CONFIG)
+    return data if isinstance(data, dict) else {}
+
+
+def _check_not_empty(adapter: CompactAdapter) -> None:
+    if not adapter.live_layers():
+        raise ArtifactError("every adapted layer was pruned to rank 0: the adapter is empty, nothing to write "
+                            "(use the base model as it is)")
+
+
+def _exact_names_regex(names: list[str]) -> str:
+    return "(?:" + "|".join(re.escape(name) for name in names) + ")"
+
+
+def write_adalora(adapter: CompactAdapter, folder: str | Path) -> Path:
+    """Write ``adapter`` in PEFT's AdaLoRA format, tensors at the surviving ranks.
+
+    Rank-0 layers are left out of the tensors, the rank_pattern and ``target_modules`` (a list of the
+    exact module names that keep an adapter; PEFT matches list entries literally).
+
+    Raises:
+        ArtifactError: every layer has rank 0.
+    """
+    _check_not_empty(adapter)
+    live = adapter.live_layers()
+    names = [layer.name for layer in live]
+    config = dataclasses.replace(adapter.config, target_modules=names)
+    peft_config = config.to_peft_dict(adapter.rank_pattern())
+    peft_config["target_modules"] = names
+    peft_config["fan_in_fan_out"] = adapter.fan_in_fan_out
+    peft_config["base_model_name_or_path"] = adapter.base_model_name_or_path
+    peft_config["adalora_deploy"] = {
+        "config": dataclasses.asdict(config),
+        "shapes": {layer.name: [layer.out_features, layer.in_features] for layer in live},
+        "compacted": True,
+    }
+    tensors = {}
+    for layer in live:
+        tensors[f"{PEFT_PREFIX}{layer.name}.lora_A"] = layer.lora_A
+        tensors[f"{PEFT_PREFIX}{layer.name}.lora_E"] = layer.lora_E
+        tensors[f"{PEFT_PREFIX}{layer.name}.lora_B"] = layer.lora_B
+    folder = Path(folder)
+    with atomic_dir(folder) as temp:
+        save_tensors(temp / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
+        write_json(temp / ADAPTER_CONFIG, peft_config)
+    return folder
+
+
+def lora_config_dict(adapter: CompactAdapter) -> dict:
+    """PEFT's LoRA ``adapter_config.json`` for ``adapter``: per-module ranks, scaling 1 everywhere.
+
+    ``r``/``lora_alpha`` are the most common rank; ``rank_pattern``/``alpha_pattern`` name every module
+    (regex-escaped full name, which PEFT matches as ``(.*\\.)?(key)$``) with ``alpha_k = r_k``.
+    """
+    live = adapter.live_layers()
+    ranks = [layer.rank for layer in live]
+    common = max(set(ranks), key=lambda r: (ranks.count(r), r))
+    pattern = {re.escape(layer.name): layer.rank for layer in live}
+    return {
+        "peft_type": "LORA",
+        "task_type": adapter.config.task_type,
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "r": common,
+        "lora_alpha": common,
+        "rank_pattern": pattern,
+        "alpha_pattern": dict(pattern),
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_dropout": adapter.config.lora_dropout,
+        "target_modules": [layer.name for layer in live],
+        "fan_in_fan_out": adapter.fan_in_fan_out,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "revision": None,
+    }
+
+
+def write_lora(adapter: CompactAdapter, folder: str | Path) -> Path:
+    """Write ``adapter`` as a standard PEFT LoRA adapter with per-module ranks and scaling 1.
+
+    ``lora_A = Λ' * Q'`` (r_k, d_in), ``lora_B = P' * scale`` (d_out, r_k): ``B @ A`` is exactly the
+    AdaLoRA ΔW (up to float rounding of the two products). Rank-0 layers are left out.
+
+    Raises:
+        ArtifactError: every layer has rank 0.
+    """
+    _check_not_empty(adapter)
+    tensors = {}
+    for layer in adapter.live_layers():
+        lora_A, lora_B = layer.lora_factors()
+        tensors[f"{PEFT_PREFIX}{layer.name}.lora_A.weight"] = lora_A
+        tensors[f"{PEFT_PREFIX}{layer.name}.lora_B.weight"] = lora_B
+    folder = Path(folder)
+    with atomic_dir(folder) as temp:
+        save_tensors(temp / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
+        write_json(temp / ADAPTER_CONFIG, lora_config_dict(adapter))
+    return folder
+
+
+# --- report -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LayerCompaction:
+    """Ranks and sizes of one module before and after compaction.
+
+    Attributes:
+        name: module name.
+        init_r: rank before (what the full adapter holds).
+        rank: surviving rank r_k (0: the adapter is removed).
+        shape: ``(d_out, d_in)``.
+        params_before: ``init_r * (d_in + d_out + 1)`` (P, Λ, Q at init_r).
+        params_after: ``r_k * (d_in + d_out + 1)`` (adalora) or ``r_k * (d_in + d_out)`` (lora).
+        bytes_before: tensor bytes before, at the adapter's dtype.
+        bytes_after: tensor bytes after.
+    """
+
+    name: str
+    init_r: int
+    rank: int
+    shape: tuple[int, int]
+    params_before: int
+    params_after: int
+    bytes_before: int
+    bytes_after: int
+
+
+@dataclass(frozen=True)
+class CompactionReport:
+    """What :func:`compact_adapter` wrote.
+
+    Attributes:
+        format: ``"adalora"`` or ``"lora"``.
+        output_dir: the written folder (None when only computed).
+        layers: one entry per module, rank-0 modules included.
+    """
+
+    format: str
+    output_dir: Path | None
+    layers: tuple[LayerCompaction, ...]
+
+    @property
+    def params_before(self) -> int:
+        """Adapter parameters at init_r."""
+        return sum(layer.params_before for layer in self.layers)
+
+    @property
+    def params_after(self) -> int:
+        """Adapter parameters written."""
+        return sum(layer.params_after for layer in self.layers)
+
+    @property
+    def bytes_before(self) -> int:
+        """Tensor bytes at init_r."""
+        return sum(layer.bytes_before for layer in self.layers)
+
+    @property
+    def bytes_after(self) -> int:
+        """Tensor bytes written."""
+        return sum(layer.bytes_after for layer in self.layers)
+
+    @property
+    def removed(self) -> tuple[str, ...]:
+        """Modules left without an adapter (rank 0)."""
+        return tuple(layer.name for layer in self.layers if layer.rank == 0)
+
+    def format_table(self) -> str:
+        """A plain-text table, one row per module, and a total."""
+        width = max([len("module"), len("total")] + [len(layer.name) for layer in self.layers])
+        header = (f"{'module':<{width}}  {'rank':>9}  {'params before':>13}  {'params after':>12}  "
+                  f"{'bytes before':>12}  {'bytes after':>11}")
+        lines = [header]
+        for layer in self.layers:
+            rank = f"{layer.rank}/{layer.init_r}"
+            lines.append(f"{layer.name:<{width}}  {rank:>9}  {layer.params_before:>13}  {layer.params_after:>12}  "
+                         f"{layer.bytes_before:>12}  {layer.bytes_after:>11}")
+        kept = sum(layer.rank for layer in self.layers)
+        total_r = sum(layer.init_r for layer in self.layers)
+        lines.append(f"{'total':<{width}}  {f'{kept}/{total_r}':>9}  {self.params_before:>13}  {self.params_after:>12}  "
+                     f"{self.bytes_before:>12}  {self.bytes_after:>11}")
+        return "\n".join(lines)
+
+
+def compaction_report(adapter: CompactAdapter, format: CompactFormat, output_dir: Path | None = None) -> CompactionReport:
+    """Per-module ranks, parameter counts and tensor bytes of ``adapter`` written as ``format``."""
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    rows = []
+    for layer in adapter.layers:
+        d_in, d_out = layer.in_features, layer.out_features
+        per_rank_after = d_in + d_out + (1 if format == "adalora" else 0)
+        element = layer.lora_A.element_size()
+        element_after = 4 if format == "lora" else element  # LoRA factors are written in float32
+        before = layer.init_r * (d_in + d_out + 1)
+        after = layer.rank * per_rank_after
+        rows.append(LayerCompaction(name=layer.name, init_r=layer.init_r, rank=layer.rank, shape=(d_out, d_in),
+                                    params_before=before, params_after=after, bytes_before=before * element,
+                                    bytes_after=after * element_after))
+    return CompactionReport(format=format, output_dir=output_dir, layers=tuple(rows))
+
+
+def compact_adapter(source: str | Path | AdapterSet, output: str | Path, *, format: CompactFormat = "adalora",
+                    config: AdaLoraConfig | None = None, fan_in_fan_out: bool | None = None) -> CompactionReport:
+    """Slice an adapter to its surviving ranks and write it as ``format``.
+
+    Args:
+        source: an AdaLoRA adapter folder (ours or PEFT's) or an in-memory model's :class:`AdapterSet`.
+        output: the folder to write (replaced whole, atomically).
+        format: ``"adalora"`` (PEFT AdaLoRA, sliced) or ``"lora"`` (PEFT LoRA, per-module ranks, scaling 1).
+        config: the AdaLoRA config; required for an :class:`AdapterSet`, ignored for a folder.
+        fan_in_fan_out: override whether the base stores weights ``(in, out)``; None: from the folder's
+            config or the in-memory base layers.
+
+    Returns:
+        The per-module table of ranks kept and sizes before/after.
+
+    Raises:
+        ArtifactError: unreadable adapter folder or an adapter whose every layer has rank 0.
+        ValueError: an :class:`AdapterSet` without ``config``, or an unknown format.
+    """
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    if isinstance(source, Mapping):
+        if config is None:
+            raise ValueError("compact_adapter needs the AdaLoraConfig of an in-memory AdapterSet")
+        adapter = from_adapters(source, config)
+    else:
+        adapter = read_compact_adapter(source)
+    if fan_in_fan_out is not None:
+        adapter = dataclasses.replace(adapter, fan_in_fan_out=fan_in_fan_out)
+    output = Path(output)
+    if format == "adalora":
+        write_adalora(adapter, output)
+    else:
+        write_lora(adapter, output)
+    report = compaction_report(adapter, format, output)
+    logger.info("compacted %d modules to %d triplets (%s): %d -> %d parameters, %d removed", len(report.layers),
+                sum(layer.rank for layer in report.layers), format, report.params_before, report.params_after,
+                len(report.removed))
+    return report
+
