@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ArtifactError", "atomic_dir", "atomic_file", "load_tensors", "read_json", "save_tensors", "write_json"]
+__all__ = ["ArtifactError", "atomic_dir", "check_output_dir", "atomic_file", "load_tensors", "read_json", "save_tensors", "write_json"]
 
 
 class ArtifactError(ValueError):
@@ -57,6 +57,16 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
             os.replace(temp, path)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
+
+
+def check_output_dir(path: str | Path, overwrite: bool) -> Path:
+    """Refuse to replace a non-empty output folder unless ``overwrite`` (``--overwrite``) says so."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ArtifactError(f"--output {path} exists and is a file")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise ArtifactError(f"--output {path} exists and is not empty (pass --overwrite to replace it)")
+    return path
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -24,22 +24,27 @@ _COMMAND_MODULES = (
 )
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from adalora_deploy.artifacts import ArtifactError
-    from adalora_deploy.backends import UnsupportedLayerError
-    from adalora_deploy.checkpoint import AdapterMismatchError
-    from adalora_deploy.config import ConfigError
-    from adalora_deploy.data import DataError
-    from adalora_deploy.training import TrainingError
+# Exceptions a user can cause; each ends in one line and exit status 2.
+_USER_ERRORS = (
+    ("adalora_deploy.artifacts", "ArtifactError"),
+    ("adalora_deploy.backends", "UnsupportedLayerError"),
+    ("adalora_deploy.backends.gptq", "GPTQFormatError"),
+    ("adalora_deploy.checkpoint", "AdapterMismatchError"),
+    ("adalora_deploy.config", "ConfigError"),
+    ("adalora_deploy.data", "DataError"),
+    ("adalora_deploy.quantize", "QuantizationError"),
+    ("adalora_deploy.training", "TrainingError"),
+    ("export", "ExportError"),
+)
 
-    errors: list[type[BaseException]] = [ArtifactError, UnsupportedLayerError, AdapterMismatchError, ConfigError,
-                                         DataError, TrainingError]
-    for module_name, class_name in (("adalora_deploy.quantize", "QuantizationError"),
-                                    ("export", "ExportError"), ("export", "ParityError")):
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    errors = []
+    for module_name, class_name in _USER_ERRORS:
         try:
             errors.append(getattr(importlib.import_module(module_name), class_name))
         except (ImportError, AttributeError):
-            pass
+            logger.debug("error type %s.%s unavailable", module_name, class_name)
     return tuple(errors)
 
 

@@ -32,6 +32,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                          help="adalora: PEFT AdaLoRA, sliced (default); lora: PEFT LoRA, per-module ranks, scaling 1")
     compact.add_argument("--fan-in-fan-out", action="store_true", default=None,
                          help="the base stores weights (in, out), e.g. GPT-2's Conv1D (default: from the adapter config)")
+    compact.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     compact.set_defaults(run=run_compact)
 
     merge = subparsers.add_parser(
@@ -51,13 +52,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--calibration", default=None, metavar="FILE",
                        help="calibration text (.txt/.jsonl) for --requantize (default: the packaged sample text)")
     merge.add_argument("--device", default="cpu", help="cpu, cuda or auto (default: cpu)")
+    merge.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     merge.set_defaults(run=run_merge)
 
 
 def run_compact(args: argparse.Namespace) -> int:
     """``adalora-deploy compact``: write the sliced adapter and print its table."""
+    from adalora_deploy.artifacts import check_output_dir
     from adalora_deploy.compaction import compact_adapter
 
+    check_output_dir(args.output, args.overwrite)
     report = compact_adapter(args.adapter_dir, args.output, format=args.format, fan_in_fan_out=args.fan_in_fan_out)
     print(report.format_table())
     saved = 1 - report.bytes_after / report.bytes_before if report.bytes_before else 0.0
@@ -69,8 +73,7 @@ def run_compact(args: argparse.Namespace) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     """``adalora-deploy merge``: merge, optionally re-quantize, print the per-layer table."""
-    from adalora_deploy.artifacts import ArtifactError
-    from adalora_deploy.backends.gptq import GPTQFormatError
+    from adalora_deploy.artifacts import ArtifactError, check_output_dir
     from adalora_deploy.compaction import compaction_report, read_compact_adapter
     from adalora_deploy.merge import merge_adapter
     from adalora_deploy.quantize import QuantizationError
@@ -81,13 +84,11 @@ def run_merge(args: argparse.Namespace) -> int:
         raise QuantizationError(f"--group-size must be -1 or >= 1, got {args.group_size}")
     if not (Path(args.base) / "config.json").is_file():
         raise ArtifactError(f"--base {args.base}: no config.json (expected a local Hugging Face model folder)")
+    check_output_dir(args.output, args.overwrite)
     ranks = compaction_report(read_compact_adapter(args.adapter), "adalora")
-    try:
-        report = merge_adapter(args.base, args.adapter, args.output, quantization=args.quantization,
-                               requantize=args.requantize, bits=args.bits, group_size=args.group_size,
-                               calibration=args.calibration, device=args.device)
-    except GPTQFormatError as error:
-        raise ArtifactError(str(error)) from None
+    report = merge_adapter(args.base, args.adapter, args.output, quantization=args.quantization,
+                           requantize=args.requantize, bits=args.bits, group_size=args.group_size,
+                           calibration=args.calibration, device=args.device)
     print(ranks.format_table())
     print()
     print(report.format_table())

@@ -117,7 +117,7 @@ class AdaLoraLinear(nn.Module):
         """Slice P, Λ, Q in place to the triplets in ``rank_mask``; returns their indices (into init_r).
 
         New Parameter objects replace the old ones: an optimizer holding the old ones must be re-pointed
-        (see :func:`adalora_deploy.compaction.compact_optimizer`). Idempotent.
+        (see :func:`adalora_deploy.compaction.compact_in_place`). Idempotent.
         """
         index = self.rank_mask.nonzero().view(-1)
         if self.is_compacted:

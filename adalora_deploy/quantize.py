@@ -36,9 +36,9 @@ from torch import nn
 from adalora_deploy.backends.gptq import (
     CHECKPOINT_FORMATS,
     SUPPORTED_BITS,
+    GPTQFormatError,
     QuantLinear,
     default_g_idx,
-    num_groups,
     save_gptq_model,
 )
 
@@ -95,8 +95,16 @@ class QuantizedWeight:
     def to_module(self, bias: torch.Tensor | None = None, checkpoint_format: str = "gptq_v2") -> QuantLinear:
         """Pack into a :class:`QuantLinear`."""
         return QuantLinear.from_quantized(
-            self.q, self.scales, self.zeros, self.g_idx, bits=self.bits, group_size=self.group_size,
-            sym=self.sym, desc_act=self.desc_act, bias=bias, checkpoint_format=checkpoint_format,
+            self.q,
+            self.scales,
+            self.zeros,
+            self.g_idx,
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            desc_act=self.desc_act,
+            bias=bias,
+            checkpoint_format=checkpoint_format,
         )
 
     def dequantize(self) -> torch.Tensor:
@@ -160,7 +168,8 @@ class QuantizationReport:
         for layer in self.layers:
             shape = f"{layer.shape[0]}x{layer.shape[1]}"
             lines.append(
-                f"{layer.name:<{width}}  {shape:>16}  {layer.relative_mse:>10.3e}  {layer.sqnr_db:>8.2f}  {layer.seconds:>7.2f}"
+                f"{layer.name:<{width}}  {shape:>16}  {layer.relative_mse:>10.3e}  "
+                f"{layer.sqnr_db:>8.2f}  {layer.seconds:>7.2f}"
             )
         return "\n".join(lines)
 
@@ -203,7 +212,9 @@ def _grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Te
     return scale, zero
 
 
-def _quantize_column(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_column(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer codes and dequantized values of ``w (out,)`` (dequantized as QuantLinear does, in fp16)."""
     q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
     dq = (scale.to(torch.float16) * (q - zero).to(torch.float16)).float()
@@ -273,12 +284,14 @@ def gptq_quantize(
     _check_settings(bits, group_size)
     if block_size < 1:
         raise QuantizationError(f"block_size must be >= 1, got {block_size}")
-    if not 0 <= percdamp:
+    if percdamp < 0:
         raise QuantizationError(f"percdamp must be >= 0, got {percdamp}")
     W = weight.detach().float().clone()
     out_features, columns = W.shape
     if tuple(hessian.shape) != (columns, columns):
-        raise QuantizationError(f"hessian must be ({columns}, {columns}) for a weight {tuple(W.shape)}, got {tuple(hessian.shape)}")
+        raise QuantizationError(
+            f"hessian must be ({columns}, {columns}) for a weight {tuple(W.shape)}, got {tuple(hessian.shape)}"
+        )
     H = hessian.detach().float().clone()
     maxq = 2**bits - 1
 
@@ -315,9 +328,10 @@ def gptq_quantize(
     # Blocks never split a group mid-way unless the group started the block: a group's grid is then
     # always computed from fully error-updated weights.
     if group_size != -1:
-        block_size = (block_size // group_size) * group_size if group_size <= block_size else (
-            block_size if group_size % block_size == 0 else group_size
-        )
+        if group_size <= block_size:
+            block_size -= block_size % group_size
+        elif group_size % block_size:
+            block_size = group_size
 
     Q = torch.zeros_like(W)
     codes = torch.zeros_like(W)
@@ -431,9 +445,11 @@ def _linears_in_order(layer: nn.Module, inputs: list[tuple[tuple, dict]]) -> lis
     hooks = []
     for name, module in layer.named_modules():
         if type(module) is nn.Linear:
+
             def hook(_module, args, _name=name):
                 # Holding the tensor (not its id) keeps ids from being recycled between linears.
                 order.append((_name, args[0]))
+
             hooks.append(module.register_forward_pre_hook(hook))
     try:
         args, kwargs = inputs[0]
@@ -517,7 +533,9 @@ def quantize_model(
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise QuantizationError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
     if checkpoint_format == "gptq" and not sym:
-        raise QuantizationError("asymmetric quantization needs checkpoint_format='gptq_v2' (v1 cannot store a zero of 0)")
+        raise QuantizationError(
+            "asymmetric quantization needs checkpoint_format='gptq_v2' (v1 cannot store a zero of 0)"
+        )
     if not isinstance(calibration, torch.Tensor) or calibration.dim() != 2 or calibration.dtype != torch.long:
         raise QuantizationError("calibration must be an int64 tensor of token ids (num_samples, seq_len)")
     if calibration.shape[0] == 0 or calibration.shape[1] == 0:
@@ -552,8 +570,16 @@ def quantize_model(
                 layer = layers[index]
                 results.extend(
                     _quantize_decoder_layer(
-                        layer, f"model.layers.{index}", inputs, method=method, bits=bits, group_size=group_size,
-                        sym=sym, desc_act=desc_act, percdamp=percdamp, block_size=block_size,
+                        layer,
+                        f"model.layers.{index}",
+                        inputs,
+                        method=method,
+                        bits=bits,
+                        group_size=group_size,
+                        sym=sym,
+                        desc_act=desc_act,
+                        percdamp=percdamp,
+                        block_size=block_size,
                         checkpoint_format=checkpoint_format,
                     )
                 )
@@ -565,12 +591,24 @@ def quantize_model(
             model.config.use_cache = use_cache
         model.train(was_training)
     report = QuantizationReport(
-        method=method, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
-        num_samples=int(calibration.shape[0]), seq_len=int(calibration.shape[1]), layers=tuple(results),
+        method=method,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=desc_act,
+        num_samples=int(calibration.shape[0]),
+        seq_len=int(calibration.shape[1]),
+        layers=tuple(results),
         seconds=time.perf_counter() - started,
     )
-    logger.info("quantized %d linears (%s, %d-bit) in %.1f s; worst SQNR %.2f dB",
-                len(results), method, bits, report.seconds, report.worst_sqnr_db)
+    logger.info(
+        "quantized %d linears (%s, %d-bit) in %.1f s; worst SQNR %.2f dB",
+        len(results),
+        method,
+        bits,
+        report.seconds,
+        report.worst_sqnr_db,
+    )
     return report
 
 
@@ -593,6 +631,8 @@ def _capture_first_layer_inputs(
                 pass
     finally:
         handle.remove()
+    if not captured:
+        raise QuantizationError("the model's forward never reached model.model.layers[0]; cannot capture its inputs")
     return captured
 
 
@@ -631,8 +671,14 @@ def _quantize_decoder_layer(
             hessian = accumulators[name].hessian
             if method == "gptq":
                 quantized = gptq_quantize(
-                    module.weight, hessian, bits=bits, group_size=group_size, sym=sym, desc_act=desc_act,
-                    percdamp=percdamp, block_size=block_size,
+                    module.weight,
+                    hessian,
+                    bits=bits,
+                    group_size=group_size,
+                    sym=sym,
+                    desc_act=desc_act,
+                    percdamp=percdamp,
+                    block_size=block_size,
                 )
             else:
                 quantized = rtn_quantize(module.weight, bits=bits, group_size=group_size, sym=sym)
@@ -642,8 +688,11 @@ def _quantize_decoder_layer(
             layer.set_submodule(name, qlayer)
             results.append(
                 LayerQuantization(
-                    name=f"{prefix}.{name}", shape=(module.out_features, module.in_features),
-                    relative_mse=rel, sqnr_db=_sqnr_db(rel), seconds=time.perf_counter() - started,
+                    name=f"{prefix}.{name}",
+                    shape=(module.out_features, module.in_features),
+                    relative_mse=rel,
+                    sqnr_db=_sqnr_db(rel),
+                    seconds=time.perf_counter() - started,
                 )
             )
             logger.debug("%s.%s: relative output MSE %.3e", prefix, name, rel)
@@ -665,18 +714,24 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder (float weights)")
     parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="solver (default: gptq)")
     parser.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4, help="bits per weight (default: 4)")
-    parser.add_argument("--group-size", type=int, default=128, help="input channels per group, -1 for one (default: 128)")
+    parser.add_argument(
+        "--group-size", type=int, default=128, help="input channels per group, -1 for one (default: 128)"
+    )
     sym = parser.add_mutually_exclusive_group()
     sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
     sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (written as gptq_v2)")
-    parser.add_argument("--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal")
+    parser.add_argument(
+        "--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal"
+    )
     parser.add_argument("--calibration", required=True, metavar="FILE", help="calibration text (.txt or .jsonl)")
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample (default: 128)")
     parser.add_argument("--samples", type=int, default=128, help="calibration samples, at most (default: 128)")
-    parser.add_argument("--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default: 0.01)")
+    parser.add_argument(
+        "--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default: 0.01)"
+    )
     parser.add_argument("--output", required=True, metavar="DIR", help="output GPTQ model folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(run=run)
     return parser
 
 
@@ -709,18 +764,35 @@ def run(args: argparse.Namespace) -> int:
         raise QuantizationError(f"MODEL_DIR {model_dir}: cannot load model/tokenizer ({error})") from None
     blocks = token_blocks(args.calibration, tokenizer, args.seq_len)
     if blocks.shape[0] < args.samples:
-        logger.warning("%s gives %d samples of %d tokens, fewer than --samples %d; using all",
-                       args.calibration, blocks.shape[0], args.seq_len, args.samples)
+        logger.warning(
+            "%s gives %d samples of %d tokens, fewer than --samples %d; using all",
+            args.calibration,
+            blocks.shape[0],
+            args.seq_len,
+            args.samples,
+        )
     blocks = blocks[: args.samples]
     report = quantize_model(
-        model, blocks, method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym,
-        desc_act=args.desc_act, percdamp=args.percdamp, progress=sys.stderr.isatty(),
+        model,
+        blocks,
+        method=args.method,
+        bits=args.bits,
+        group_size=args.group_size,
+        sym=args.sym,
+        desc_act=args.desc_act,
+        percdamp=args.percdamp,
+        progress=sys.stderr.isatty(),
     )
-    save_gptq_model(model, output, tokenizer_source=model_dir, overwrite=args.overwrite)
+    try:
+        save_gptq_model(model, output, tokenizer_source=model_dir, overwrite=args.overwrite)
+    except GPTQFormatError as error:
+        raise QuantizationError(str(error)) from None
     group = "all" if args.group_size == -1 else args.group_size
-    print(f"{args.method} {args.bits}-bit, group {group}, {'sym' if args.sym else 'asym'}"
-          f"{', act-order' if args.desc_act else ''}; {report.num_samples} samples x {report.seq_len} tokens; "
-          f"{report.seconds:.1f} s")
+    print(
+        f"{args.method} {args.bits}-bit, group {group}, {'sym' if args.sym else 'asym'}"
+        f"{', act-order' if args.desc_act else ''}; {report.num_samples} samples x {report.seq_len} tokens; "
+        f"{report.seconds:.1f} s"
+    )
     print(report.format_table())
     print(f"worst SQNR {report.worst_sqnr_db:.2f} dB; wrote {output}")
     return 0

@@ -377,6 +377,9 @@ def test_cli_compact_writes_both_formats_and_rejects_bad_input(tmp_path, capsys)
         assert (tmp_path / fmt / ADAPTER_WEIGHTS).is_file()
         out = capsys.readouterr().out
         assert "model.layers.0.self_attn.q_proj" in out and "0/6" in out and "smaller" in out
+    assert main(["compact", str(tmp_path / "masked"), "--output", str(tmp_path / "lora")]) == 2
+    assert "--overwrite" in capsys.readouterr().err  # an existing folder is never replaced silently
+    assert main(["compact", str(tmp_path / "masked"), "--output", str(tmp_path / "lora"), "--overwrite"]) == 0
     assert main(["compact", str(tmp_path / "missing"), "--output", str(tmp_path / "bad")]) == 2
     assert "adapter folder not found" in capsys.readouterr().err
     (tmp_path / "broken").mkdir()
