@@ -743,6 +743,7 @@ def run(args: argparse.Namespace) -> int:
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from adalora_deploy.artifacts import check_output_dir
     from adalora_deploy.data import token_blocks
 
     model_dir = Path(args.model_dir)
@@ -755,8 +756,7 @@ def run(args: argparse.Namespace) -> int:
         raise QuantizationError(f"--group-size must be -1 or >= 1, got {args.group_size}")
     if args.desc_act and args.method == "rtn":
         raise QuantizationError("--desc-act only applies to --method gptq")
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not args.overwrite:
-        raise QuantizationError(f"--output {output} exists and is not empty (pass --overwrite to replace it)")
+    check_output_dir(output, args.overwrite)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from adalora_deploy.artifacts import ArtifactError
 from adalora_deploy.backends.gptq import QuantLinear, load_gptq_model
 from adalora_deploy.data import token_blocks
 from adalora_deploy.demo import SAMPLE_TEXT, byte_tokenizer, tiny_llama, write_tiny_llama
@@ -267,7 +268,7 @@ def test_cli_bad_input(tmp_path):
         args.run(args)
     source = write_tiny_llama(tmp_path / "float")
     args = _parse(["quantize", str(source), "--calibration", str(SAMPLE_TEXT), "--output", str(source)])
-    with pytest.raises(QuantizationError, match="--output"):
+    with pytest.raises(ArtifactError, match="--overwrite"):
         args.run(args)
     with pytest.raises(SystemExit):
         _parse(["quantize", str(source), "--bits", "5", "--calibration", "x", "--output", "y"])

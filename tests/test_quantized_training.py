@@ -34,6 +34,24 @@ def _train(model, tokenizer, config: AdaLoraConfig) -> tuple[list[float], object
     return losses, adapters
 
 
+@pytest.fixture(scope="module")
+def gptq_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
+    """The tiny Llama quantized with our GPTQ solver: 2, 4 and 8 bits (group 32), and 4-bit act-order."""
+    from adalora_deploy.backends.gptq import save_gptq_model
+    from adalora_deploy.quantize import quantize_model
+    from transformers import AutoModelForCausalLM
+
+    calibration = token_blocks(SAMPLE_TEXT, load_tokenizer(str(tiny_model_dir)), 32)[:16]
+    folders = {}
+    for name, bits, desc_act in (("gptq-2", 2, False), ("gptq-4", 4, False), ("gptq-4-act", 4, True), ("gptq-8", 8, False)):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+        quantize_model(model, calibration, method="gptq", bits=bits, group_size=32, desc_act=desc_act)
+        folder = tmp_path_factory.mktemp(name)
+        save_gptq_model(model, folder, tokenizer_source=tiny_model_dir, overwrite=True)
+        folders[name] = str(folder)
+    return folders
+
+
 def _base_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items() if "lora_" not in k}
 
@@ -42,19 +60,27 @@ def _base_state(model) -> dict[str, torch.Tensor]:
     ("none", False), ("bnb-nf4", False), ("bnb-nf4", True), ("bnb-fp4", False), ("bnb-fp4", True), ("bnb-int8", False),
 ])
 def test_training_lowers_loss_and_keeps_base(tiny_model_dir, quantization, double_quant):
+    _check_training(str(tiny_model_dir), quantization, double_quant, tiny_model_dir)
+
+
+@pytest.mark.parametrize("name", ["gptq-2", "gptq-4", "gptq-4-act", "gptq-8"])
+def test_training_on_gptq_bases(gptq_dirs, tiny_model_dir, name):
+    _check_training(gptq_dirs[name], "gptq", False, tiny_model_dir)
+
+
+def _check_training(path: str, quantization: str, double_quant: bool, tokenizer_dir) -> None:
     config = AdaLoraConfig(total_step=STEPS, init_r=6, target_r=2, tinit=2, tfinal=3, lora_alpha=16,
                            target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], orth_reg_weight=0.1)
-    model = load_base_model(ModelConfig(path=str(tiny_model_dir), quantization=quantization, double_quant=double_quant,
-                                        device="cpu"))
+    model = load_base_model(ModelConfig(path=path, quantization=quantization, double_quant=double_quant, device="cpu"))
     kinds = {type(m).__name__ for m in model.modules()}
-    assert {"none": "Linear", "bnb-int8": "Linear8bitLt"}.get(quantization, "Linear4bit") in kinds
+    assert {"none": "Linear", "bnb-int8": "Linear8bitLt", "gptq": "QuantLinear"}.get(quantization, "Linear4bit") in kinds
     before = _base_state(model)
-    losses, adapters = _train(model, load_tokenizer(str(tiny_model_dir)), config)
+    losses, adapters = _train(model, load_tokenizer(str(tokenizer_dir)), config)
     assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
     after = {k.replace(".base_layer", ""): v for k, v in _base_state(model).items()}
     assert before.keys() <= after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before), "base weights changed during training"
     assert sum(adapters.live_ranks().values()) == len(adapters) * config.target_r
     kind = next(iter(adapters.values())).backend.describe(next(iter(adapters.values())).base_layer)
-    expected = {"none": "dense", "bnb-int8": "bnb-int8"}.get(quantization, f"bnb-{quantization[4:]}")
+    expected = {"none": "dense", "bnb-int8": "bnb-int8", "gptq": "gptq"}.get(quantization, f"bnb-{quantization[4:]}")
     assert kind.startswith(expected) and kind.endswith("-dq") == double_quant
