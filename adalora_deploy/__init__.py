@@ -3,39 +3,42 @@
 The public API, one import away::
 
     from adalora_deploy import AdaLoraConfig, inject_adapters, AdaLoraTrainer, save_adapter, load_adapter
+
+Names resolve lazily (PEP 562): ``transformers.Trainer`` alone costs seconds of imports (it pulls in
+peft and bitsandbytes), so nothing heavy loads until a name that needs it is used.
 """
 
-from adalora_deploy.adapters import AdapterSet, find_adapters, inject_adapters
-from adalora_deploy.allocator import AllocationStep, RankAllocator
-from adalora_deploy.backends import UnsupportedLayerError
-from adalora_deploy.checkpoint import AdapterMismatchError, load_adapter, read_adapter, save_adapter
-from adalora_deploy.config import AdaLoraConfig, ConfigError, RunConfig, load_run_config
-from adalora_deploy.layer import AdaLoraLinear
-from adalora_deploy.regularizer import orthogonal_regularizer
-from adalora_deploy.training import AdaLoraCallback, AdaLoraController, AdaLoraTrainer, TrainResult, train
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "AdaLoraCallback",
-    "AdaLoraConfig",
-    "AdaLoraController",
-    "AdaLoraLinear",
-    "AdaLoraTrainer",
-    "AdapterMismatchError",
-    "AdapterSet",
-    "AllocationStep",
-    "ConfigError",
-    "RankAllocator",
-    "RunConfig",
-    "TrainResult",
-    "UnsupportedLayerError",
-    "find_adapters",
-    "inject_adapters",
-    "load_adapter",
-    "load_run_config",
-    "orthogonal_regularizer",
-    "read_adapter",
-    "save_adapter",
-    "train",
-]
+_EXPORTS = {
+    "adalora_deploy.adapters": ["AdapterSet", "find_adapters", "inject_adapters"],
+    "adalora_deploy.allocator": ["AllocationStep", "RankAllocator"],
+    "adalora_deploy.backends": ["UnsupportedLayerError"],
+    "adalora_deploy.checkpoint": ["AdapterMismatchError", "load_adapter", "read_adapter", "save_adapter"],
+    "adalora_deploy.compaction": ["CompactAdapter", "compact_adapter", "compact_in_place", "read_compact_adapter"],
+    "adalora_deploy.config": ["AdaLoraConfig", "ConfigError", "RunConfig", "load_run_config"],
+    "adalora_deploy.layer": ["AdaLoraLinear"],
+    "adalora_deploy.merge": ["merge_adapter", "merge_into_dense"],
+    "adalora_deploy.regularizer": ["orthogonal_regularizer"],
+    "adalora_deploy.training": ["AdaLoraCallback", "AdaLoraController", "AdaLoraTrainer", "TrainResult", "train"],
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _WHERE:
+        raise AttributeError(f"module 'adalora_deploy' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_WHERE[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
