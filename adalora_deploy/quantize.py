@@ -108,10 +108,9 @@ class QuantizedWeight:
         )
 
     def dequantize(self) -> torch.Tensor:
-        """float32 ``(out, in)``, with the same fp16 arithmetic as :class:`QuantLinear`."""
+        """float32 ``(out, in)``, the exact product :class:`QuantLinear` computes with."""
         g = self.g_idx.long()
-        diff = (self.q - self.zeros.t()[:, g]).to(torch.float16)
-        return (self.scales.to(torch.float16).t()[:, g] * diff).float()
+        return self.scales.float().t()[:, g] * (self.q - self.zeros.t()[:, g]).float()
 
 
 @dataclass(frozen=True)
@@ -215,9 +214,10 @@ def _grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Te
 def _quantize_column(
     w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer codes and dequantized values of ``w (out,)`` (dequantized as QuantLinear does, in fp16)."""
+    """Integer codes and dequantized values of ``w (out,)`` (dequantized as QuantLinear does: the exact
+    float32 product of the fp16 scale and the integer)."""
     q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
-    dq = (scale.to(torch.float16) * (q - zero).to(torch.float16)).float()
+    dq = scale * (q - zero)
     return q, dq
 
 

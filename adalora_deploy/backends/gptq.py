@@ -288,35 +288,44 @@ class QuantLinear(nn.Module):
             zeros = (zeros + 1) & (2**self.bits - 1)
         return zeros
 
-    def _dequantize_fp16(self) -> torch.Tensor:
-        """``scales[g] * (q - z[g])`` rounded to fp16, ``(in, out)``: bit-exact with gptqmodel's fp16 math.
+    def _contiguous_groups(self) -> bool:
+        """Whether g_idx is the default ``i // group_size`` with equal groups (cached per g_idx version)."""
+        key = (self.g_idx.data_ptr(), self.g_idx._version)
+        if getattr(self, "_groups_key", None) != key:
+            groups = self.num_groups
+            self._groups_flag = self.in_features % groups == 0 and torch.equal(
+                self.g_idx, default_g_idx(self.in_features, self.in_features // groups, self.g_idx.device))
+            self._groups_key = key
+        return self._groups_flag
 
-        The product is formed in float32, where it is exact (an 11-bit significand times an integer of
-        at most 9 bits fits float32's 24), and rounded to fp16 once: the same value an IEEE fp16
-        multiply returns, but float32 arithmetic is several times faster on CPUs.
+    def _dequantize_exact(self) -> torch.Tensor:
+        """``scales[g] * (q - z[g])`` in float32, ``(in, out)``: the exact product.
+
+        An fp16 scale (11-bit significand) times an integer of at most 9 bits fits float32's 24-bit
+        significand, so this is exact. Rounded to fp16 it is bit-identical to gptqmodel's and auto-gptq's
+        fp16 dequantization (an IEEE multiply returns the rounded exact product); kept in float32 it is
+        what onnxruntime's MatMulNBits computes, so fp32 training and the exported graph agree exactly.
         """
         q = self.int_weight()
         zeros = self.zero_points()
         scales = self.scales.float()
-        groups = self.num_groups
-        if self.in_features % groups == 0 and torch.equal(
-            self.g_idx, default_g_idx(self.in_features, self.in_features // groups, self.g_idx.device)
-        ):
+        if self._contiguous_groups():
             # Contiguous equal groups: broadcast per group instead of gathering (in, out) scales/zeros.
             # In-place steps: on CPU each fresh (in, out) buffer costs as much as the arithmetic.
+            groups = self.num_groups
             q = q.view(groups, -1, self.out_features).sub_(zeros.unsqueeze(1))
             weight = q.to(torch.float32).mul_(scales.unsqueeze(1))
-            return weight.view(self.in_features, self.out_features).to(torch.float16)
+            return weight.view(self.in_features, self.out_features)
         g_idx = self.g_idx.long()
-        return q.sub_(zeros[g_idx]).to(torch.float32).mul_(scales[g_idx]).to(torch.float16)
+        return q.sub_(zeros[g_idx]).to(torch.float32).mul_(scales[g_idx])
 
-    def dequantize_weight(self) -> torch.Tensor:
-        """The weight the layer computes with, float32 ``(out, in)`` (exact: every fp16 fits float32)."""
-        return self._dequantize_fp16().t().float()
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The dequantized weight ``(out, in)``: exact in float32; ``torch.float16`` gives gptqmodel's values."""
+        return self._dequantize_exact().t().to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x (..., in)`` of any float dtype -> ``(..., out)`` of the same dtype."""
-        weight = self._dequantize_fp16().t().to(x.dtype)
+        """``x (..., in)`` of any float dtype -> ``(..., out)`` of the same dtype (weight rounded once to it)."""
+        weight = self._dequantize_exact().t().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)
 

@@ -68,8 +68,11 @@ def ref_unpack(words: list[int], bits: int) -> list[int]:
     return [(stream >> (bits * j)) & ((1 << bits) - 1) for j in range(len(words) * 32 // bits)]
 
 
-def ref_dequantize(layer: QuantLinear) -> np.ndarray:
-    """``W[o, i] = scales[g, o] * (q[i, o] - z[g, o])`` in fp16, loop by loop; float32 ``(out, in)``."""
+def ref_dequantize(layer: QuantLinear, exact: bool = False) -> np.ndarray:
+    """``W[o, i] = scales[g, o] * (q[i, o] - z[g, o])`` loop by loop, float32 ``(out, in)``.
+
+    In fp16 (gptqmodel's arithmetic) by default; ``exact=True`` forms the product in float64.
+    """
     bits = layer.bits
     qweight = layer.qweight.numpy().astype(np.int64)
     qzeros = layer.qzeros.numpy().astype(np.int64)
@@ -83,7 +86,10 @@ def ref_dequantize(layer: QuantLinear) -> np.ndarray:
     for i in range(layer.in_features):
         g = g_idx[i]
         for o in range(layer.out_features):
-            out[o, i] = np.float16(scales[g, o]) * np.float16(q[i, o] - z[g, o])
+            if exact:
+                out[o, i] = np.float64(scales[g, o]) * np.float64(q[i, o] - z[g, o])
+            else:
+                out[o, i] = np.float16(scales[g, o]) * np.float16(q[i, o] - z[g, o])
     return out
 
 
@@ -194,7 +200,9 @@ def test_dequantize_bit_exact(bits, sym, desc_act, fmt, group_size):
     # The reference decodes the packed buffers; it must also agree with the integers we packed.
     direct = (scales[g_idx.long()].t() * (q - zeros[g_idx.long()].t()).half()).float().numpy()
     np.testing.assert_array_equal(expected, direct)
-    np.testing.assert_array_equal(layer.dequantize_weight().numpy(), expected)
+    np.testing.assert_array_equal(layer.dequantize_weight(torch.float16).float().numpy(), expected)
+    # Float32 keeps the exact product (what MatMulNBits computes); rounded to fp16 it is gptqmodel's value.
+    np.testing.assert_array_equal(layer.dequantize_weight().numpy(), ref_dequantize(layer, exact=True))
 
 
 @pytest.mark.parametrize("bits", BITS)
@@ -208,7 +216,7 @@ def test_reads_externally_packed_v1_with_stored_minus_one(bits):
     layer.qzeros.copy_(torch.tensor(qzeros, dtype=torch.int64).to(torch.int32))
     layer.scales.copy_(scales)
     expected = (scales[g_idx.long()].t() * (q - zeros[g_idx.long()].t()).half()).float()
-    assert torch.equal(layer.dequantize_weight(), expected)
+    assert torch.equal(layer.dequantize_weight(torch.float16).float(), expected)
 
 
 def test_format_conversion_keeps_values():
@@ -479,7 +487,7 @@ def test_gptqmodel_reads_our_checkpoint(tmp_path, sym, monkeypatch):
     compared = 0
     for name, module in theirs.model.named_modules():
         if hasattr(module, "qweight") and hasattr(module, "dequantize_weight"):
-            mine = ours[name].dequantize_weight()
+            mine = ours[name].dequantize_weight(torch.float16).float()
             weight = module.dequantize_weight().float()
             weight = weight if weight.shape == mine.shape else weight.t()
             assert torch.equal(weight, mine), name
