@@ -47,7 +47,7 @@ from adalora_deploy import functional as F
 from adalora_deploy.adapters import AdapterSet
 from adalora_deploy.artifacts import ArtifactError, atomic_dir, read_json, save_tensors, write_json
 from adalora_deploy.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter
-from adalora_deploy.config import AdaLoraConfig
+from adalora_deploy.config import PEFT_COMMON_FIELDS, AdaLoraConfig
 
 __all__ = [
     "CompactAdapter",
@@ -364,13 +364,7 @@ def lora_config_dict(adapter: CompactAdapter) -> dict:
         "lora_dropout": adapter.config.lora_dropout,
         "target_modules": [layer.name for layer in live],
         "fan_in_fan_out": adapter.fan_in_fan_out,
-        "bias": "none",
-        "init_lora_weights": True,
-        "inference_mode": True,
-        "modules_to_save": None,
-        "layers_to_transform": None,
-        "layers_pattern": None,
-        "revision": None,
+        **PEFT_COMMON_FIELDS,
     }
 
 

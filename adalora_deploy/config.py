@@ -43,6 +43,18 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 }
 
 
+PEFT_COMMON_FIELDS: dict[str, Any] = {
+    "bias": "none",
+    "init_lora_weights": True,
+    "inference_mode": True,
+    "modules_to_save": None,
+    "layers_to_transform": None,
+    "layers_pattern": None,
+    "revision": None,
+}
+"""Fields every PEFT adapter_config.json we write carries with PEFT's own defaults (AdaLoRA and LoRA)."""
+
+
 class ConfigError(ValueError):
     """A configuration value breaks a rule; the message says field, value, rule and fix."""
 
@@ -161,14 +173,8 @@ class AdaLoraConfig:
             "lora_dropout": self.lora_dropout,
             "target_modules": sorted(target) if isinstance(target, list) else target,
             "rank_pattern": dict(rank_pattern) if rank_pattern is not None else None,
-            "bias": "none",
             "fan_in_fan_out": False,
-            "init_lora_weights": True,
-            "inference_mode": True,
-            "modules_to_save": None,
-            "layers_to_transform": None,
-            "layers_pattern": None,
-            "revision": None,
+            **PEFT_COMMON_FIELDS,
         }
 
     @classmethod
