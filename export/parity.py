@@ -199,7 +199,7 @@ def compare_outputs(
             failures.append(f"greedy tokens differ: reference {ref_tokens.tolist()} vs candidate {cand_tokens.tolist()}")
     report = ParityReport(tier=tier, outputs=tuple(outputs), tokens_equal=tokens_equal, failures=tuple(failures))
     for output in outputs:
-        logger.info("parity %s: max abs %.3g, min cosine %.6f", output.name, output.max_abs, output.cosine_min)
+        logger.debug("parity %s: max abs %.3g, min cosine %.6f", output.name, output.max_abs, output.cosine_min)
     return report
 
 

@@ -122,7 +122,13 @@ class DecoderSession:
         self.session = session
         inputs = {i.name: i for i in session.get_inputs()}
         self.past_names = tuple(n for n in inputs if n.startswith("past_key_values."))
-        self.adapter_names = tuple(n for n in inputs if n.endswith((".lora_A", ".lora_B")))
+        # adapter inputs with a default (rank-0) initializer are "overridable initializers" in onnxruntime:
+        # optional per run, and what an .onnx_adapter activated through RunOptions replaces
+        defaults = tuple(i.name for i in session.get_overridable_initializers()
+                         if i.name.endswith((".lora_A", ".lora_B")))
+        self.adapter_names = tuple(n for n in inputs if n.endswith((".lora_A", ".lora_B"))) + defaults
+        self.adapter_optional = bool(defaults) and len(defaults) == len(self.adapter_names)
+        """True when every adapter input has a default: feeding none runs the base (or RunOptions' adapter)."""
         self.output_names = tuple(o.name for o in session.get_outputs())
         if "input_ids" not in inputs or "attention_mask" not in inputs or not self.past_names:
             raise ValueError(f"not a KV-cache decoding graph: inputs {sorted(inputs)}")
@@ -142,6 +148,7 @@ class DecoderSession:
         attention_mask: np.ndarray,
         past: Sequence[np.ndarray] | None = None,
         adapter: Mapping[str, np.ndarray] | None = None,
+        run_options=None,
     ) -> StepOutput:
         """Run the graph once.
 
@@ -149,19 +156,21 @@ class DecoderSession:
             input_ids: int64 [batch, seq].
             attention_mask: int64 [batch, past_seq + seq].
             past: the previous step's ``present`` (``None``: empty, i.e. a prompt).
-            adapter: feeds for the adapter inputs (see :func:`adapter_feeds`); required iff the graph has them.
+            adapter: feeds for the adapter inputs (see :func:`adapter_feeds`); required iff the graph has them
+                without defaults (:attr:`adapter_optional`).
+            run_options: ``onnxruntime.RunOptions`` (e.g. with an active ``LoraAdapter``).
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         past = self.empty_past(input_ids.shape[0]) if past is None else past
         feeds = {"input_ids": input_ids, "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
         feeds.update(zip(self.past_names, past))
         adapter = dict(adapter or {})
-        if set(adapter) != set(self.adapter_names):
+        if set(adapter) != set(self.adapter_names) and not (self.adapter_optional and not adapter):
             raise ValueError(
                 f"adapter feeds {sorted(adapter)} do not match the graph's adapter inputs {sorted(self.adapter_names)}"
             )
         feeds.update(adapter)
-        outputs = self.session.run(list(self.output_names), feeds)
+        outputs = self.session.run(list(self.output_names), feeds, run_options)
         return StepOutput(logits=outputs[0], present=tuple(outputs[1:]))
 
     def generate_greedy(
@@ -173,9 +182,11 @@ class DecoderSession:
         eos_token_id: int | None = None,
         pad_token_id: int | None = None,
         adapter: Mapping[str, np.ndarray] | None = None,
+        run_options=None,
     ) -> np.ndarray:
         """Greedy decoding with the KV cache, batch with left padding, as transformers' ``generate`` does
-        (finished rows are filled with ``pad_token_id``; stops when all rows finished).
+        (finished rows are filled with ``pad_token_id``; stops when all rows finished). ``adapter`` and
+        ``run_options`` are passed to every :meth:`step`.
 
         Returns:
             int64 [batch, prompt + generated] (prompt included).
@@ -188,7 +199,7 @@ class DecoderSession:
         finished = np.zeros(batch, dtype=bool)
         current, past = sequences, None
         for _ in range(max_new_tokens):
-            out = self.step(current, mask, past, adapter)
+            out = self.step(current, mask, past, adapter, run_options)
             next_tokens = out.logits[:, -1].argmax(-1).astype(np.int64)
             if eos_token_id is not None:
                 next_tokens = np.where(finished, pad_token_id, next_tokens)

@@ -1,0 +1,116 @@
+"""One graph with adapter inputs serves many adapters: ``.onnx_adapter`` files switched per run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from export.api import ADAPTER_FILE, adapter_factors, export_model, load_source_model, write_onnx_adapter
+from export.check import ADAPTER_EFFECT_MIN, check_export, held_out_batch
+from export.graph import DecoderWrapper
+from export.parity import EXACT_MAX_ABS
+from export.runtime import DecoderSession, create_session, torch_greedy
+
+MAX_NEW_TOKENS = 8
+
+
+@pytest.fixture(scope="module")
+def served(export_workspace, tmp_path_factory):
+    """An adapter-inputs export of adapter 1, plus .onnx_adapter files for adapter 2 and the zero adapter."""
+    ws = export_workspace
+    out = tmp_path_factory.mktemp("adapter-inputs") / "export"
+    manifest = export_model(ws.model, ws.adapter, output=out, mode="separate", quantization="none",
+                            adapter_inputs=True)
+    second = adapter_factors(load_source_model(ws.model, ws.adapter2, quantization="none"))
+    write_onnx_adapter(out.parent / "second.onnx_adapter", second)
+    zeros = {name: (A[:0], B[:, :0]) for name, (A, B) in second.items()}
+    write_onnx_adapter(out.parent / "zero.onnx_adapter", zeros)
+    files = {"first": out / ADAPTER_FILE, "second": out.parent / "second.onnx_adapter",
+             "zero": out.parent / "zero.onnx_adapter"}
+    return out, manifest, files
+
+
+def _prompt_logits(model, ids, mask):
+    wrapper = DecoderWrapper(model).eval()
+    past = tuple(torch.zeros(ids.shape[0], wrapper.num_kv_heads, 0, wrapper.head_dim)
+                 for _ in range(2 * wrapper.num_layers))
+    with torch.no_grad():
+        return wrapper(ids, mask, past)[0].numpy()
+
+
+def test_adapter_inputs_have_a_symbolic_rank_and_a_rank_0_default(served):
+    import onnx
+
+    out, manifest, _ = served
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
+    defaults = {i.name: tuple(i.dims) for i in proto.graph.initializer if i.name in manifest.adapter_input_names}
+    assert len(manifest.adapter_input_names) == 2 * len(manifest.ranks)
+    for name in manifest.ranks:
+        a, b = dims[f"{name}.lora_A"], dims[f"{name}.lora_B"]
+        assert isinstance(a[1], str) and a[1] == b[0]  # one symbolic rank per module, shared by A and B
+        assert defaults[f"{name}.lora_A"] == (a[0], 0) and defaults[f"{name}.lora_B"] == (0, b[1])
+    decoder = DecoderSession(create_session(out / "model.onnx"))
+    assert set(decoder.adapter_names) == set(manifest.adapter_input_names) and decoder.adapter_optional
+
+
+def test_one_graph_serves_two_adapters_and_the_zero_adapter(served, export_workspace):
+    import onnxruntime as ort
+
+    out, manifest, files = served
+    ws = export_workspace
+    torch_models = {
+        "first": load_source_model(ws.model, ws.adapter, quantization="none"),
+        "second": load_source_model(ws.model, ws.adapter2, quantization="none"),
+    }
+    from transformers import AutoModelForCausalLM
+
+    torch_models["zero"] = AutoModelForCausalLM.from_pretrained(ws.model, local_files_only=True).eval()
+    session = create_session(out / "model.onnx")
+    decoder = DecoderSession(session)
+    ids, mask = held_out_batch(out, torch_models["zero"].config)
+    valid = mask.bool().numpy()
+    feeds = {"input_ids": ids.numpy(), "attention_mask": mask.numpy(),
+             **dict(zip(decoder.past_names, decoder.empty_past(ids.shape[0])))}
+    graph_logits, torch_logits = {}, {}
+    for label, path in files.items():
+        adapter = ort.LoraAdapter()
+        adapter.Load(str(path))
+        options = ort.RunOptions()
+        options.add_active_adapter(adapter)  # switched per run: same session, no reload
+        graph_logits[label] = session.run(["logits"], feeds, options)[0][valid]
+        torch_logits[label] = _prompt_logits(torch_models[label], ids, mask)[valid]
+        np.testing.assert_allclose(graph_logits[label], torch_logits[label], rtol=0, atol=EXACT_MAX_ABS)
+        # greedy decoding with the KV cache, same adapter, batch 2 left padded: identical tokens
+        cfg = torch_models[label].config
+        got = decoder.generate_greedy(ids.numpy(), mask.numpy(), MAX_NEW_TOKENS, eos_token_id=cfg.eos_token_id,
+                                      pad_token_id=cfg.pad_token_id, run_options=options)
+        want = torch_greedy(torch_models[label], ids, mask, MAX_NEW_TOKENS, eos_token_id=cfg.eos_token_id,
+                            pad_token_id=cfg.pad_token_id)
+        np.testing.assert_array_equal(got, want.numpy())
+    # no adapter at all: the rank-0 defaults, i.e. the base model
+    no_adapter = session.run(["logits"], feeds)[0][valid]
+    np.testing.assert_allclose(no_adapter, torch_logits["zero"], rtol=0, atol=EXACT_MAX_ABS)
+    # prove the adapters matter, and differently: otherwise the equalities above would be vacuous
+    assert np.abs(torch_logits["first"] - torch_logits["zero"]).max() > ADAPTER_EFFECT_MIN
+    assert np.abs(torch_logits["second"] - torch_logits["zero"]).max() > ADAPTER_EFFECT_MIN
+    assert np.abs(torch_logits["first"] - torch_logits["second"]).max() > ADAPTER_EFFECT_MIN
+
+
+def test_onnx_adapter_holds_the_exact_ranks(served):
+    import onnxruntime as ort
+
+    out, manifest, _ = served
+    params = ort.AdapterFormat.read_adapter(str(out / ADAPTER_FILE)).get_parameters()
+    assert set(params) == set(manifest.adapter_input_names)
+    for name, rank in manifest.ranks.items():
+        assert params[f"{name}.lora_A"].shape()[1] == rank and params[f"{name}.lora_B"].shape()[0] == rank
+
+
+def test_check_of_an_adapter_inputs_export(served):
+    out, _, _ = served
+    report = check_export(out, max_new_tokens=6, decode_steps=1)
+    assert report.passed, report.failures
+    assert report["graph"].report.tokens_equal
+    assert report["zero-adapter"].passed
