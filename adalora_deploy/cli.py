@@ -66,10 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    # Our own loggers at INFO; libraries (onnxscript's rewriter, torch's exporter, bitsandbytes' optional
+    # kernel notices) only at WARNING, or everything with --verbose. transformers draws its own bars.
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    # bitsandbytes warns about optional CPU kernels on import; transformers draws its own loading bars.
-    logging.getLogger("bitsandbytes").setLevel(logging.DEBUG if args.verbose else logging.ERROR)
+    for name in ("adalora_deploy", "export"):
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.INFO)
+    for name in ("bitsandbytes", "torch.onnx"):  # optional-kernel and optional-torchvision notices
+        logging.getLogger(name).setLevel(logging.DEBUG if args.verbose else logging.ERROR)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 __all__ = ["add_parser"]
@@ -45,12 +46,36 @@ def _print_training(result) -> None:
 
 
 def _run_pipeline(args: argparse.Namespace) -> int:
+    """train -> compact (AdaLoRA and LoRA) -> export merged and separate -> check each under onnxruntime."""
+    from adalora_deploy.compaction import compact_adapter
     from adalora_deploy.config import load_run_config
     from adalora_deploy.training import train
+    from export.api import export_model
+    from export.check import check_export
 
     run = load_run_config(args.config, args.overrides)
     output = Path(args.output or Path("runs") / Path(args.config).stem)
     print("== train")
     result = train(run, output)
     _print_training(result)
+    print("\n== compact")
+    for fmt in ("adalora", "lora"):
+        report = compact_adapter(result.adapter_dir, output / f"adapter-{fmt}", format=fmt)
+        print(f"{fmt:>8}: {report.params_after} of {report.params_before} adapter parameters -> {report.output_dir}")
+    failures = 0
+    for mode in ("merged", "separate"):
+        print(f"\n== export {mode}")
+        export_dir = output / f"onnx-{mode}"
+        manifest = export_model(result.base_model, result.adapter_dir, output=export_dir, mode=mode,
+                                quantization=run.model.quantization, double_quant=run.model.double_quant)
+        print(f"{export_dir}: {manifest.graph_bytes / 1e6:.2f} MB, {manifest.arithmetic}, "
+              f"adapter MatMuls {manifest.adapter_matmuls}")
+        print(f"== check {mode}")
+        check = check_export(export_dir)
+        print(check.format_table())
+        failures += not check.passed
+    if failures:
+        print(f"adalora-deploy pipeline: {failures} export(s) failed their parity check", file=sys.stderr)
+        return 1
+    print(f"\nall stages passed; artifacts in {output}")
     return 0

@@ -349,7 +349,7 @@ def _describe(quantization: str, mode: str, weights: str, serving: bool) -> tupl
             return (text + "; reproduces bnb Linear4bit's fp32 dequantize-then-matmul (training arithmetic)",
                     "exact", "exact")
         if quantization == "gptq":
-            return text + "; reproduces QuantLinear's fp16-rounded dequantized weight in fp32", "exact", "exact"
+            return text + "; reproduces QuantLinear's exact fp32 dequantized weight", "exact", "exact"
         return text + "; reproduces the fp32 adapted model up to summation order", "exact", "exact"
     branch = " + fp32 low-rank branch x·Aᵀ·Bᵀ per module with rank > 0"
     if quantization in ("bnb-nf4", "bnb-fp4"):
@@ -366,9 +366,8 @@ def _describe(quantization: str, mode: str, weights: str, serving: bool) -> tupl
     if quantization == "gptq":
         if serving:
             return "MatMulNBits (GPTQ repacked), accuracy_level 4" + branch + " (lossy)", "lossy", "lossy"
-        return ("MatMulNBits (GPTQ repacked exactly, act-order as a K permutation), accuracy_level 0: fp32 product "
-                "of the dequantized weight (QuantLinear rounds it to fp16 first: lossy tier against it)" + branch,
-                "exact", "lossy")
+        return ("MatMulNBits (GPTQ repacked exactly, act-order as a K permutation), accuracy_level 0: the exact "
+                "fp32 product s·(q - z) that QuantLinear computes with" + branch, "exact", "exact")
     return "fp32 MatMul" + branch, "exact", "exact"
 
 

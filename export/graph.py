@@ -27,6 +27,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -286,7 +287,10 @@ def export_decoder(
     logger.info("exporting %s (%d layers, %d adapter inputs) at opset %d", type(model).__name__,
                 wrapper.num_layers, len(lora_names), opset)
     try:
-        with torch.no_grad():
+        with torch.no_grad(), warnings.catch_warnings():
+            # Each past tensor shares its batch/past_seq axis with the others; torch notes every reuse.
+            warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
             program = torch.onnx.export(
                 wrapper, samples, dynamo=True, opset_version=opset, input_names=input_names,
                 output_names=output_names, dynamic_shapes=dynamic_shapes,
