@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ArtifactError", "atomic_dir", "check_output_dir", "atomic_file", "load_tensors", "read_json", "save_tensors", "write_json"]
+__all__ = ["ArtifactError", "atomic_dir", "check_output_dir", "atomic_file", "load_tensors", "read_json", "read_json_object", "save_tensors", "write_json"]
 
 
 class ArtifactError(ValueError):
@@ -84,6 +84,21 @@ def read_json(path: str | Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ArtifactError(f"{path} is not valid JSON ({error})") from None
+
+
+def read_json_object(folder: str | Path, name: str, what: str) -> dict[str, Any]:
+    """Read ``folder/name`` as a JSON object; one clear error for a missing folder, file or wrong JSON type.
+
+    Args:
+        what: what the folder is, for the message (``"adapter"``, ``"export"``).
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ArtifactError(f"{what} folder not found: {folder}")
+    data = read_json(folder / name)
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{folder / name} must hold a JSON object")
+    return data
 
 
 def save_tensors(path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None) -> None:

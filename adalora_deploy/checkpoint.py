@@ -29,7 +29,15 @@ import torch
 from torch import nn
 
 from adalora_deploy.adapters import AdapterSet, inject_adapters
-from adalora_deploy.artifacts import ArtifactError, atomic_dir, load_tensors, read_json, save_tensors, write_json
+from adalora_deploy.artifacts import (
+    ArtifactError,
+    atomic_dir,
+    load_tensors,
+    read_json,
+    read_json_object,
+    save_tensors,
+    write_json,
+)
 from adalora_deploy.config import AdaLoraConfig, ConfigError
 
 __all__ = [
@@ -81,11 +89,7 @@ def save_adapter(adapters: AdapterSet, config: AdaLoraConfig, folder: str | Path
 def read_adapter(folder: str | Path) -> tuple[AdaLoraConfig, dict[str, list[bool]] | None, dict[str, torch.Tensor]]:
     """Read an AdaLoRA adapter folder (ours or PEFT's): config, rank_pattern and PEFT-keyed tensors."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise ArtifactError(f"adapter folder not found: {folder}")
-    data = read_json(folder / ADAPTER_CONFIG)
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{folder / ADAPTER_CONFIG} must hold a JSON object")
+    data = read_json_object(folder, ADAPTER_CONFIG, "adapter")
     extra = data.get("adalora_deploy", {}).get("config", {}) if isinstance(data.get("adalora_deploy"), dict) else {}
     config, rank_pattern = AdaLoraConfig.from_peft_dict(data)
     if extra:

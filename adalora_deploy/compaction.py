@@ -45,7 +45,7 @@ import torch
 
 from adalora_deploy import functional as F
 from adalora_deploy.adapters import AdapterSet
-from adalora_deploy.artifacts import ArtifactError, atomic_dir, read_json, save_tensors, write_json
+from adalora_deploy.artifacts import ArtifactError, atomic_dir, read_json_object, save_tensors, write_json
 from adalora_deploy.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter
 from adalora_deploy.config import PEFT_COMMON_FIELDS, AdaLoraConfig
 
@@ -251,7 +251,7 @@ def read_compact_adapter(folder: str | Path) -> CompactAdapter:
     """
     folder = Path(folder)
     config, rank_pattern, tensors = read_adapter(folder)
-    data = _read_config_json(folder)
+    data = read_json_object(folder, ADAPTER_CONFIG, "adapter")
     names = sorted({key[len(PEFT_PREFIX):].rsplit(".", 1)[0] for key in tensors
                     if key.startswith(PEFT_PREFIX) and key.endswith((".lora_A", ".lora_E", ".lora_B"))})
     if not names:
@@ -290,11 +290,6 @@ def read_compact_adapter(folder: str | Path) -> CompactAdapter:
     base = data.get("base_model_name_or_path")
     return CompactAdapter(config=config, layers=tuple(layers), fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
                           base_model_name_or_path=base if isinstance(base, str) else None)
-
-
-def _read_config_json(folder: Path) -> dict:
-    data = read_json(folder / ADAPTER_CONFIG)
-    return data if isinstance(data, dict) else {}
 
 
 def _check_not_empty(adapter: CompactAdapter) -> None:

@@ -183,15 +183,10 @@ def read_manifest(export_dir: str | os.PathLike) -> ExportManifest:
     Raises:
         ArtifactError: the folder or its manifest is missing or malformed.
     """
-    from adalora_deploy.artifacts import ArtifactError, read_json
+    from adalora_deploy.artifacts import read_json_object
 
     folder = Path(export_dir)
-    if not folder.is_dir():
-        raise ArtifactError(f"export folder not found: {folder}")
-    data = read_json(folder / MANIFEST_FILE)
-    if not isinstance(data, dict):
-        raise ArtifactError(f"{folder / MANIFEST_FILE} must hold a JSON object")
-    return ExportManifest.from_dict(data, folder)
+    return ExportManifest.from_dict(read_json_object(folder, MANIFEST_FILE, "export"), folder)
 
 
 # --- loading ----------------------------------------------------------------------------------------------
