@@ -72,6 +72,7 @@ __all__ = [
     "read_manifest",
     "resolve_quantization",
     "sha256_file",
+    "write_adapter_file",
     "write_onnx_adapter",
 ]
 
@@ -485,6 +486,50 @@ def write_onnx_adapter(path: str | os.PathLike, factors: Mapping[str, tuple[torc
     with atomic_file(path) as temp:
         adapter.export_adapter(str(temp))
     return path
+
+
+def write_adapter_file(adapter: str | os.PathLike, export_dir: str | os.PathLike, output: str | os.PathLike) -> Path:
+    """Turn any AdaLoRA adapter for the same base into an ``.onnx_adapter`` for an adapter-inputs graph.
+
+    Only the adapter folder is read (no base model): each module's surviving factors become
+    ``<module>.lora_A`` / ``.lora_B``; graph modules the adapter does not adapt (or prunes to rank 0) get
+    rank-0 factors, so their branch adds nothing.
+
+    Raises:
+        ExportError: the export has no adapter inputs, or the adapter adapts a module the graph has no
+            branch for, or a factor's width differs from the graph input's.
+    """
+    import onnx
+
+    from adalora_deploy.compaction import read_compact_adapter
+
+    manifest = read_manifest(export_dir)
+    if not manifest.adapter_inputs:
+        raise ExportError(f"{export_dir} was exported without --adapter-inputs; its adapter is baked into the graph")
+    proto = onnx.load(str(Path(export_dir) / "model.onnx"), load_external_data=False)
+    widths = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in proto.graph.input
+              if i.name in manifest.adapter_input_names}
+    modules = sorted({name.rsplit(".", 1)[0] for name in manifest.adapter_input_names})
+    compact = read_compact_adapter(adapter)
+    extra = [layer.name for layer in compact.layers if layer.name not in modules and layer.rank > 0]
+    if extra:
+        raise ExportError(f"adapter {adapter} adapts {extra[0]}, which has no branch in {export_dir} "
+                          f"({len(extra)} such modules); export a graph whose adapter covers them")
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    by_name = {layer.name: layer for layer in compact.layers}
+    for name in modules:
+        in_features, _ = widths[f"{name}.lora_A"]
+        _, out_features = widths[f"{name}.lora_B"]
+        layer = by_name.get(name)
+        if layer is None or layer.rank == 0:
+            factors[name] = (torch.zeros(0, in_features), torch.zeros(out_features, 0))
+            continue
+        A, B = layer.lora_factors()
+        if (A.shape[1], B.shape[0]) != (in_features, out_features):
+            raise ExportError(f"adapter {adapter}: {name} is {B.shape[0]}x{A.shape[1]}, the graph's branch is "
+                              f"{out_features}x{in_features}: this adapter was trained for another base")
+        factors[name] = (A, B)
+    return write_onnx_adapter(output, factors)
 
 
 def _versions() -> dict[str, str]:

@@ -16,7 +16,7 @@ _QUANTIZATIONS = ("auto", "none", "bnb-nf4", "bnb-fp4", "bnb-int8", "gptq")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``export`` and ``check``."""
+    """Register ``export``, ``check`` and ``adapter-file``."""
     export = subparsers.add_parser(
         "export",
         help="export a base + AdaLoRA adapter as an ONNX decoding graph (merged or separate)",
@@ -42,7 +42,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
                         help="separate mode: adapter factors as graph inputs with a symbolic rank (one graph, many "
                              "adapters) plus adapter.onnx_adapter")
     export.add_argument("--opset", type=int, default=None, help="default-domain opset (default: 20)")
-    export.add_argument("--output", required=True, metavar="DIR", help="export folder (replaced whole)")
+    export.add_argument("--output", required=True, metavar="DIR", help="export folder")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     export.set_defaults(run=run_export)
 
     check = subparsers.add_parser(
@@ -59,13 +60,37 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     check.add_argument("--decode-steps", type=int, default=3, help="incremental steps compared (default: 3)")
     check.add_argument("--provider", choices=("cpu", "cuda", "auto"), default="cpu", help="onnxruntime provider")
     check.set_defaults(run=run_check)
+    _add_adapter_file_parser(subparsers)
+
+
+def _add_adapter_file_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "adapter-file", help="write an .onnx_adapter for an adapter-inputs export from any adapter of the same base",
+        description="Slice an AdaLoRA adapter to its surviving ranks, fold Λ and the scale, and write onnxruntime's "
+                    "AdapterFormat file for a graph exported with --adapter-inputs (switch it per run with "
+                    "onnxruntime.LoraAdapter + RunOptions.add_active_adapter).")
+    parser.add_argument("adapter", metavar="ADAPTER_DIR", help="AdaLoRA adapter folder (ours or PEFT's)")
+    parser.add_argument("--export", required=True, metavar="EXPORT_DIR", help="an export made with --adapter-inputs")
+    parser.add_argument("--output", required=True, metavar="FILE", help="the .onnx_adapter file to write")
+    parser.set_defaults(run=run_adapter_file)
+
+
+def run_adapter_file(args: argparse.Namespace) -> int:
+    """Write the file and say how many modules carry a non-zero branch."""
+    from export.api import write_adapter_file
+
+    path = write_adapter_file(args.adapter, args.export, args.output)
+    print(f"wrote {path} for {args.export}")
+    return 0
 
 
 def run_export(args: argparse.Namespace) -> int:
     """Export and print a one-paragraph summary."""
+    from adalora_deploy.artifacts import check_output_dir
     from export.api import export_model
     from export.graph import DEFAULT_OPSET
 
+    check_output_dir(args.output, args.overwrite)
     manifest = export_model(
         args.base, args.adapter, output=args.output, mode=args.mode, weights=args.weights,
         quantization=args.quantization, double_quant=args.double_quant, adapter_inputs=args.adapter_inputs,

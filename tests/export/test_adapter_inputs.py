@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from adalora_deploy.cli import main
 from export.api import ADAPTER_FILE, adapter_factors, export_model, load_source_model, write_onnx_adapter
 from export.check import ADAPTER_EFFECT_MIN, check_export, held_out_batch
 from export.graph import DecoderWrapper
@@ -22,8 +23,10 @@ def served(export_workspace, tmp_path_factory):
     out = tmp_path_factory.mktemp("adapter-inputs") / "export"
     manifest = export_model(ws.model, ws.adapter, output=out, mode="separate", quantization="none",
                             adapter_inputs=True)
+    # The second adapter goes through the CLI (adapter folder only, no base model loaded).
+    assert main(["adapter-file", str(ws.adapter2), "--export", str(out), "--output",
+                 str(out.parent / "second.onnx_adapter")]) == 0
     second = adapter_factors(load_source_model(ws.model, ws.adapter2, quantization="none"))
-    write_onnx_adapter(out.parent / "second.onnx_adapter", second)
     zeros = {name: (A[:0], B[:, :0]) for name, (A, B) in second.items()}
     write_onnx_adapter(out.parent / "zero.onnx_adapter", zeros)
     files = {"first": out / ADAPTER_FILE, "second": out.parent / "second.onnx_adapter",
@@ -114,3 +117,25 @@ def test_check_of_an_adapter_inputs_export(served):
     assert report.passed, report.failures
     assert report["graph"].report.tokens_equal
     assert report["zero-adapter"].passed
+
+
+def test_adapter_file_refuses_a_baked_graph_and_a_foreign_adapter(served, export_workspace, tmp_path, capsys):
+    out, _, _ = served
+    ws = export_workspace
+    baked = tmp_path / "baked"
+    export_model(ws.model, ws.adapter, output=baked, mode="separate", quantization="none")
+    assert main(["adapter-file", str(ws.adapter2), "--export", str(baked), "--output", str(tmp_path / "x")]) == 2
+    assert "without --adapter-inputs" in capsys.readouterr().err
+    from adalora_deploy import AdaLoraConfig, inject_adapters, save_adapter
+    from adalora_deploy.demo import tiny_llama
+
+    other = tiny_llama(hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64)
+    config = AdaLoraConfig(total_step=4, init_r=4, target_r=2, target_modules=["q_proj", "v_proj"])
+    layers = inject_adapters(other, config)
+    with torch.no_grad():
+        for layer in layers.values():
+            layer.lora_E.fill_(0.5)
+    save_adapter(layers, config, tmp_path / "foreign")
+    assert main(["adapter-file", str(tmp_path / "foreign"), "--export", str(out), "--output", str(tmp_path / "y")]) == 2
+    assert "another base" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
