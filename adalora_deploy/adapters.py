@@ -19,7 +19,7 @@ from adalora_deploy.backends import UnsupportedLayerError, is_supported
 from adalora_deploy.config import DEFAULT_TARGET_MODULES, AdaLoraConfig, ConfigError
 from adalora_deploy.layer import AdaLoraLinear
 
-__all__ = ["AdapterSet", "find_adapters", "inject_adapters", "matches_target", "resolve_target_modules"]
+__all__ = ["AdapterSet", "find_adapters", "inject_adapters", "matches_target", "replace_module", "resolve_target_modules"]
 
 
 def matches_target(name: str, target_modules: list[str] | str) -> bool:
@@ -68,6 +68,15 @@ class AdapterSet(Mapping[str, AdaLoraLinear]):
         return {name: layer.live_rank for name, layer in self.layers.items()}
 
 
+def replace_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put ``new`` at the dotted path ``name`` inside ``root``; returns the module it replaces."""
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    old = getattr(parent, child)
+    setattr(parent, child, new)
+    return old
+
+
 def find_adapters(model: nn.Module) -> AdapterSet:
     """All :class:`AdaLoraLinear` layers in ``model``."""
     return AdapterSet({name: m for name, m in model.named_modules() if isinstance(m, AdaLoraLinear)})
@@ -96,13 +105,11 @@ def inject_adapters(model: nn.Module, config: AdaLoraConfig, seed: int = 0) -> A
     generator = torch.Generator().manual_seed(seed)
     layers = {}
     for name in names:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        base = getattr(parent, child)
         try:
-            layer = AdaLoraLinear(base, config.init_r, config.lora_alpha, config.lora_dropout, generator=generator)
+            layer = AdaLoraLinear(model.get_submodule(name), config.init_r, config.lora_alpha, config.lora_dropout,
+                                  generator=generator)
         except UnsupportedLayerError as error:
             raise UnsupportedLayerError(f"{name}: {error}") from None
-        setattr(parent, child, layer)
+        replace_module(model, name, layer)
         layers[name] = layer
     return AdapterSet(layers)

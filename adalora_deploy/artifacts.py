@@ -18,7 +18,13 @@ from typing import Any
 
 import torch
 
-__all__ = ["ArtifactError", "atomic_dir", "check_output_dir", "atomic_file", "load_tensors", "read_json", "read_json_object", "save_tensors", "write_json"]
+__all__ = ["ArtifactError", "atomic_dir", "TOKENIZER_FILES", "check_output_dir", "copy_tokenizer_files", "atomic_file", "load_tensors", "read_json", "read_json_object", "save_tensors", "write_json"]
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
+                   "chat_template.json", "generation_config.json")
+"""Files of a Hugging Face model folder that describe the tokenizer and generation, copied verbatim."""
 
 
 class ArtifactError(ValueError):
@@ -67,6 +73,15 @@ def check_output_dir(path: str | Path, overwrite: bool) -> Path:
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise ArtifactError(f"--output {path} exists and is not empty (pass --overwrite to replace it)")
     return path
+
+
+def copy_tokenizer_files(source: str | Path, target: str | Path) -> list[str]:
+    """Copy the :data:`TOKENIZER_FILES` that exist in ``source`` and not yet in ``target``; returns their names."""
+    source, target = Path(source), Path(target)
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file() and not (target / name).exists()]
+    for name in copied:
+        shutil.copy2(source / name, target / name)
+    return copied
 
 
 def write_json(path: str | Path, data: Any) -> None:

@@ -10,28 +10,34 @@ __all__ = ["add_parser"]
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    train = subparsers.add_parser("train", help="train an AdaLoRA adapter from a YAML config")
-    train.add_argument("config", help="YAML run config (sections model, adapter, train)")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                       help="override one config value (YAML syntax); repeatable")
-    train.add_argument("--output", default=None, help="output folder (default: runs/<config name>)")
+    train = _add_run_parser(subparsers, "train", "train an AdaLoRA adapter from a YAML config")
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
     train.set_defaults(run=_run_train)
-
-    pipeline = subparsers.add_parser("pipeline", help="train, compact, export and check, end to end")
-    pipeline.add_argument("config", help="YAML run config (sections model, adapter, train)")
-    pipeline.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                          help="override one config value (YAML syntax); repeatable")
-    pipeline.add_argument("--output", default=None, help="output folder (default: runs/<config name>)")
+    pipeline = _add_run_parser(subparsers, "pipeline", "train, compact, export and check, end to end")
     pipeline.set_defaults(run=_run_pipeline)
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def _add_run_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand that runs a YAML run config: CONFIG, --set overrides, --output."""
+    parser = subparsers.add_parser(name, help=help)
+    parser.add_argument("config", help="YAML run config (sections model, adapter, train)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="override one config value (YAML syntax); repeatable")
+    parser.add_argument("--output", default=None, help="output folder (default: runs/<config name>)")
+    return parser
+
+
+def _load_run(args: argparse.Namespace):
+    """The validated run config and the output folder of a run subcommand."""
     from adalora_deploy.config import load_run_config
+
+    return load_run_config(args.config, args.overrides), Path(args.output or Path("runs") / Path(args.config).stem)
+
+
+def _run_train(args: argparse.Namespace) -> int:
     from adalora_deploy.training import train
 
-    run = load_run_config(args.config, args.overrides)
-    output = Path(args.output or Path("runs") / Path(args.config).stem)
+    run, output = _load_run(args)
     result = train(run, output, resume=args.resume)
     _print_training(result)
     return 0
@@ -48,13 +54,11 @@ def _print_training(result) -> None:
 def _run_pipeline(args: argparse.Namespace) -> int:
     """train -> compact (AdaLoRA and LoRA) -> export merged and separate -> check each under onnxruntime."""
     from adalora_deploy.compaction import compact_adapter
-    from adalora_deploy.config import load_run_config
     from adalora_deploy.training import train
     from export.api import export_model
     from export.check import check_export
 
-    run = load_run_config(args.config, args.overrides)
-    output = Path(args.output or Path("runs") / Path(args.config).stem)
+    run, output = _load_run(args)
     print("== train")
     result = train(run, output)
     _print_training(result)

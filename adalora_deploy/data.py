@@ -11,15 +11,28 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["DataError", "BlockBatches", "read_texts", "token_blocks"]
+__all__ = ["BUILTIN_SAMPLE", "DataError", "BlockBatches", "read_texts", "token_blocks"]
 
 
 class DataError(ValueError):
     """A data file is missing, malformed or too short."""
 
 
+BUILTIN_SAMPLE = "builtin:sample"
+"""Names the packaged sample text (:data:`adalora_deploy.demo.SAMPLE_TEXT`) wherever a data file is expected."""
+
+
 def read_texts(path: str | Path) -> list[str]:
-    """Documents of a ``.txt`` file (the whole file is one document) or a ``.jsonl`` file (``"text"`` of each line)."""
+    """Documents of a ``.txt`` file (the whole file is one document) or a ``.jsonl`` file (``"text"`` of each line).
+
+    ``builtin:sample`` reads the packaged sample text.
+    """
+    if str(path).startswith("builtin:"):
+        if str(path) != BUILTIN_SAMPLE:
+            raise DataError(f"unknown builtin data {str(path)!r}; the builtin is {BUILTIN_SAMPLE!r}")
+        from adalora_deploy.demo import SAMPLE_TEXT
+
+        path = SAMPLE_TEXT
     path = Path(path)
     if not path.is_file():
         raise DataError(f"data file not found: {path}")

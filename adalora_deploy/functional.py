@@ -26,7 +26,6 @@ __all__ = [
     "budget_at",
     "element_scores",
     "final_step",
-    "is_final_step",
     "lora_factors",
     "orthogonal_penalty",
     "select_top",
@@ -133,8 +132,9 @@ def budget_at(step: int, *, init_budget: int, target_budget: int, tinit: int, tf
         tinit < t < T - tfinal  : int((b0 - bT) * (1 - (t - tinit) / (T - tfinal - tinit))^3 + bT)
         t >= final step         : bT
 
-    The final step is ``T - tfinal``, or ``T - 1`` when tfinal is 0 (PEFT never reaches ``t == T`` and
-    saves an adapter that is not at the target budget; we end the budget phase on the last step).
+    The final step (:func:`final_step`) is ``T - tfinal``, or ``T - 1`` when tfinal is 0 (PEFT never
+    reaches ``t == T`` and saves an adapter that is not at the target budget; we end the budget phase on
+    the last step).
     ``schedule="linear"`` replaces the cube by the first power (an option, not AdaLoRA's default).
     """
     if schedule not in ("cubic", "linear"):
@@ -151,11 +151,6 @@ def budget_at(step: int, *, init_budget: int, target_budget: int, tinit: int, tf
 def final_step(tfinal: int, total_step: int) -> int:
     """The optimizer step at which the rank pattern is frozen at the target budget."""
     return total_step - max(tfinal, 1)
-
-
-def is_final_step(step: int, *, tfinal: int, total_step: int) -> bool:
-    """Whether ``step`` is the step that applies the final mask (see :func:`budget_at`)."""
-    return step == final_step(tfinal, total_step)
 
 
 def select_top(scores: torch.Tensor, budget: int) -> torch.Tensor:

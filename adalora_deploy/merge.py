@@ -27,7 +27,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,8 +34,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from adalora_deploy.adapters import find_adapters
-from adalora_deploy.artifacts import ArtifactError, atomic_dir
+from adalora_deploy.adapters import find_adapters, replace_module
+from adalora_deploy.artifacts import ArtifactError, atomic_dir, copy_tokenizer_files
 from adalora_deploy.backends import backend_for, is_supported
 from adalora_deploy.layer import AdaLoraLinear
 
@@ -45,7 +44,6 @@ __all__ = [
     "LayerRequantization",
     "MergeReport",
     "RequantizationReport",
-    "TOKENIZER_FILES",
     "logits_error",
     "merge_adapter",
     "merge_into_dense",
@@ -58,10 +56,6 @@ logger = logging.getLogger(__name__)
 
 RequantizeMethod = Literal["gptq", "rtn"]
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-                   "generation_config.json")
-"""Files copied from the base folder next to the merged weights (those that exist)."""
 
 _EVAL_SEQUENCES = 4
 _EVAL_SEQ_LEN = 64
@@ -201,12 +195,6 @@ def _dense_from(base: nn.Module, weight: torch.Tensor, dtype: torch.dtype | None
     return linear
 
 
-def _replace(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 @torch.no_grad()
 def merge_into_dense(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[LayerMerge, ...]:
     """Fold every adapter into its base and dequantize every other quantized linear, in place.
@@ -230,7 +218,7 @@ def merge_into_dense(model: nn.Module, dtype: torch.dtype | None = None) -> tupl
         delta = layer.delta_weight()
         dequantized = layer.backend.dequantize(base).float()
         weight = dequantized + delta.to(dequantized.device)
-        _replace(model, name, _dense_from(base, weight, dtype))
+        replace_module(model, name, _dense_from(base, weight, dtype))
         rows.append(LayerMerge(name=name, base_kind=kind, rank=layer.live_rank,
                                shape=(layer.out_features, layer.in_features),
                                delta_norm=float(torch.linalg.matrix_norm(delta))))
@@ -241,7 +229,7 @@ def merge_into_dense(model: nn.Module, dtype: torch.dtype | None = None) -> tupl
         if backend.kind.startswith("dense"):
             continue
         weight = backend.dequantize(module).float()
-        _replace(model, name, _dense_from(module, weight, dtype))
+        replace_module(model, name, _dense_from(module, weight, dtype))
         rows.append(LayerMerge(name=name, base_kind=backend.describe(module), rank=0,
                                shape=tuple(weight.shape), delta_norm=0.0))
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
@@ -277,20 +265,9 @@ def save_merged_model(model: nn.Module, folder: str | Path, tokenizer_source: st
     folder = Path(folder)
     with atomic_dir(folder) as temp:
         fresh.save_pretrained(temp, safe_serialization=True)
-        _copy_tokenizer(tokenizer_source, temp)
+        if tokenizer_source is not None:
+            copy_tokenizer_files(tokenizer_source, temp)
     return folder
-
-
-def _copy_tokenizer(source: str | Path | None, target: Path) -> None:
-    if source is None:
-        return
-    source = Path(source)
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file() and not (target / name).exists():
-            shutil.copy2(source / name, target / name)
-
-
-# --- re-quantization ----------------------------------------------------------------------------------
 
 
 def weight_sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:
@@ -357,16 +334,6 @@ def requantize_merged(model: nn.Module, calibration: torch.Tensor, *, method: Re
 # --- end to end -------------------------------------------------------------------------------------
 
 
-def _calibration_blocks(path: str | Path | None, tokenizer, seq_len: int, samples: int) -> torch.Tensor:
-    from adalora_deploy.data import token_blocks
-    from adalora_deploy.demo import SAMPLE_TEXT
-
-    source = SAMPLE_TEXT if path in (None, "builtin:sample") else Path(path)
-    if not Path(source).is_file():
-        raise ArtifactError(f"calibration file not found: {source}")
-    return token_blocks(str(source), tokenizer, seq_len)[:samples]
-
-
 def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, quantization: str = "none",
                   requantize: RequantizeMethod | None = None, bits: int = 4, group_size: int = 128,
                   calibration: str | Path | None = None, calibration_seq_len: int = _EVAL_SEQ_LEN,
@@ -399,6 +366,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
     """
     from adalora_deploy.checkpoint import load_adapter
     from adalora_deploy.config import ModelConfig
+    from adalora_deploy.data import BUILTIN_SAMPLE, token_blocks
     from adalora_deploy.models import load_base_model, load_tokenizer
 
     base = Path(base)
@@ -416,11 +384,9 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
             raise ValueError(f"requantize must be 'gptq' or 'rtn', got {requantize!r}")
         model = _plain_copy(model)
         tokenizer = load_tokenizer(str(base))
-        blocks = _calibration_blocks(calibration, tokenizer, calibration_seq_len, calibration_samples)
+        blocks = token_blocks(calibration or BUILTIN_SAMPLE, tokenizer, calibration_seq_len)[:calibration_samples]
         requant = requantize_merged(model, blocks, method=requantize, bits=bits, group_size=group_size)
-        with atomic_dir(output) as temp:
-            save_gptq_model(model, temp, tokenizer_source=base, overwrite=True)
-            _copy_tokenizer(base, temp)
+        save_gptq_model(model, output, tokenizer_source=base, overwrite=True)
         report = MergeReport(output_dir=output, base_quantization=quantization, layers=rows, requantization=requant)
     logger.info("merged %d linears into %s", len(rows), output)
     return report

@@ -125,16 +125,6 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _data_path(value: str) -> str:
-    if value == "builtin:sample":
-        from adalora_deploy.demo import SAMPLE_TEXT
-
-        return str(SAMPLE_TEXT)
-    if value.startswith("builtin:"):
-        raise ConfigError(f"train.data = {value!r}: unknown builtin data; the builtin is 'builtin:sample'")
-    return value
-
-
 def _progress(total: int, initial: int, enabled: bool | None):
     from tqdm.auto import tqdm
 
@@ -169,7 +159,7 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
     _seed_everything(t.seed)
     model_path = materialize(run.model.path, output_dir)
     tokenizer = load_tokenizer(model_path)
-    batches = BlockBatches(token_blocks(_data_path(t.data), tokenizer, t.seq_len), t.batch_size, t.seed)
+    batches = BlockBatches(token_blocks(t.data, tokenizer, t.seq_len), t.batch_size, t.seed)
     model = load_base_model(dataclasses.replace(run.model, path=model_path))
     device = next(model.parameters()).device
     adapters = inject_adapters(model, run.adapter, seed=t.seed)

@@ -45,7 +45,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Literal, Mapping, get_args
@@ -96,9 +95,6 @@ model), external data about 1.3x (+325 MB), which keeps the export within twice 
 SERVING_ACCURACY_LEVEL = 4
 """MatMulNBits accuracy_level of serving graphs: int8 activations (5-8x faster on CPU than level 0, lossy)."""
 
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
-                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
-                    "generation_config.json")
 _ADAPTER_OPS = ("MatMul",)
 
 
@@ -586,7 +582,9 @@ def _write_config(model: nn.Module, folder: Path) -> None:
     config = model.config.to_dict()
     for key in ("quantization_config", "_pre_quantization_dtype"):
         config.pop(key, None)
-    (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    from adalora_deploy.artifacts import write_json
+
+    write_json(folder / "config.json", config)
 
 
 def export_model(
@@ -626,7 +624,7 @@ def export_model(
         ExportError: a bad option combination or a failed export step.
         ArtifactError, AdapterMismatchError: unreadable folders or an adapter for another base.
     """
-    from adalora_deploy.artifacts import atomic_dir, write_json
+    from adalora_deploy.artifacts import atomic_dir, copy_tokenizer_files, write_json
     from export.graph import export_decoder
 
     _validate(mode, weights, serving, adapter_inputs)
@@ -642,9 +640,7 @@ def export_model(
     with atomic_dir(output) as temp:
         result = export_decoder(model, temp, opset=opset, external_data=external_data)
         _write_config(model, temp)
-        for name in _TOKENIZER_FILES:
-            if (base / name).is_file():
-                shutil.copy2(base / name, temp / name)
+        copy_tokenizer_files(base, temp)
         if adapter_inputs:
             _add_default_adapter_inputs(result.model_path, result.adapter_input_names)
             write_onnx_adapter(temp / ADAPTER_FILE, conversion.factors)

@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping
 import torch
 from torch import nn
 
+from adalora_deploy.adapters import replace_module as swap_module
 from export import _contrib  # noqa: F401  (registers the custom ops and schemas)
 
 __all__ = ["Bnb4Linear", "Int8EmulationLinear", "LowRankBranch", "NBitsLinear", "runtime_factors", "swap_module"]
@@ -36,15 +37,6 @@ _NBITS_CPU_BITS = (2, 4, 8)
 """Bit widths onnxruntime's CPU MatMulNBits kernel implements."""
 _MAX_BLOCK = 256
 """Largest block size every onnxruntime >= 1.20 CPU MatMulNBits accepts for all of 2/4/8 bits."""
-
-
-def swap_module(root: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Replace the submodule ``name`` (dotted path) of ``root`` with ``new``; returns the old module."""
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    old = getattr(parent, child)
-    setattr(parent, child, new)
-    return old
 
 
 class LowRankBranch(nn.Module):

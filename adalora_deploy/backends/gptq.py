@@ -25,8 +25,6 @@ import json
 import logging
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -35,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from adalora_deploy.artifacts import atomic_dir, copy_tokenizer_files, save_tensors, write_json
 from adalora_deploy.backends import LinearBackend, register_backend
 
 __all__ = [
@@ -63,19 +62,6 @@ CheckpointFormat = Literal["gptq", "gptq_v2"]
 CHECKPOINT_FORMATS: tuple[str, ...] = ("gptq", "gptq_v2")
 _WEIGHTS_NAME = "model.safetensors"
 _INDEX_NAME = "model.safetensors.index.json"
-# Files of a Hugging Face model folder that describe the tokenizer / generation, copied verbatim.
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "chat_template.jinja",
-    "chat_template.json",
-    "generation_config.json",
-)
 
 
 class GPTQFormatError(ValueError):
@@ -614,7 +600,8 @@ def save_gptq_model(
     Writes ``config.json`` (the model config plus ``quantization_config``) and ``model.safetensors``
     (``<name>.qweight/.qzeros/.scales/.g_idx(/.bias)`` for quantized layers, float tensors for the
     rest), and copies tokenizer files from ``tokenizer_source``. Everything is written into a temporary
-    folder next to ``folder`` and moved into place with ``os.replace``, so no partial folder is left.
+    folder next to ``folder`` and swapped into place whole (:func:`~adalora_deploy.artifacts.atomic_dir`),
+    so no partial folder is left.
 
     Args:
         model: a transformers model (needs ``.config``) with at least one :class:`QuantLinear`.
@@ -630,8 +617,6 @@ def save_gptq_model(
     Raises:
         GPTQFormatError: no quantized layers, mixed settings, v1 with asymmetric layers, or an existing folder.
     """
-    from safetensors.torch import save_file
-
     folder = Path(folder)
     layers = quant_linears(model)
     if not layers:
@@ -657,34 +642,13 @@ def save_gptq_model(
     config_dict = model.config.to_dict()
     config_dict["quantization_config"] = quant_config.to_dict()
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
-        save_file(tensors, str(staging / _WEIGHTS_NAME), metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        if tokenizer_source is not None:
-            source = Path(tokenizer_source)
-            copied = [f for f in _TOKENIZER_FILES if (source / f).is_file()]
-            if not copied:
-                logger.warning("no tokenizer files found in %s", source)
-            for name in copied:
-                shutil.copy2(source / name, staging / name)
-        _move_into_place(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with atomic_dir(folder) as staging:
+        save_tensors(staging / _WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        write_json(staging / "config.json", config_dict)
+        if tokenizer_source is not None and not copy_tokenizer_files(tokenizer_source, staging):
+            logger.warning("no tokenizer files found in %s", tokenizer_source)
     logger.info("wrote %d quantized layers (%s) to %s", len(layers), quant_config, folder)
     return folder
-
-
-def _move_into_place(staging: Path, folder: Path) -> None:
-    if folder.exists() and not (folder.is_dir() and not any(folder.iterdir())):
-        retired = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-        os.replace(folder, retired / folder.name)
-        os.replace(staging, folder)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        os.replace(staging, folder)
 
 
 def read_quant_config(folder: str | Path) -> GPTQQuantConfig:
