@@ -70,6 +70,8 @@ class RankAllocator:
         self.frozen = False
         self.last_step = -1
         self.skipped_steps: list[int] = []
+        self.live = self._count_live()
+        """Triplets alive across all layers; changes only when a mask is selected."""
         self._reset_ema()
 
     def _reset_ema(self) -> None:
@@ -99,17 +101,17 @@ class RankAllocator:
                 logger.warning("step %d: non-finite adapter gradients; importance update skipped", step)
         if self.frozen:
             self._replay()
-            return AllocationStep(step, budget, masked=False, live=self._live(), skipped_update=skipped)
+            return AllocationStep(step, budget, masked=False, live=self.live, skipped_update=skipped)
         if step == self.final_step:
             self._mask_to(self.target_budget)
             self.frozen = True
             self.exp_avg_ipt, self.exp_avg_unc = [], []
-            return AllocationStep(step, self.target_budget, masked=True, live=self._live(), skipped_update=skipped,
+            return AllocationStep(step, self.target_budget, masked=True, live=self.live, skipped_update=skipped,
                                   final=True)
         if step > c.tinit and step % c.deltaT == 0:
             self._mask_to(budget)
-            return AllocationStep(step, budget, masked=True, live=self._live(), skipped_update=skipped)
-        return AllocationStep(step, budget, masked=False, live=self._live(), skipped_update=skipped)
+            return AllocationStep(step, budget, masked=True, live=self.live, skipped_update=skipped)
+        return AllocationStep(step, budget, masked=False, live=self.live, skipped_update=skipped)
 
     def _update_importance(self) -> bool:
         params = self.adapters.parameters()
@@ -137,14 +139,16 @@ class RankAllocator:
         keep = F.select_top(scores.view(-1), budget).view(scores.shape)
         for row, layer in zip(keep, self.adapters.values()):
             layer.apply_mask(row)
+        self.live = budget  # select_top keeps exactly ``budget`` triplets
 
     def _replay(self) -> None:
         for layer in self.adapters.values():
             if not layer.is_compacted:
                 layer.lora_E.masked_fill_(~layer.rank_mask.view(-1, 1), 0.0)
 
-    def _live(self) -> int:
-        return sum(self.adapters.live_ranks().values())
+    def _count_live(self) -> int:
+        # One device sync for all layers (not one .item() per layer).
+        return int(torch.stack([layer.rank_mask.sum() for layer in self.adapters.values()]).sum())
 
     def state_dict(self) -> dict:
         """Everything needed to resume: EMAs, step, frozen flag (the masks live in the layers' buffers)."""
@@ -167,3 +171,4 @@ class RankAllocator:
         self.last_step = int(state["last_step"])
         self.frozen = bool(state["frozen"])
         self.skipped_steps = list(state.get("skipped_steps", []))
+        self.live = self._count_live()
