@@ -29,7 +29,7 @@ from adalora_deploy.backends.gptq import (
     unpack_columns,
     unpack_rows,
 )
-from adalora_deploy.demo import tiny_llama
+from adalora_deploy.demo import byte_tokenizer, tiny_llama
 
 BITS = (2, 3, 4, 8)
 
@@ -481,16 +481,44 @@ def test_gptqmodel_reads_our_checkpoint(tmp_path, sym, monkeypatch):
     from gptqmodel import BACKEND, GPTQModel
 
     model = _quantize_tiny(tiny_llama(), sym=sym, fmt="gptq" if sym else "gptq_v2")
-    folder = save_gptq_model(model, tmp_path / "q")
-    theirs = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu")
+    byte_tokenizer().save_pretrained(tmp_path / "tokenizer")  # gptqmodel loads a tokenizer with the model
+    folder = save_gptq_model(model, tmp_path / "q", tokenizer_source=tmp_path / "tokenizer")
+    # fp16: gptqmodel's auto dtype on CPU is bf16, which would round the fp16 scales before comparing.
+    theirs = GPTQModel.load(str(folder), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
     ours = dict(model.named_modules())
     compared = 0
     for name, module in theirs.model.named_modules():
         if hasattr(module, "qweight") and hasattr(module, "dequantize_weight"):
             mine = ours[name].dequantize_weight(torch.float16).float()
-            weight = module.dequantize_weight().float()
-            weight = weight if weight.shape == mine.shape else weight.t()
+            weight = module.dequantize_weight().float().t()  # gptqmodel returns (in, out), as qweight is laid out
             assert torch.equal(weight, mine), name
+            compared += 1
+    assert compared == 14
+
+
+@pytest.mark.optional
+@pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="gptqmodel is not installed")
+@pytest.mark.parametrize(("sym", "desc_act"), [(True, False), (False, True)])
+def test_we_read_gptqmodels_checkpoint(tmp_path, sym, desc_act, monkeypatch):
+    """Measured with gptqmodel 7.6.0: 14 of 14 layers bit-identical (it writes v1 zeros even when asymmetric)."""
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
+    from gptqmodel import BACKEND, GPTQModel, QuantizeConfig
+
+    from adalora_deploy.demo import SAMPLE_TEXT, write_tiny_llama
+
+    source = write_tiny_llama(tmp_path / "float")
+    calibration = [line for line in SAMPLE_TEXT.read_text(encoding="utf-8").splitlines() if line.strip()][:32]
+    quantizer = GPTQModel.load(str(source), QuantizeConfig(bits=4, group_size=32, sym=sym, desc_act=desc_act),
+                               device="cpu")
+    quantizer.quantize(calibration, batch_size=4)
+    quantizer.save(str(tmp_path / "q"))
+    ours = dict(load_gptq_model(tmp_path / "q").named_modules())
+    theirs = GPTQModel.load(str(tmp_path / "q"), backend=BACKEND.TORCH, device="cpu", dtype=torch.float16)
+    compared = 0
+    for name, module in theirs.model.named_modules():
+        if hasattr(module, "qweight") and hasattr(module, "dequantize_weight"):
+            assert torch.equal(ours[name].dequantize_weight(torch.float16).float(),
+                               module.dequantize_weight().float().t()), name
             compared += 1
     assert compared == 14
 
