@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from adalora_deploy.errors import ArtifactError
+
 __all__ = ["ArtifactError", "atomic_dir", "TOKENIZER_FILES", "check_output_dir", "copy_tokenizer_files", "atomic_file", "load_tensors", "read_json", "read_json_object", "save_tensors", "write_json"]
 
 
@@ -25,10 +27,6 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
 """Files of a Hugging Face model folder that describe the tokenizer and generation, copied verbatim."""
-
-
-class ArtifactError(ValueError):
-    """A file we were asked to read is missing, corrupt or not what it claims to be."""
 
 
 @contextlib.contextmanager

@@ -40,6 +40,8 @@ from adalora_deploy.artifacts import (
 )
 from adalora_deploy.config import AdaLoraConfig, ConfigError
 
+from adalora_deploy.errors import AdapterMismatchError
+
 __all__ = [
     "ADAPTER_CONFIG",
     "ADAPTER_WEIGHTS",
@@ -55,10 +57,6 @@ __all__ = [
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-
-
-class AdapterMismatchError(ValueError):
-    """An adapter does not fit the base model it is applied to."""
 
 
 def adapter_state_dict(adapters: AdapterSet) -> dict[str, torch.Tensor]:

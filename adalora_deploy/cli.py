@@ -20,7 +20,7 @@ _COMMAND_MODULES = (
     "adalora_deploy.commands",
     "adalora_deploy.compaction_commands",
     "adalora_deploy.quantize",
-    "export.commands",
+    "adalora_deploy.export.commands",
 )
 
 
@@ -34,7 +34,7 @@ _USER_ERRORS = (
     ("adalora_deploy.data", "DataError"),
     ("adalora_deploy.quantize", "QuantizationError"),
     ("adalora_deploy.training", "TrainingError"),
-    ("export", "ExportError"),
+    ("adalora_deploy.export", "ExportError"),
 )
 
 

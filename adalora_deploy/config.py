@@ -17,6 +17,8 @@ from typing import Any, Literal, get_args
 
 import yaml
 
+from adalora_deploy.errors import ConfigError
+
 __all__ = [
     "AdaLoraConfig",
     "ConfigError",
@@ -53,10 +55,6 @@ PEFT_COMMON_FIELDS: dict[str, Any] = {
     "revision": None,
 }
 """Fields every PEFT adapter_config.json we write carries with PEFT's own defaults (AdaLoRA and LoRA)."""
-
-
-class ConfigError(ValueError):
-    """A configuration value breaks a rule; the message says field, value, rule and fix."""
 
 
 def _fail(section: str, name: str, value: Any, rule: str, fix: str) -> None:

@@ -11,11 +11,9 @@ from pathlib import Path
 
 import torch
 
+from adalora_deploy.errors import DataError
+
 __all__ = ["BUILTIN_SAMPLE", "DataError", "BlockBatches", "read_texts", "token_blocks"]
-
-
-class DataError(ValueError):
-    """A data file is missing, malformed or too short."""
 
 
 BUILTIN_SAMPLE = "builtin:sample"

@@ -42,6 +42,8 @@ from adalora_deploy.backends.gptq import (
     save_gptq_model,
 )
 
+from adalora_deploy.errors import QuantizationError
+
 __all__ = [
     "LayerQuantization",
     "QuantizationError",
@@ -65,10 +67,6 @@ _MIN_SCALE = torch.finfo(torch.float16).tiny
 turn every value of its group into inf/nan; a group this flat dequantizes to zeros instead."""
 _MAX_SCALE = torch.finfo(torch.float16).max
 """Largest fp16 (65504): a larger scale cannot be stored in the checkpoint."""
-
-
-class QuantizationError(ValueError):
-    """Quantization cannot run on these inputs (bad option, unsupported model, singular Hessian...)."""
 
 
 @dataclass(frozen=True)

@@ -38,6 +38,8 @@ from adalora_deploy.data import BlockBatches, token_blocks
 from adalora_deploy.models import load_base_model, load_tokenizer, materialize
 from adalora_deploy.regularizer import orthogonal_regularizer
 
+from adalora_deploy.errors import TrainingError
+
 __all__ = [
     "AdaLoraCallback",
     "AdaLoraController",
@@ -49,10 +51,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on (a non-finite loss, a checkpoint that does not match the run)."""
 
 
 class AdaLoraController:

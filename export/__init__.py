@@ -6,7 +6,7 @@
 - :mod:`export.runtime`: onnxruntime sessions, ``DecoderSession`` greedy generation, the torch reference.
 - :mod:`export.parity`: per-output metrics, exact/lossy tiers, one report with every failure.
 
-Submodules are imported explicitly (``from export.graph import export_decoder``) so that importing the
+Submodules are imported explicitly (``from .graph import export_decoder``) so that importing the
 package stays cheap.
 
 - :mod:`export.api`: ``export_model`` (the ``export`` command: merged/separate, every base kind, manifest).

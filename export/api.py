@@ -52,7 +52,7 @@ from typing import Any, Iterator, Literal, Mapping, get_args
 import torch
 from torch import nn
 
-from export.graph import DEFAULT_OPSET, ExportError
+from .graph import DEFAULT_OPSET, ExportError
 
 __all__ = [
     "ADAPTER_FILE",
@@ -290,13 +290,13 @@ def _is_gptq(module: nn.Module) -> bool:
 
 def _export_base(module: nn.Module, *, serving: bool) -> nn.Module:
     """The export-friendly twin of one base linear (see the module docstring's table)."""
-    from export.modules import Int8EmulationLinear, NBitsLinear
+    from .modules import Int8EmulationLinear, NBitsLinear
 
     kind = _bnb_class(module)
     if kind == "Linear4bit":
         if serving:
             return NBitsLinear.from_bnb_4bit(module, accuracy_level=SERVING_ACCURACY_LEVEL)
-        from export.modules import Bnb4Linear
+        from .modules import Bnb4Linear
 
         return Bnb4Linear.from_bnb(module)
     if kind == "Linear8bitLt":
@@ -391,7 +391,7 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
         ExportError: an unsupported combination (see :func:`export_model`).
     """
     from adalora_deploy.adapters import find_adapters
-    from export.modules import LowRankBranch, NBitsLinear, swap_module
+    from .modules import LowRankBranch, NBitsLinear, swap_module
 
     _validate(mode, weights, serving, adapter_inputs)
     adapters = find_adapters(model)
@@ -471,7 +471,7 @@ def write_onnx_adapter(path: str | os.PathLike, factors: Mapping[str, tuple[torc
     import onnxruntime as ort
 
     from adalora_deploy.artifacts import atomic_file
-    from export.runtime import adapter_feeds
+    from .runtime import adapter_feeds
 
     arrays = adapter_feeds(factors)
     adapter = ort.AdapterFormat()
@@ -625,7 +625,7 @@ def export_model(
         ArtifactError, AdapterMismatchError: unreadable folders or an adapter for another base.
     """
     from adalora_deploy.artifacts import atomic_dir, copy_tokenizer_files, write_json
-    from export.graph import export_decoder
+    from .graph import export_decoder
 
     _validate(mode, weights, serving, adapter_inputs)
     base, adapter, output = Path(base), Path(adapter), Path(output)
@@ -670,7 +670,7 @@ def export_model(
 def adapters_bypassed(model: nn.Module) -> Iterator[None]:
     """Within the block every :class:`AdaLoraLinear` of ``model`` is replaced by its base layer."""
     from adalora_deploy.adapters import find_adapters
-    from export.modules import swap_module
+    from .modules import swap_module
 
     layers = dict(find_adapters(model).items())
     for name, layer in layers.items():

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from export import _contrib
+from . import contrib
 
 __all__ = ["Linear4bitState", "dequantize_linear4bit", "linear4bit_state", "linear8bit_state"]
 
@@ -86,7 +86,7 @@ def linear4bit_state(layer: nn.Module) -> Linear4bitState:
 def dequantize_linear4bit(layer: nn.Module) -> torch.Tensor:
     """fp32 ``[out, in]`` weight of a quantized ``Linear4bit`` (codebook value times fp32 absmax)."""
     s = linear4bit_state(layer)
-    return _contrib.dequantize_bnb4(s.packed, s.absmax, s.in_features, s.out_features, s.block_size,
+    return contrib.dequantize_bnb4(s.packed, s.absmax, s.in_features, s.out_features, s.block_size,
                                     1 if s.quant_type == "nf4" else 0)
 
 

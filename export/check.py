@@ -29,8 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from export.graph import ExportError
-from export.parity import ParityError, ParityReport
+from .graph import ExportError
+from .parity import ParityError, ParityReport
 
 __all__ = ["ADAPTER_EFFECT_MIN", "CheckReport", "Comparison", "PARITY_FILE", "VacuousCheckError", "check_export"]
 
@@ -168,7 +168,7 @@ def held_out_batch(export_dir: Path, config: Any) -> tuple[torch.Tensor, torch.T
 
 
 def _prompt_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    from export.graph import DecoderWrapper
+    from .graph import DecoderWrapper
 
     wrapper = DecoderWrapper(model).eval()
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -206,9 +206,9 @@ def check_export(
         ArtifactError: a missing or malformed export folder.
     """
     from adalora_deploy.artifacts import ArtifactError, write_json
-    from export.api import adapters_bypassed, convert_for_export, load_source_model, read_manifest
-    from export.parity import compare_outputs, decoder_parity
-    from export.runtime import DecoderSession, create_session, torch_greedy
+    from .api import adapters_bypassed, convert_for_export, load_source_model, read_manifest
+    from .parity import compare_outputs, decoder_parity
+    from .runtime import DecoderSession, create_session, torch_greedy
 
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
@@ -246,7 +246,7 @@ def check_export(
                            max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, factors=factors)
     comparisons.append(Comparison("graph", "the torch twin (same conversion as the export)", graph))
 
-    from export.runtime import adapter_feeds
+    from .runtime import adapter_feeds
 
     feeds = adapter_feeds(factors) if factors else None
     got = decoder.step(ids.numpy(), mask.numpy(), None, feeds)

@@ -77,7 +77,7 @@ def _add_adapter_file_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_adapter_file(args: argparse.Namespace) -> int:
     """Write the file and say how many modules carry a non-zero branch."""
-    from export.api import write_adapter_file
+    from .api import write_adapter_file
 
     path = write_adapter_file(args.adapter, args.export, args.output)
     print(f"wrote {path} for {args.export}")
@@ -87,8 +87,8 @@ def run_adapter_file(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Export and print a one-paragraph summary."""
     from adalora_deploy.artifacts import check_output_dir
-    from export.api import export_model
-    from export.graph import DEFAULT_OPSET
+    from .api import export_model
+    from .graph import DEFAULT_OPSET
 
     check_output_dir(args.output, args.overwrite)
     manifest = export_model(
@@ -107,10 +107,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """Check, print the table; 0 when every comparison meets its tier, else 1."""
-    from export.check import check_export
+    from .check import check_export
 
     if args.max_new_tokens < 1 or args.decode_steps < 0:
-        from export.graph import ExportError
+        from .graph import ExportError
 
         raise ExportError("--max-new-tokens must be >= 1 and --decode-steps >= 0")
     report = check_export(args.export_dir, base=args.base, adapter=args.adapter, decode_steps=args.decode_steps,

@@ -37,8 +37,10 @@ import onnx
 import torch
 from torch import nn
 
-from export._contrib import CUSTOM_TRANSLATION_TABLE
-from export.modules import LowRankBranch
+from .contrib import CUSTOM_TRANSLATION_TABLE
+from .modules import LowRankBranch
+
+from adalora_deploy.errors import ExportError
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -62,10 +64,6 @@ _SAMPLE_BATCH = 2
 _SAMPLE_SEQ = 3
 _SAMPLE_PAST = 5
 _SAMPLE_RANK = 7
-
-
-class ExportError(RuntimeError):
-    """The model could not be exported; the message says which step failed and why."""
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ ONNX node(s) it exports to, so a torch model built from them is the reference fo
 
 Swap them in with :func:`swap_module`; :func:`runtime_factors` feeds adapter-inputs branches in torch.
 
-Quantized matmuls go through the custom ops in :mod:`export._contrib`; export with
-``custom_translation_table=export._contrib.CUSTOM_TRANSLATION_TABLE`` (``export.graph`` does).
+Quantized matmuls go through the custom ops in :mod:`adalora_deploy.export.contrib`; export with
+``custom_translation_table=export.contrib.CUSTOM_TRANSLATION_TABLE`` (``export.graph`` does).
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from adalora_deploy.adapters import replace_module as swap_module
-from export import _contrib  # noqa: F401  (registers the custom ops and schemas)
+from . import contrib  # noqa: F401  (registers the custom ops and schemas)
 
 __all__ = ["Bnb4Linear", "Int8EmulationLinear", "LowRankBranch", "NBitsLinear", "runtime_factors", "swap_module"]
 
@@ -370,7 +370,7 @@ class NBitsLinear(nn.Module):
         Exact for the weight; the activations are not split into outliers as bnb does, so compare with the
         lossy tier (serving default ``accuracy_level`` 4).
         """
-        from export.bnb import linear8bit_state
+        from .bnb import linear8bit_state
 
         cb, scb, _ = linear8bit_state(layer)
         n, k = cb.shape
@@ -385,7 +385,7 @@ class NBitsLinear(nn.Module):
     @classmethod
     def from_bnb_4bit(cls, layer: nn.Module, *, block_size: int = 32, accuracy_level: int = 4) -> NBitsLinear:
         """From a bitsandbytes ``Linear4bit``: dequantize (fp32), then round-to-nearest int4 (lossy)."""
-        from export.bnb import dequantize_linear4bit
+        from .bnb import dequantize_linear4bit
 
         return cls.from_float(dequantize_linear4bit(layer), layer.bias, bits=4, block_size=block_size,
                               accuracy_level=accuracy_level)
@@ -394,7 +394,7 @@ class NBitsLinear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 ``[N, K]`` in the original input-channel order (the perm undone)."""
-        w = _contrib.dequantize_nbits(self.qweight, self.scales, self.zero_points, self.in_features,
+        w = contrib.dequantize_nbits(self.qweight, self.scales, self.zero_points, self.in_features,
                                       self.out_features, self.bits, self.block_size)
         if self.perm is not None:
             w = torch.empty_like(w).index_copy_(1, self.perm, w)
@@ -459,7 +459,7 @@ class Bnb4Linear(nn.Module):
     @classmethod
     def from_bnb(cls, layer: nn.Module) -> Bnb4Linear:
         """From a quantized bitsandbytes ``Linear4bit`` (nf4/fp4, with or without double quant)."""
-        from export.bnb import linear4bit_state
+        from .bnb import linear4bit_state
 
         state = linear4bit_state(layer)
         return cls(state.packed, state.absmax, in_features=state.in_features, out_features=state.out_features,
@@ -467,7 +467,7 @@ class Bnb4Linear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 ``[N, K]``."""
-        return _contrib.dequantize_bnb4(self.packed, self.absmax, self.in_features, self.out_features,
+        return contrib.dequantize_bnb4(self.packed, self.absmax, self.in_features, self.out_features,
                                         self.block_size, 1 if self.quant_type == "nf4" else 0)
 
     # x ──> com.microsoft.MatMulBnb4 ──> [Add(bias)] ──> y
@@ -492,7 +492,7 @@ class Int8EmulationLinear(nn.Module):
         y = (q @ CB.T) * row_stats * SCB / 127**2 + bias + x[:, outlier_cols] @ W[:, outlier_cols].T
 
     ONNX: Cast/Abs/GreaterOrEqual/Where/ReduceMax/Reciprocal/Mul/Round, MatMulInteger, Mul, Add, MatMul (the
-    node diagram is above ``export._contrib._int8_lt_matmul_onnx``). ``127 / row_stats`` is Reciprocal then
+    node diagram is above ``export.contrib._int8_lt_matmul_onnx``). ``127 / row_stats`` is Reciprocal then
     Mul, as torch evaluates it; a Div flips .5 rounding ties. Slow on CPU: for serving, prefer
     :meth:`NBitsLinear.from_bnb_int8`.
     """
@@ -513,18 +513,18 @@ class Int8EmulationLinear(nn.Module):
         scb = scb.float()
         self.register_buffer("cb_t", cb.T.contiguous())
         self.register_buffer("scb", scb.contiguous())
-        self.register_buffer("weight_t", (cb.float() * scb.view(-1, 1) * _contrib.BNB_INV_127).T.contiguous())
+        self.register_buffer("weight_t", (cb.float() * scb.view(-1, 1) * contrib.BNB_INV_127).T.contiguous())
         self.register_buffer("bias", torch.zeros(self.out_features) if bias is None else bias.detach().float().clone())
 
     @classmethod
     def from_bnb(cls, layer: nn.Module) -> Int8EmulationLinear:
         """From a quantized bitsandbytes ``Linear8bitLt`` (CB/SCB and its threshold)."""
-        from export.bnb import linear8bit_state
+        from .bnb import linear8bit_state
 
         cb, scb, threshold = linear8bit_state(layer)
         return cls(cb, scb, threshold=threshold, bias=layer.bias)
 
-    # the node graph is drawn above export._contrib._int8_lt_matmul_onnx
+    # the node graph is drawn above export.contrib._int8_lt_matmul_onnx
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.adalora_export.int8_lt_matmul(x, self.cb_t, self.scb, self.weight_t, self.bias, self.threshold)
 

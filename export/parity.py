@@ -22,7 +22,9 @@ import numpy as np
 import torch
 
 if TYPE_CHECKING:
-    from export.runtime import DecoderSession
+    from .runtime import DecoderSession
+
+from adalora_deploy.errors import ParityError
 
 __all__ = [
     "EXACT_MAX_ABS",
@@ -49,10 +51,6 @@ LOSSY_MIN_TOP1 = 0.9
 """Fraction of valid positions whose argmax agrees, lossy tier."""
 LOSSY_MAX_KL = 0.05
 """Mean KL(torch || onnx) over valid positions in nats, lossy tier."""
-
-
-class ParityError(AssertionError):
-    """One or more parity checks failed; the message lists every failure."""
 
 
 @dataclass(frozen=True)
@@ -251,9 +249,9 @@ def decoder_parity(
     """
     import contextlib
 
-    from export.graph import DecoderWrapper, adapter_input_names
-    from export.modules import runtime_factors
-    from export.runtime import adapter_feeds, torch_greedy
+    from .graph import DecoderWrapper, adapter_input_names
+    from .modules import runtime_factors
+    from .runtime import adapter_feeds, torch_greedy
 
     wrapper = DecoderWrapper(model).eval()
     feeds = adapter_feeds(factors) if factors else None

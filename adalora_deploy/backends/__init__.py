@@ -21,11 +21,9 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from adalora_deploy.errors import UnsupportedLayerError
+
 __all__ = ["LinearBackend", "UnsupportedLayerError", "backend_for", "is_supported", "register_backend"]
-
-
-class UnsupportedLayerError(TypeError):
-    """A target module is not a linear layer of a kind we can adapt."""
 
 
 class LinearBackend(abc.ABC):

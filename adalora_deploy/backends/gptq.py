@@ -36,6 +36,8 @@ from torch import nn
 from adalora_deploy.artifacts import atomic_dir, copy_tokenizer_files, save_tensors, write_json
 from adalora_deploy.backends import LinearBackend, register_backend
 
+from adalora_deploy.errors import GPTQFormatError
+
 __all__ = [
     "CHECKPOINT_FORMATS",
     "SUPPORTED_BITS",
@@ -62,10 +64,6 @@ CheckpointFormat = Literal["gptq", "gptq_v2"]
 CHECKPOINT_FORMATS: tuple[str, ...] = ("gptq", "gptq_v2")
 _WEIGHTS_NAME = "model.safetensors"
 _INDEX_NAME = "model.safetensors.index.json"
-
-
-class GPTQFormatError(ValueError):
-    """A GPTQ checkpoint or packing request is malformed (names the file, key or argument)."""
 
 
 # ---------------------------------------------------------------------------------------------------

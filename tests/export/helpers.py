@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 import torch
 
-from export._contrib import CUSTOM_TRANSLATION_TABLE
-from export.runtime import create_session
+from adalora_deploy.export.contrib import CUSTOM_TRANSLATION_TABLE
+from adalora_deploy.export.runtime import create_session
 
 OPSET = 20
 

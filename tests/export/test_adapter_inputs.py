@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from adalora_deploy.cli import main
-from export.api import ADAPTER_FILE, adapter_factors, export_model, load_source_model, write_onnx_adapter
-from export.check import ADAPTER_EFFECT_MIN, check_export, held_out_batch
-from export.graph import DecoderWrapper
-from export.parity import EXACT_MAX_ABS
-from export.runtime import DecoderSession, create_session, torch_greedy
+from adalora_deploy.export.api import ADAPTER_FILE, adapter_factors, export_model, load_source_model, write_onnx_adapter
+from adalora_deploy.export.check import ADAPTER_EFFECT_MIN, check_export, held_out_batch
+from adalora_deploy.export.graph import DecoderWrapper
+from adalora_deploy.export.parity import EXACT_MAX_ABS
+from adalora_deploy.export.runtime import DecoderSession, create_session, torch_greedy
 
 MAX_NEW_TOKENS = 8
 

@@ -8,9 +8,9 @@ import onnx
 import pytest
 
 from adalora_deploy.cli import main
-from export.api import MANIFEST_FILE, export_model, load_source_model, read_manifest, sha256_file
-from export.check import ADAPTER_EFFECT_MIN, PARITY_FILE, check_export, held_out_batch
-from export.parity import EXACT_MAX_ABS
+from adalora_deploy.export.api import MANIFEST_FILE, export_model, load_source_model, read_manifest, sha256_file
+from adalora_deploy.export.check import ADAPTER_EFFECT_MIN, PARITY_FILE, check_export, held_out_batch
+from adalora_deploy.export.parity import EXACT_MAX_ABS
 
 BRANCH_BYTES_PER_RANK = 4
 """fp32 bytes per factor entry: a rank-r branch on a [out, in] linear stores r * (in + out) of them."""

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from adalora_deploy.demo import tiny_llama
-from export.graph import ExportError, export_decoder
-from export.parity import EXACT_MAX_ABS, decoder_parity
-from export.runtime import DecoderSession, create_session
+from adalora_deploy.export.graph import ExportError, export_decoder
+from adalora_deploy.export.parity import EXACT_MAX_ABS, decoder_parity
+from adalora_deploy.export.runtime import DecoderSession, create_session
 
 EOS, PAD = 257, 258
 PADDING_ATOL = 1e-5

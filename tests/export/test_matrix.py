@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import pytest
 
-from export.api import export_model
-from export.check import ADAPTER_EFFECT_MIN, check_export
-from export.parity import EXACT_MAX_ABS
+from adalora_deploy.export.api import export_model
+from adalora_deploy.export.check import ADAPTER_EFFECT_MIN, check_export
+from adalora_deploy.export.parity import EXACT_MAX_ABS
 
 pytestmark = pytest.mark.slow
 

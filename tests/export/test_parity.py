@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from export.parity import (
+from adalora_deploy.export.parity import (
     EXACT_MAX_ABS,
     LOSSY_MIN_COSINE,
     ParityError,

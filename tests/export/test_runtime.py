@@ -8,7 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from export.runtime import create_session
+from adalora_deploy.export.runtime import create_session
 
 K, N, BLOCK = 128, 64, 32
 FUSED_ACC4_MIN_ERROR = 1e-3
