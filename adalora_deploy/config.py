@@ -22,6 +22,7 @@ from adalora_deploy.errors import ConfigError
 __all__ = [
     "AdaLoraConfig",
     "ConfigError",
+    "QUANTIZATIONS",
     "ModelConfig",
     "RunConfig",
     "TrainConfig",
@@ -32,6 +33,8 @@ __all__ = [
 
 QuantizationKind = Literal["none", "bnb-nf4", "bnb-fp4", "bnb-int8", "gptq"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
+QUANTIZATIONS: tuple[str, ...] = get_args(QuantizationKind)
+"""Every ``model.quantization`` a base can be loaded as."""
 
 # PEFT's defaults per model_type (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING) for the families we test.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {

@@ -13,7 +13,7 @@
                                        safetensors + tokenizer files, written to a temporary folder and
                                        swapped into place
                          │ (optional)
-                    re-quantize the merged float model with RTN or GPTQ (:mod:`adalora_deploy.quantize`)
+                    re-quantize the merged float model with RTN or GPTQ (:mod:`adalora_deploy.gptq`)
                     and report what that costs: weight SQNR per layer, logits max-abs / cosine
 
 PEFT refuses to merge into bnb or GPTQ bases (peft#959); here the base's own backend dequantizes the
@@ -89,7 +89,7 @@ class LayerRequantization:
         sqnr_db: weight SQNR, ``10 log10(||W||^2 / ||W - Wq||^2)`` of the merged float weight W and its
             re-quantized Wq.
         output_sqnr_db: the layer's output SQNR on the calibration activations (what GPTQ minimizes;
-            from :class:`adalora_deploy.quantize.LayerQuantization`).
+            from :class:`adalora_deploy.gptq.driver.LayerQuantization`).
     """
 
     name: str
@@ -306,9 +306,9 @@ def requantize_merged(model: nn.Module, calibration: torch.Tensor, *, method: Re
         Weight SQNR per re-quantized linear and logits max-abs / min cosine against the float model.
 
     Raises:
-        QuantizationError: bad settings or an unsupported model (from :mod:`adalora_deploy.quantize`).
+        QuantizationError: bad settings or an unsupported model (from :mod:`adalora_deploy.gptq`).
     """
-    from adalora_deploy.quantize import quantize_model
+    from adalora_deploy.gptq.driver import quantize_model
 
     if evaluation is None:
         evaluation = calibration[:_EVAL_SEQUENCES]
@@ -378,7 +378,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
         save_merged_model(model, output, tokenizer_source=base)
         report = MergeReport(output_dir=output, base_quantization=quantization, layers=rows)
     else:
-        from adalora_deploy.backends.gptq import save_gptq_model
+        from adalora_deploy.gptq.checkpoint import save_gptq_model
 
         if requantize not in ("gptq", "rtn"):
             raise ValueError(f"requantize must be 'gptq' or 'rtn', got {requantize!r}")

@@ -72,7 +72,7 @@ def load_base_model(config: ModelConfig) -> torch.nn.Module:
     device = resolve_device(config.device)
     dtype = _DTYPES[config.dtype]
     if config.quantization == "gptq":
-        from adalora_deploy.backends.gptq import load_gptq_model
+        from adalora_deploy.gptq.checkpoint import load_gptq_model
 
         model = load_gptq_model(folder, dtype=dtype, device=device)
     else:

@@ -21,7 +21,8 @@ import warnings
 import torch
 from torch import nn
 
-from adalora_deploy.quantize import HessianAccumulator, gptq_quantize, relative_output_error, rtn_quantize
+from adalora_deploy.gptq.solver import HessianAccumulator, gptq_quantize, rtn_quantize
+from adalora_deploy.metrics import relative_output_error
 
 DEFAULT_SIZES = "576x576,576x1536,2048x2048,4096x4096"
 TOKENS = 128

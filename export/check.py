@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from .graph import ExportError
-from .parity import ParityError, ParityReport
+from adalora_deploy.errors import ExportError, VacuousCheckError
+
+from .parity import ParityReport
 
 __all__ = ["ADAPTER_EFFECT_MIN", "CheckReport", "Comparison", "PARITY_FILE", "VacuousCheckError", "check_export"]
 
@@ -45,13 +46,6 @@ HELD_OUT_PROMPTS = (
     "A quiet index of",
 )
 """Held-out prompts (not in the packaged training text); the second is shorter, so the batch is left padded."""
-
-
-class VacuousCheckError(ParityError, ExportError):
-    """The adapter does not change the torch model's output: a parity check would prove nothing.
-
-    Also an :class:`~export.graph.ExportError`, so the CLI reports it in one line with exit status 2.
-    """
 
 
 @dataclass(frozen=True)

@@ -94,8 +94,8 @@ EDGE_MASKS = {0: [False] * INIT_R, 1: [True] * INIT_R}
 @pytest.fixture(scope="module")
 def gptq_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     """The tiny Llama quantized with RTN 4-bit, group 32, saved as a GPTQ checkpoint."""
-    from adalora_deploy.backends.gptq import save_gptq_model
-    from adalora_deploy.quantize import quantize_model
+    from adalora_deploy.gptq.checkpoint import save_gptq_model
+    from adalora_deploy.gptq.driver import quantize_model
 
     model = load_base_model(ModelConfig(path=str(tiny_model_dir), device="cpu"))
     quantize_model(model, random_tokens(batch=4, length=32), method="rtn", bits=4, group_size=32)

@@ -9,19 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from adalora_deploy.artifacts import ArtifactError
-from adalora_deploy.backends.gptq import QuantLinear, load_gptq_model
+from adalora_deploy.backends.gptq import QuantLinear
+from adalora_deploy.gptq.checkpoint import load_gptq_model
 from adalora_deploy.data import token_blocks
 from adalora_deploy.demo import SAMPLE_TEXT, byte_tokenizer, tiny_llama, write_tiny_llama
-from adalora_deploy.quantize import (
-    HessianAccumulator,
-    QuantizationError,
-    QuantizationReport,
-    add_parser,
-    gptq_quantize,
-    quantize_model,
-    relative_output_error,
-    rtn_quantize,
-)
+from adalora_deploy.cli.quantize import register
+from adalora_deploy.errors import QuantizationError
+from adalora_deploy.gptq.driver import QuantizationReport, quantize_model
+from adalora_deploy.gptq.solver import HessianAccumulator, gptq_quantize, rtn_quantize
+from adalora_deploy.metrics import relative_output_error
 
 GPTQ_VS_RTN_MAX_RATIO = 0.3
 """GPTQ's output error over RTN's on correlated inputs (4-bit sym, group 32). Measured 0.14-0.18 over
@@ -218,7 +214,7 @@ def test_quantize_model_rejects_bad_input(calibration):
 
 def _parse(argv):
     parser = argparse.ArgumentParser(prog="adalora-deploy")
-    add_parser(parser.add_subparsers(dest="command"))
+    register(parser.add_subparsers(dest="command"))
     return parser.parse_args(argv)
 
 

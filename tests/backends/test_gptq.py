@@ -18,17 +18,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from adalora_deploy.backends import backend_for
-from adalora_deploy.backends.gptq import (
-    GPTQBackend,
-    GPTQFormatError,
-    QuantLinear,
-    load_gptq_model,
-    pack_columns,
-    pack_rows,
-    save_gptq_model,
-    unpack_columns,
-    unpack_rows,
-)
+from adalora_deploy.backends.gptq import GPTQBackend, QuantLinear
+from adalora_deploy.errors import GPTQFormatError
+from adalora_deploy.gptq.checkpoint import load_gptq_model, save_gptq_model
+from adalora_deploy.gptq.packing import pack_columns, pack_rows, unpack_columns, unpack_rows
 from adalora_deploy.demo import byte_tokenizer, tiny_llama
 
 BITS = (2, 3, 4, 8)
@@ -556,7 +549,7 @@ def test_we_read_gptqmodels_checkpoint(tmp_path, sym, desc_act, monkeypatch):
     ],
 )
 def test_quantization_config_errors(entry, message):
-    from adalora_deploy.backends.gptq import GPTQQuantConfig
+    from adalora_deploy.gptq.checkpoint import GPTQQuantConfig
 
     with pytest.raises(GPTQFormatError, match=message):
         GPTQQuantConfig.from_dict(entry, where="config.json: quantization_config")

@@ -1,6 +1,6 @@
 """The ``export`` and ``check`` subcommands (registered by :mod:`adalora_deploy.cli`).
 
-``export`` and ``check`` raise :class:`export.graph.ExportError` / :class:`export.parity.ParityError` (and the
+``export`` and ``check`` raise :class:`~adalora_deploy.errors.ExportError` (and the
 library's ArtifactError, AdapterMismatchError...) for user errors: the CLI prints one line and exits 2.
 A check that runs but misses its tier prints the table and exits 1.
 """
@@ -10,12 +10,13 @@ from __future__ import annotations
 import argparse
 import sys
 
-__all__ = ["add_parser", "run_check", "run_export"]
+from adalora_deploy.config import QUANTIZATIONS
 
-_QUANTIZATIONS = ("auto", "none", "bnb-nf4", "bnb-fp4", "bnb-int8", "gptq")
+__all__ = ["register", "run_adapter_file", "run_check", "run_export"]
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Register ``export``, ``check`` and ``adapter-file``."""
     export = subparsers.add_parser(
         "export",
@@ -33,7 +34,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--serving", action="store_true",
                         help="separate mode: fast lossy kernels (MatMulNBits accuracy_level 4 for GPTQ, NF4/FP4 as "
                              "int4, LLM.int8 as 8-bit) instead of the exact MatMulBnb4 / LLM.int8 emulation")
-    export.add_argument("--quantization", choices=_QUANTIZATIONS, default="auto",
+    export.add_argument("--quantization", choices=("auto", *QUANTIZATIONS), default="auto",
                         help="how to load the base (default auto: GPTQ folders are detected, else the training "
                              "run's run.json beside the adapter, else none)")
     export.add_argument("--double-quant", action="store_true", default=None,
@@ -77,7 +78,7 @@ def _add_adapter_file_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_adapter_file(args: argparse.Namespace) -> int:
     """Write the file and say how many modules carry a non-zero branch."""
-    from .api import write_adapter_file
+    from adalora_deploy.export.api import write_adapter_file
 
     path = write_adapter_file(args.adapter, args.export, args.output)
     print(f"wrote {path} for {args.export}")
@@ -87,8 +88,8 @@ def run_adapter_file(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     """Export and print a one-paragraph summary."""
     from adalora_deploy.artifacts import check_output_dir
-    from .api import export_model
-    from .graph import DEFAULT_OPSET
+    from adalora_deploy.export.api import export_model
+    from adalora_deploy.export.graph import DEFAULT_OPSET
 
     check_output_dir(args.output, args.overwrite)
     manifest = export_model(
@@ -107,10 +108,10 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """Check, print the table; 0 when every comparison meets its tier, else 1."""
-    from .check import check_export
+    from adalora_deploy.export.check import check_export
 
     if args.max_new_tokens < 1 or args.decode_steps < 0:
-        from .graph import ExportError
+        from adalora_deploy.errors import ExportError
 
         raise ExportError("--max-new-tokens must be >= 1 and --decode-steps >= 0")
     report = check_export(args.export_dir, base=args.base, adapter=args.adapter, decode_steps=args.decode_steps,

@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["add_parser", "run_compact", "run_merge"]
+from adalora_deploy.config import QUANTIZATIONS
 
-_QUANTIZATIONS = ("none", "bnb-nf4", "bnb-fp4", "bnb-int8", "gptq")
+__all__ = ["register", "run_compact", "run_merge"]
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Register ``compact`` and ``merge``."""
     compact = subparsers.add_parser(
         "compact", help="slice a trained AdaLoRA adapter to its surviving ranks (AdaLoRA or LoRA format)",
@@ -43,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--base", required=True, metavar="MODEL_DIR", help="base model folder the adapter was trained on")
     merge.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="AdaLoRA adapter folder")
     merge.add_argument("--output", required=True, metavar="DIR", help="merged model folder")
-    merge.add_argument("--quantization", choices=_QUANTIZATIONS, default="none",
+    merge.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                        help="how the base is loaded (as during training; default: none)")
     merge.add_argument("--requantize", choices=("gptq", "rtn"), default=None,
                        help="re-quantize the merged weights and write a GPTQ checkpoint")
@@ -75,8 +76,8 @@ def run_merge(args: argparse.Namespace) -> int:
     """``adalora-deploy merge``: merge, optionally re-quantize, print the per-layer table."""
     from adalora_deploy.artifacts import ArtifactError, check_output_dir
     from adalora_deploy.compaction import compaction_report, read_compact_adapter
+    from adalora_deploy.errors import QuantizationError
     from adalora_deploy.merge import merge_adapter
-    from adalora_deploy.quantize import QuantizationError
 
     if args.requantize is None and (args.calibration is not None):
         raise QuantizationError("--calibration only applies with --requantize gptq|rtn")

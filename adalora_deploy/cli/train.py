@@ -1,4 +1,4 @@
-"""Subcommands of the core: ``train``."""
+"""``adalora-deploy train`` and ``pipeline``: run a YAML run config."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["add_parser"]
+__all__ = ["register", "run_pipeline", "run_train"]
 
 
-def add_parser(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``train`` and ``pipeline``."""
     train = _add_run_parser(subparsers, "train", "train an AdaLoRA adapter from a YAML config")
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
-    train.set_defaults(run=_run_train)
+    train.set_defaults(run=run_train)
     pipeline = _add_run_parser(subparsers, "pipeline", "train, compact, export and check, end to end")
-    pipeline.set_defaults(run=_run_pipeline)
+    pipeline.set_defaults(run=run_pipeline)
 
 
 def _add_run_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -34,7 +35,7 @@ def _load_run(args: argparse.Namespace):
     return load_run_config(args.config, args.overrides), Path(args.output or Path("runs") / Path(args.config).stem)
 
 
-def _run_train(args: argparse.Namespace) -> int:
+def run_train(args: argparse.Namespace) -> int:
     from adalora_deploy.training import train
 
     run, output = _load_run(args)
@@ -51,7 +52,7 @@ def _print_training(result) -> None:
     print(f"adapter: {result.adapter_dir}  (PEFT AdaLoRA format)")
 
 
-def _run_pipeline(args: argparse.Namespace) -> int:
+def run_pipeline(args: argparse.Namespace) -> int:
     """train -> compact (AdaLoRA and LoRA) -> export merged and separate -> check each under onnxruntime."""
     from adalora_deploy.compaction import compact_adapter
     from adalora_deploy.training import train

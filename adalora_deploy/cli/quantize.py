@@ -1,0 +1,111 @@
+"""``adalora-deploy quantize``: a float model folder to a GPTQ checkpoint (GPTQ solver or round-to-nearest)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from adalora_deploy.gptq import SUPPORTED_BITS
+
+__all__ = ["register", "run_quantize"]
+
+logger = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``quantize``."""
+    parser = subparsers.add_parser(
+        "quantize",
+        help="quantize a float model folder to a GPTQ checkpoint (GPTQ or round-to-nearest)",
+        description="Quantize the linears of a local Hugging Face causal-LM folder and write a GPTQ checkpoint.",
+    )
+    parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder (float weights)")
+    parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="solver (default: gptq)")
+    parser.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4, help="bits per weight (default: 4)")
+    parser.add_argument(
+        "--group-size", type=int, default=128, help="input channels per group, -1 for one (default: 128)"
+    )
+    sym = parser.add_mutually_exclusive_group()
+    sym.add_argument("--sym", dest="sym", action="store_true", default=True, help="symmetric grid (default)")
+    sym.add_argument("--asym", dest="sym", action="store_false", help="asymmetric grid (written as gptq_v2)")
+    parser.add_argument(
+        "--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal"
+    )
+    parser.add_argument("--calibration", required=True, metavar="FILE", help="calibration text (.txt or .jsonl)")
+    parser.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample (default: 128)")
+    parser.add_argument("--samples", type=int, default=128, help="calibration samples, at most (default: 128)")
+    parser.add_argument(
+        "--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default: 0.01)"
+    )
+    parser.add_argument("--output", required=True, metavar="DIR", help="output GPTQ model folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    parser.set_defaults(run=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    """Quantize ``args.model_dir`` and write ``args.output``; prints the per-layer error table.
+
+    Raises:
+        QuantizationError: bad options or an unreadable model folder (the caller maps it to exit 2).
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adalora_deploy.artifacts import check_output_dir
+    from adalora_deploy.data import token_blocks
+    from adalora_deploy.errors import GPTQFormatError, QuantizationError
+    from adalora_deploy.gptq.checkpoint import save_gptq_model
+    from adalora_deploy.gptq.driver import quantize_model
+
+    model_dir = Path(args.model_dir)
+    output = Path(args.output)
+    if not (model_dir / "config.json").is_file():
+        raise QuantizationError(f"MODEL_DIR {model_dir}: no config.json (expected a local Hugging Face model folder)")
+    if args.samples < 1:
+        raise QuantizationError(f"--samples must be >= 1, got {args.samples}")
+    if args.group_size != -1 and args.group_size < 1:
+        raise QuantizationError(f"--group-size must be -1 or >= 1, got {args.group_size}")
+    if args.desc_act and args.method == "rtn":
+        raise QuantizationError("--desc-act only applies to --method gptq")
+    check_output_dir(output, args.overwrite)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
+    except (OSError, ValueError) as error:
+        raise QuantizationError(f"MODEL_DIR {model_dir}: cannot load model/tokenizer ({error})") from None
+    blocks = token_blocks(args.calibration, tokenizer, args.seq_len)
+    if blocks.shape[0] < args.samples:
+        logger.warning(
+            "%s gives %d samples of %d tokens, fewer than --samples %d; using all",
+            args.calibration,
+            blocks.shape[0],
+            args.seq_len,
+            args.samples,
+        )
+    blocks = blocks[: args.samples]
+    report = quantize_model(
+        model,
+        blocks,
+        method=args.method,
+        bits=args.bits,
+        group_size=args.group_size,
+        sym=args.sym,
+        desc_act=args.desc_act,
+        percdamp=args.percdamp,
+        progress=sys.stderr.isatty(),
+    )
+    try:
+        save_gptq_model(model, output, tokenizer_source=model_dir, overwrite=args.overwrite)
+    except GPTQFormatError as error:
+        raise QuantizationError(str(error)) from None
+    group = "all" if args.group_size == -1 else args.group_size
+    print(
+        f"{args.method} {args.bits}-bit, group {group}, {'sym' if args.sym else 'asym'}"
+        f"{', act-order' if args.desc_act else ''}; {report.num_samples} samples x {report.seq_len} tokens; "
+        f"{report.seconds:.1f} s"
+    )
+    print(report.format_table())
+    print(f"worst SQNR {report.worst_sqnr_db:.2f} dB; wrote {output}")
+    return 0

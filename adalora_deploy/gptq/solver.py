@@ -1,0 +1,301 @@
+"""Quantizing one weight: round-to-nearest and the GPTQ solver (the one place their arithmetic is written).
+
+GPTQ (Frantar et al., "GPTQ: Accurate Post-Training Quantization for Generative Pre-trained
+Transformers", arXiv:2210.17323, Algorithm 1) quantizes the columns of ``W (out, in)`` left to right
+and spreads each column's rounding error over the columns not yet quantized, weighted by the inverse
+Hessian of the layer's squared output error::
+
+    H = 2 X^T X / N           X (N tokens, in): the layer's calibration inputs
+    H += percdamp * mean(diag H) * I
+    U = chol(H^-1)^T          upper triangular
+    for column j:  q_j = quant(w_j);  e = (w_j - q_j) / U[j, j];  w_{j+1:} -= e U[j, j+1:]
+
+Errors inside a block of ``block_size`` columns are applied immediately; the block's accumulated error
+reaches the remaining columns with one matmul (the "lazy batch" update of Section 4).
+
+Both return a :class:`QuantizedWeight` (integers, scales, zeros, g_idx), which packs into a GPTQ
+:class:`~adalora_deploy.backends.gptq.QuantLinear` or an onnxruntime MatMulNBits layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from adalora_deploy.errors import QuantizationError
+from adalora_deploy.gptq.packing import SUPPORTED_BITS, default_g_idx
+
+__all__ = ["HessianAccumulator", "QuantizedWeight", "check_settings", "gptq_quantize", "rtn_quantize"]
+
+_MIN_SCALE = torch.finfo(torch.float16).tiny
+"""Smallest normal fp16 (6.1e-5): scales are stored in fp16, and a scale that underflows to 0 would
+turn every value of its group into inf/nan; a group this flat dequantizes to zeros instead."""
+_MAX_SCALE = torch.finfo(torch.float16).max
+"""Largest fp16 (65504): a larger scale cannot be stored in the checkpoint."""
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """Quantized integers and their grid for one weight ``(out, in)``, ready to pack.
+
+    Attributes:
+        q: int32 ``(out, in)`` values in ``[0, 2**bits)``, columns in the original order.
+        scales: float32 ``(G, out)``, already rounded to fp16.
+        zeros: int32 ``(G, out)`` zero points.
+        g_idx: int32 ``(in,)`` group of each input channel.
+        bits, group_size, sym, desc_act: the settings that produced them.
+    """
+
+    q: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+    group_size: int
+    sym: bool
+    desc_act: bool
+
+    def to_module(self, bias: torch.Tensor | None = None, checkpoint_format: str = "gptq_v2"):
+        """Pack into a :class:`~adalora_deploy.backends.gptq.QuantLinear`."""
+        from adalora_deploy.backends.gptq import QuantLinear
+
+        return QuantLinear.from_quantized(
+            self.q,
+            self.scales,
+            self.zeros,
+            self.g_idx,
+            bits=self.bits,
+            group_size=self.group_size,
+            sym=self.sym,
+            desc_act=self.desc_act,
+            bias=bias,
+            checkpoint_format=checkpoint_format,
+        )
+
+    def dequantize(self) -> torch.Tensor:
+        """float32 ``(out, in)``, the exact product :class:`QuantLinear` computes with."""
+        g = self.g_idx.long()
+        return self.scales.float().t()[:, g] * (self.q - self.zeros.t()[:, g]).float()
+
+
+def check_settings(bits: int, group_size: int) -> None:
+    """Raise :class:`QuantizationError` for unsupported bits or a group size that is neither -1 nor >= 1."""
+    if bits not in SUPPORTED_BITS:
+        raise QuantizationError(f"bits must be one of {SUPPORTED_BITS}, got {bits}")
+    if group_size != -1 and group_size < 1:
+        raise QuantizationError(f"group_size must be -1 (one group) or >= 1, got {group_size}")
+
+
+def _grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row scale and zero of ``x (out, k)`` (GPTQ's ``Quantizer.find_params``; the range includes 0).
+
+    sym: ``scale = 2 max|x| / maxq``, ``zero = 2**(bits-1)``. asym: ``scale = (max - min) / maxq``,
+    ``zero = round(-min / scale)``. Scales are rounded to fp16, the precision they are stored in.
+    """
+    maxq = 2**bits - 1
+    xmin = torch.clamp(x.min(dim=1).values, max=0)
+    xmax = torch.clamp(x.max(dim=1).values, min=0)
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    flat = (xmin == 0) & (xmax == 0)
+    xmin = torch.where(flat, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(flat, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / maxq
+    if bool((scale > _MAX_SCALE).any()):
+        raise QuantizationError(f"a weight group spans {float((xmax - xmin).max()):.3g}, too large for an fp16 scale")
+    scale = scale.clamp(min=_MIN_SCALE).to(torch.float16).float()
+    if sym:
+        zero = torch.full_like(scale, 2 ** (bits - 1))
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def _quantize_column(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Integer codes and dequantized values of ``w (out,)`` (dequantized as QuantLinear does: the exact
+    float32 product of the fp16 scale and the integer)."""
+    q = torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+    dq = scale * (q - zero)
+    return q, dq
+
+
+def rtn_quantize(weight: torch.Tensor, *, bits: int, group_size: int = 128, sym: bool = True) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``weight (out, in)`` per group of ``group_size`` input channels.
+
+    The baseline GPTQ is compared against: each group gets the min/max grid of :func:`_grid` and every
+    value is rounded independently.
+    """
+    check_settings(bits, group_size)
+    w = weight.detach().float()
+    out_features, in_features = w.shape
+    size = in_features if group_size == -1 else group_size
+    maxq = 2**bits - 1
+    scales, zeros, codes = [], [], []
+    for start in range(0, in_features, size):
+        block = w[:, start : start + size]
+        scale, zero = _grid(block, bits, sym)
+        codes.append(torch.clamp(torch.round(block / scale[:, None]) + zero[:, None], 0, maxq))
+        scales.append(scale)
+        zeros.append(zero)
+    return QuantizedWeight(
+        q=torch.cat(codes, dim=1).to(torch.int32),
+        scales=torch.stack(scales),
+        zeros=torch.stack(zeros).to(torch.int32),
+        g_idx=default_g_idx(in_features, group_size, w.device),
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=False,
+    )
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    *,
+    bits: int,
+    group_size: int = 128,
+    sym: bool = True,
+    desc_act: bool = False,
+    percdamp: float = 0.01,
+    block_size: int = 128,
+) -> QuantizedWeight:
+    """GPTQ (arXiv:2210.17323, Algorithm 1) for one weight.
+
+    Args:
+        weight: ``(out, in)`` float weight.
+        hessian: ``(in, in)``, ``2 X^T X / N`` of the layer inputs (see :class:`HessianAccumulator`).
+        bits: 2, 3, 4 or 8.
+        group_size: input channels per scale/zero group (-1: one group per row). With ``desc_act``,
+            groups are formed in the permuted (act) order; ``g_idx`` records them.
+        sym: symmetric grid (zero ``2**(bits-1)``) or asymmetric.
+        desc_act: visit columns by decreasing ``diag(H)`` (act-order).
+        percdamp: damping ``percdamp * mean(diag(H))`` added to the diagonal.
+        block_size: columns per lazy-batch block.
+
+    Returns:
+        The quantized weight; ``q`` columns in the original order.
+
+    Raises:
+        QuantizationError: bad settings, shape mismatch, or a Hessian that stays singular after damping.
+    """
+    check_settings(bits, group_size)
+    if block_size < 1:
+        raise QuantizationError(f"block_size must be >= 1, got {block_size}")
+    if percdamp < 0:
+        raise QuantizationError(f"percdamp must be >= 0, got {percdamp}")
+    W = weight.detach().float().clone()
+    out_features, columns = W.shape
+    if tuple(hessian.shape) != (columns, columns):
+        raise QuantizationError(
+            f"hessian must be ({columns}, {columns}) for a weight {tuple(W.shape)}, got {tuple(hessian.shape)}"
+        )
+    H = hessian.detach().float().clone()
+    maxq = 2**bits - 1
+
+    # Inputs that are always zero: their weights cannot matter, and H needs a nonzero pivot.
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    if group_size == -1:
+        scale, zero = _grid(W, bits, sym)
+        scales, zeros = [scale], [zero]
+    else:
+        scales, zeros = [], []
+
+    if desc_act:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W = W[:, perm]
+        H = H[perm][:, perm]
+    else:
+        perm = torch.arange(columns, device=W.device)
+
+    damp = percdamp * torch.mean(torch.diag(H))
+    H[range(columns), range(columns)] += damp
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) == 0:
+        Hinv = torch.cholesky_inverse(L)
+        Hinv, info = torch.linalg.cholesky_ex(Hinv, upper=True)
+    if int(info) != 0:
+        raise QuantizationError(
+            f"the Hessian of a {out_features}x{columns} layer is not positive definite after damping "
+            f"(percdamp={percdamp}); raise percdamp or use more calibration samples"
+        )
+
+    # Blocks never split a group mid-way unless the group started the block: a group's grid is then
+    # always computed from fully error-updated weights.
+    if group_size != -1:
+        if group_size <= block_size:
+            block_size -= block_size % group_size
+        elif group_size % block_size:
+            block_size = group_size
+
+    Q = torch.zeros_like(W)
+    codes = torch.zeros_like(W)
+    for i1 in range(0, columns, block_size):
+        i2 = min(i1 + block_size, columns)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        C1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(count):
+            if group_size != -1 and (i1 + i) % group_size == 0:
+                group = W[:, i1 : i1 + group_size] if i == 0 else W1[:, i : i + group_size]
+                scale, zero = _grid(group, bits, sym)
+                scales.append(scale)
+                zeros.append(zero)
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            C1[:, i], Q1[:, i] = _quantize_column(w, scale, zero, maxq)
+            err = (w - Q1[:, i]) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            Err1[:, i] = err
+        Q[:, i1:i2] = Q1
+        codes[:, i1:i2] = C1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    invperm = torch.argsort(perm)
+    codes = codes[:, invperm]
+    if group_size == -1:
+        g_idx = torch.zeros(columns, dtype=torch.int32, device=W.device)
+    else:
+        # Channel c was visited at position invperm[c]; groups are consecutive in visiting order.
+        g_idx = torch.div(invperm, group_size, rounding_mode="floor").to(torch.int32)
+    return QuantizedWeight(
+        q=codes.to(torch.int32),
+        scales=torch.stack(scales),
+        zeros=torch.stack(zeros).to(torch.int32),
+        g_idx=g_idx,
+        bits=bits,
+        group_size=group_size,
+        sym=sym,
+        desc_act=desc_act,
+    )
+
+
+class HessianAccumulator:
+    """Running ``H = 2 X^T X / N`` over batches of layer inputs (float32, ``(in, in)``)."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None):
+        self.hessian = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.num_tokens = 0
+
+    def add(self, inputs: torch.Tensor) -> None:
+        """Add inputs ``(..., in)``; the running mean keeps the entries O(1) whatever ``N`` becomes."""
+        x = inputs.detach().reshape(-1, inputs.shape[-1]).float()
+        n = x.shape[0]
+        if n == 0:
+            return
+        total = self.num_tokens + n
+        self.hessian *= self.num_tokens / total
+        x = x * math.sqrt(2 / total)
+        self.hessian += x.t() @ x
+        self.num_tokens = total
