@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,9 +44,7 @@ import torch
 
 from adalora_deploy import functional as F
 from adalora_deploy.adapters import AdapterSet
-from adalora_deploy.artifacts import ArtifactError, atomic_dir, read_json_object, save_tensors, write_json
-from adalora_deploy.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX, read_adapter
-from adalora_deploy.config import PEFT_COMMON_FIELDS, AdaLoraConfig
+from adalora_deploy.config import AdaLoraConfig
 
 __all__ = [
     "CompactAdapter",
@@ -60,10 +57,6 @@ __all__ = [
     "compact_optimizer_state",
     "compaction_report",
     "from_adapters",
-    "lora_config_dict",
-    "read_compact_adapter",
-    "write_adalora",
-    "write_lora",
 ]
 
 logger = logging.getLogger(__name__)
@@ -207,13 +200,6 @@ class CompactAdapter:
         return {f"{layer.name}.lora_E": list(layer.rank_mask) for layer in self.live_layers()}
 
 
-def _slice_with_mask(name: str, mask: torch.Tensor, lora_A: torch.Tensor, lora_E: torch.Tensor,
-                     lora_B: torch.Tensor, scale: float) -> CompactLayer:
-    lora_A, lora_E, lora_B = F.slice_triplets(lora_A, lora_E, lora_B, mask)
-    return CompactLayer(name=name, rank_mask=tuple(bool(v) for v in mask.tolist()), lora_A=lora_A.detach().clone(),
-                        lora_E=lora_E.detach().clone(), lora_B=lora_B.detach().clone(), scale=scale)
-
-
 def from_adapters(adapters: AdapterSet, config: AdaLoraConfig,
                   base_model_name_or_path: str | None = None) -> CompactAdapter:
     """The surviving triplets of an in-memory model's adapters (masked or already compacted).
@@ -233,156 +219,6 @@ def from_adapters(adapters: AdapterSet, config: AdaLoraConfig,
         fan_in_fan_out |= layer.backend.kind == "dense-conv1d"
     return CompactAdapter(config=config, layers=tuple(layers), fan_in_fan_out=fan_in_fan_out,
                           base_model_name_or_path=base_model_name_or_path)
-
-
-def read_compact_adapter(folder: str | Path) -> CompactAdapter:
-    """Read an AdaLoRA adapter folder (ours or PEFT's) and slice it to its surviving triplets.
-
-    Three cases, by what the folder holds for a module:
-
-    * rank_pattern entry and tensors at the pattern's rank (PEFT slices on save; so do we): taken as is.
-    * rank_pattern entry and tensors at init_r: sliced by the pattern.
-    * no rank_pattern (PEFT saves ``rank_pattern: null`` before the final allocation step): tensors are
-      at init_r and masked triplets have Λ exactly 0, so the triplets with Λ != 0 are kept. Dropping a
-      triplet with Λ = 0 leaves ΔW unchanged, so this is exact.
-
-    Raises:
-        ArtifactError: missing/corrupt files, tensors missing for a module or shapes that disagree.
-    """
-    folder = Path(folder)
-    config, rank_pattern, tensors = read_adapter(folder)
-    data = read_json_object(folder, ADAPTER_CONFIG, "adapter")
-    names = sorted({key[len(PEFT_PREFIX):].rsplit(".", 1)[0] for key in tensors
-                    if key.startswith(PEFT_PREFIX) and key.endswith((".lora_A", ".lora_E", ".lora_B"))})
-    if not names:
-        raise ArtifactError(f"{folder / ADAPTER_WEIGHTS} has no AdaLoRA tensors (base_model.model.<module>.lora_A)")
-    scale = F.adapter_scale(config.lora_alpha, config.init_r)
-    layers = []
-    for name in names:
-        parts = [tensors.get(f"{PEFT_PREFIX}{name}.lora_{k}") for k in "AEB"]
-        if any(p is None for p in parts):
-            raise ArtifactError(f"adapter {folder}: {name} lacks one of lora_A, lora_E, lora_B")
-        lora_A, lora_E, lora_B = parts
-        rank = lora_E.shape[0]
-        if lora_E.dim() != 2 or lora_E.shape[1] != 1 or lora_A.shape[0] != rank or lora_B.shape[1] != rank:
-            raise ArtifactError(f"adapter {folder}: {name} has inconsistent shapes lora_A {tuple(lora_A.shape)}, "
-                                f"lora_E {tuple(lora_E.shape)}, lora_B {tuple(lora_B.shape)}")
-        pattern = (rank_pattern or {}).get(f"{name}.lora_E")
-        if pattern is None:
-            if rank != config.init_r:
-                raise ArtifactError(f"adapter {folder}: {name} has rank {rank} but no rank_pattern entry and "
-                                    f"init_r = {config.init_r}")
-            mask = lora_E.view(-1) != 0
-            layers.append(_slice_with_mask(name, mask, lora_A, lora_E, lora_B, scale))
-            continue
-        mask = torch.tensor(pattern, dtype=torch.bool)
-        if mask.numel() != config.init_r:
-            raise ArtifactError(f"adapter {folder}: rank_pattern of {name} has {mask.numel()} entries, "
-                                f"init_r = {config.init_r}")
-        if rank == config.init_r and int(mask.sum()) != rank:
-            layers.append(_slice_with_mask(name, mask, lora_A, lora_E, lora_B, scale))
-        elif rank == int(mask.sum()):
-            layers.append(CompactLayer(name=name, rank_mask=tuple(bool(v) for v in mask.tolist()), lora_A=lora_A,
-                                       lora_E=lora_E, lora_B=lora_B, scale=scale))
-        else:
-            raise ArtifactError(f"adapter {folder}: {name} has rank {rank}, its rank_pattern keeps "
-                                f"{int(mask.sum())} of {config.init_r}")
-    base = data.get("base_model_name_or_path")
-    return CompactAdapter(config=config, layers=tuple(layers), fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
-                          base_model_name_or_path=base if isinstance(base, str) else None)
-
-
-def _check_not_empty(adapter: CompactAdapter) -> None:
-    if not adapter.live_layers():
-        raise ArtifactError("every adapted layer was pruned to rank 0: the adapter is empty, nothing to write "
-                            "(use the base model as it is)")
-
-
-def _exact_names_regex(names: list[str]) -> str:
-    return "(?:" + "|".join(re.escape(name) for name in names) + ")"
-
-
-def write_adalora(adapter: CompactAdapter, folder: str | Path) -> Path:
-    """Write ``adapter`` in PEFT's AdaLoRA format, tensors at the surviving ranks.
-
-    Rank-0 layers are left out of the tensors, the rank_pattern and ``target_modules`` (a list of the
-    exact module names that keep an adapter; PEFT matches list entries literally).
-
-    Raises:
-        ArtifactError: every layer has rank 0.
-    """
-    _check_not_empty(adapter)
-    live = adapter.live_layers()
-    names = [layer.name for layer in live]
-    config = dataclasses.replace(adapter.config, target_modules=names)
-    peft_config = config.to_peft_dict(adapter.rank_pattern())
-    peft_config["target_modules"] = names
-    peft_config["fan_in_fan_out"] = adapter.fan_in_fan_out
-    peft_config["base_model_name_or_path"] = adapter.base_model_name_or_path
-    peft_config["adalora_deploy"] = {
-        "config": dataclasses.asdict(config),
-        "shapes": {layer.name: [layer.out_features, layer.in_features] for layer in live},
-        "compacted": True,
-    }
-    tensors = {}
-    for layer in live:
-        tensors[f"{PEFT_PREFIX}{layer.name}.lora_A"] = layer.lora_A
-        tensors[f"{PEFT_PREFIX}{layer.name}.lora_E"] = layer.lora_E
-        tensors[f"{PEFT_PREFIX}{layer.name}.lora_B"] = layer.lora_B
-    folder = Path(folder)
-    with atomic_dir(folder) as temp:
-        save_tensors(temp / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
-        write_json(temp / ADAPTER_CONFIG, peft_config)
-    return folder
-
-
-def lora_config_dict(adapter: CompactAdapter) -> dict:
-    """PEFT's LoRA ``adapter_config.json`` for ``adapter``: per-module ranks, scaling 1 everywhere.
-
-    ``r``/``lora_alpha`` are the most common rank; ``rank_pattern``/``alpha_pattern`` name every module
-    (regex-escaped full name, which PEFT matches as ``(.*\\.)?(key)$``) with ``alpha_k = r_k``.
-    """
-    live = adapter.live_layers()
-    ranks = [layer.rank for layer in live]
-    common = max(set(ranks), key=lambda r: (ranks.count(r), r))
-    pattern = {re.escape(layer.name): layer.rank for layer in live}
-    return {
-        "peft_type": "LORA",
-        "task_type": adapter.config.task_type,
-        "base_model_name_or_path": adapter.base_model_name_or_path,
-        "r": common,
-        "lora_alpha": common,
-        "rank_pattern": pattern,
-        "alpha_pattern": dict(pattern),
-        "use_rslora": False,
-        "use_dora": False,
-        "lora_dropout": adapter.config.lora_dropout,
-        "target_modules": [layer.name for layer in live],
-        "fan_in_fan_out": adapter.fan_in_fan_out,
-        **PEFT_COMMON_FIELDS,
-    }
-
-
-def write_lora(adapter: CompactAdapter, folder: str | Path) -> Path:
-    """Write ``adapter`` as a standard PEFT LoRA adapter with per-module ranks and scaling 1.
-
-    ``lora_A = Λ' * Q'`` (r_k, d_in), ``lora_B = P' * scale`` (d_out, r_k): ``B @ A`` is exactly the
-    AdaLoRA ΔW (up to float rounding of the two products). Rank-0 layers are left out.
-
-    Raises:
-        ArtifactError: every layer has rank 0.
-    """
-    _check_not_empty(adapter)
-    tensors = {}
-    for layer in adapter.live_layers():
-        lora_A, lora_B = layer.lora_factors()
-        tensors[f"{PEFT_PREFIX}{layer.name}.lora_A.weight"] = lora_A
-        tensors[f"{PEFT_PREFIX}{layer.name}.lora_B.weight"] = lora_B
-    folder = Path(folder)
-    with atomic_dir(folder) as temp:
-        save_tensors(temp / ADAPTER_WEIGHTS, tensors, metadata={"format": "pt"})
-        write_json(temp / ADAPTER_CONFIG, lora_config_dict(adapter))
-    return folder
 
 
 # --- report -----------------------------------------------------------------------------------------
@@ -508,6 +344,12 @@ def compact_adapter(source: str | Path | AdapterSet, output: str | Path, *, form
     """
     if format not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {format!r}")
+    from adalora_deploy.peft_format import (
+        read_compact_adapter,
+        write_adalora,
+        write_lora,
+    )
+
     if isinstance(source, Mapping):
         if config is None:
             raise ValueError("compact_adapter needs the AdaLoraConfig of an in-memory AdapterSet")

@@ -38,18 +38,17 @@ from adalora_deploy.adapters import find_adapters, replace_module
 from adalora_deploy.artifacts import ArtifactError, atomic_dir, copy_tokenizer_files
 from adalora_deploy.backends import backend_for, is_supported
 from adalora_deploy.layer import AdaLoraLinear
+from adalora_deploy.metrics import row_metrics, sqnr_db
 
 __all__ = [
     "LayerMerge",
     "LayerRequantization",
     "MergeReport",
     "RequantizationReport",
-    "logits_error",
     "merge_adapter",
     "merge_into_dense",
     "requantize_merged",
     "save_merged_model",
-    "weight_sqnr_db",
 ]
 
 logger = logging.getLogger(__name__)
@@ -270,25 +269,6 @@ def save_merged_model(model: nn.Module, folder: str | Path, tokenizer_source: st
     return folder
 
 
-def weight_sqnr_db(weight: torch.Tensor, quantized: torch.Tensor) -> float:
-    """``10 log10(||W||^2 / ||W - Wq||^2)`` in dB (inf when identical)."""
-    weight, quantized = weight.double(), quantized.double()
-    noise = float((weight - quantized).pow(2).sum())
-    signal = float(weight.pow(2).sum())
-    if noise == 0:
-        return math.inf
-    return 10.0 * math.log10(signal / noise)
-
-
-def logits_error(reference: torch.Tensor, other: torch.Tensor) -> tuple[float, float]:
-    """``(max |a - b|, min per-token cosine)`` of two logits tensors ``(..., vocab)``."""
-    reference, other = reference.float(), other.float()
-    max_abs = float((reference - other).abs().max())
-    cosine = torch.nn.functional.cosine_similarity(reference.reshape(-1, reference.shape[-1]),
-                                                   other.reshape(-1, other.shape[-1]), dim=-1)
-    return max_abs, float(cosine.min())
-
-
 @torch.no_grad()
 def requantize_merged(model: nn.Module, calibration: torch.Tensor, *, method: RequantizeMethod = "gptq",
                       bits: int = 4, group_size: int = 128, evaluation: torch.Tensor | None = None) -> RequantizationReport:
@@ -320,10 +300,11 @@ def requantize_merged(model: nn.Module, calibration: torch.Tensor, *, method: Re
     layers = []
     for row in result.layers:
         quantized = backend_for(model.get_submodule(row.name)).dequantize(model.get_submodule(row.name))
-        layers.append(LayerRequantization(name=row.name, sqnr_db=weight_sqnr_db(float_weights[row.name], quantized),
+        layers.append(LayerRequantization(name=row.name, sqnr_db=sqnr_db(float_weights[row.name], quantized),
                                           output_sqnr_db=row.sqnr_db))
     requantized = model(input_ids=evaluation.to(device)).logits
-    max_abs, cosine = logits_error(reference, requantized)
+    logits = row_metrics(reference, requantized, logits=True)
+    max_abs, cosine = logits.max_abs, logits.cosine_min
     report = RequantizationReport(method=method, bits=bits, group_size=group_size, layers=tuple(layers),
                                   logits_max_abs=max_abs, logits_cosine=cosine, num_sequences=int(evaluation.shape[0]))
     logger.info("re-quantized %d linears (%s %d-bit): worst weight SQNR %.2f dB, logits max abs %.4g, min cosine %.6f",
@@ -334,7 +315,8 @@ def requantize_merged(model: nn.Module, calibration: torch.Tensor, *, method: Re
 # --- end to end -------------------------------------------------------------------------------------
 
 
-def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, quantization: str = "none",
+def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, quantization: str = "auto",
+                  double_quant: bool | None = None, force: bool = False,
                   requantize: RequantizeMethod | None = None, bits: int = 4, group_size: int = 128,
                   calibration: str | Path | None = None, calibration_seq_len: int = _EVAL_SEQ_LEN,
                   calibration_samples: int = 32, device: str = "cpu") -> MergeReport:
@@ -344,8 +326,12 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
         base: local Hugging Face model folder (a GPTQ folder when ``quantization="gptq"``).
         adapter: AdaLoRA adapter folder (ours or PEFT's).
         output: merged model folder to write (replaced whole, atomically).
-        quantization: how the base is loaded: ``none``, ``bnb-nf4``, ``bnb-fp4``, ``bnb-int8`` or ``gptq``
-            (the adapter must be applied to the base it was trained on).
+        quantization: how the base is loaded: ``auto`` (a GPTQ folder is ``gptq``; else what the training
+            run recorded in ``run.json`` beside the adapter; else ``none``), ``none``, ``bnb-nf4``,
+            ``bnb-fp4``, ``bnb-int8`` or ``gptq``. The adapter must be applied to the base it was trained on:
+            a choice that contradicts the run record is refused unless ``force``.
+        double_quant: bnb 4-bit double quantization (None: from the run record).
+        force: accept a ``quantization``/``double_quant`` that contradicts the run record.
         requantize: ``"gptq"`` or ``"rtn"`` to write a GPTQ checkpoint of the merged model instead of
             float weights; None writes float weights.
         bits: re-quantization bits.
@@ -361,17 +347,24 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
 
     Raises:
         ArtifactError: unreadable folders.
+        ConfigError: a quantization that contradicts the training run record (without ``force``).
         AdapterMismatchError: the adapter was trained for another base.
         QuantizationError: bad re-quantization settings.
     """
-    from adalora_deploy.checkpoint import load_adapter
     from adalora_deploy.config import ModelConfig
     from adalora_deploy.data import BUILTIN_SAMPLE, token_blocks
-    from adalora_deploy.models import load_base_model, load_tokenizer
+    from adalora_deploy.models import (
+        load_base_model,
+        load_tokenizer,
+        resolve_quantization,
+    )
+    from adalora_deploy.peft_format import load_adapter
 
     base = Path(base)
     output = Path(output)
-    model = load_base_model(ModelConfig(path=str(base), quantization=quantization, device=device))
+    quantization, double_quant = resolve_quantization(base, adapter, quantization, double_quant, force=force)
+    model = load_base_model(ModelConfig(path=str(base), quantization=quantization, double_quant=double_quant,
+                                        device=device))
     load_adapter(model, adapter)
     rows = merge_into_dense(model)
     if requantize is None:

@@ -7,15 +7,25 @@ bitsandbytes goes through transformers' ``BitsAndBytesConfig`` (its CPU backend 
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 
-from adalora_deploy.artifacts import ArtifactError
-from adalora_deploy.config import ModelConfig
+from adalora_deploy.config import QUANTIZATIONS, ModelConfig
+from adalora_deploy.errors import ArtifactError, ConfigError
 
-__all__ = ["BUILTIN_MODELS", "load_base_model", "load_tokenizer", "materialize", "resolve_device"]
+__all__ = [
+    "BUILTIN_MODELS",
+    "load_base_model",
+    "load_tokenizer",
+    "materialize",
+    "read_run_record",
+    "resolve_device",
+    "resolve_quantization",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -95,3 +105,63 @@ def load_base_model(config: ModelConfig) -> torch.nn.Module:
         parameter.requires_grad_(False)
     logger.info("loaded %s base from %s on %s", config.quantization, folder, device)
     return model.eval()
+
+
+RUN_RECORD = "run.json"
+"""The training run's record, written beside its ``adapter/`` folder (see :func:`adalora_deploy.training.train`)."""
+
+
+def read_run_record(adapter: str | os.PathLike) -> dict:
+    """The ``model`` section of the training run record beside an adapter folder (``{}`` when absent).
+
+    A PEFT adapter or one copied elsewhere has no record; a malformed record counts as absent.
+    """
+    path = Path(adapter).parent / RUN_RECORD
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return data.get("model", {}) if isinstance(data, dict) and isinstance(data.get("model"), dict) else {}
+
+
+def _is_gptq_folder(base: str | os.PathLike) -> bool:
+    try:
+        config = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
+        return config.get("quantization_config", {}).get("quant_method") == "gptq"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def resolve_quantization(base: str | os.PathLike, adapter: str | os.PathLike, quantization: str = "auto",
+                         double_quant: bool | None = None, *, force: bool = False) -> tuple[str, bool]:
+    """How to load ``base`` for ``adapter``: ``(quantization, double_quant)``, checked against the run record.
+
+    ``auto``: ``gptq`` when the base folder is a GPTQ checkpoint; else what the training run recorded
+    (``run.json`` beside the adapter folder); else ``none``. ``double_quant=None`` likewise. An explicit
+    choice that contradicts the record (folding a bnb-nf4-trained adapter into dense weights it never saw,
+    say) is refused unless ``force``.
+
+    Raises:
+        ConfigError: an unknown quantization, or one that contradicts the run record without ``force``.
+    """
+    choices = ("auto", *QUANTIZATIONS)
+    if quantization not in choices:
+        raise ConfigError(f"--quantization {quantization!r}: choose one of {', '.join(choices)}")
+    record = read_run_record(adapter)
+    recorded = "gptq" if _is_gptq_folder(base) else record.get("quantization")
+    recorded = recorded if recorded in QUANTIZATIONS else None
+    if quantization == "auto":
+        quantization = recorded or "none"
+    elif recorded is not None and quantization != recorded and not force:
+        raise ConfigError(
+            f"--quantization {quantization}: the adapter {adapter} was trained on a {recorded} base "
+            f"({'the base folder is a GPTQ checkpoint' if recorded == 'gptq' else RUN_RECORD + ' beside it'}); "
+            f"drop --quantization (or pass {recorded}) to load the base as in training, or add --force"
+        )
+    recorded_double = record.get("double_quant") if quantization.startswith("bnb-") else None
+    if double_quant is None:
+        double_quant = bool(recorded_double) if recorded_double is not None else False
+    elif recorded_double is not None and bool(double_quant) != bool(recorded_double) and not force:
+        raise ConfigError(f"--double-quant {double_quant}: the adapter {adapter} was trained with double_quant = "
+                          f"{recorded_double}; drop the option or add --force")
+    return quantization, bool(double_quant)

@@ -32,13 +32,13 @@ from transformers import Trainer, TrainerCallback
 from adalora_deploy.adapters import AdapterSet, find_adapters, inject_adapters
 from adalora_deploy.allocator import AllocationStep, RankAllocator
 from adalora_deploy.artifacts import atomic_file, write_json
-from adalora_deploy.checkpoint import load_training_checkpoint, save_adapter, save_training_checkpoint
+from adalora_deploy.checkpoint import load_training_checkpoint, save_training_checkpoint
 from adalora_deploy.config import AdaLoraConfig, ConfigError, RunConfig
 from adalora_deploy.data import BlockBatches, token_blocks
-from adalora_deploy.models import load_base_model, load_tokenizer, materialize
-from adalora_deploy.regularizer import orthogonal_regularizer
-
 from adalora_deploy.errors import TrainingError
+from adalora_deploy.models import load_base_model, load_tokenizer, materialize
+from adalora_deploy.peft_format import save_adapter
+from adalora_deploy.regularizer import orthogonal_regularizer
 
 __all__ = [
     "AdaLoraCallback",

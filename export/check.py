@@ -25,11 +25,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from adalora_deploy.errors import ExportError, VacuousCheckError
+from adalora_deploy.errors import VacuousCheckError
 
 from .parity import ParityReport
 
@@ -200,10 +199,14 @@ def check_export(
         ArtifactError: a missing or malformed export folder.
     """
     from adalora_deploy.artifacts import ArtifactError, write_json
-    from .api import adapters_bypassed, convert_for_export, load_source_model, read_manifest
-    from .parity import compare_outputs, decoder_parity
-    from .runtime import DecoderSession, create_session, torch_greedy
 
+    from .convert import convert_for_export
+    from .manifest import read_manifest
+    from .parity import compare_outputs, decoder_parity, torch_greedy
+    from .runtime import DecoderSession, create_session, execution_providers
+    from .source import adapters_bypassed, load_source_model
+
+    execution_providers(provider)  # fail before loading any model
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     model_path = export_dir / "model.onnx"

@@ -20,12 +20,11 @@ from onnxscript import ir as _ir
 from onnxscript import opset18 as _op
 from onnxscript import values as _values
 
+from adalora_deploy.backends.bnb import dequantize_bnb4
+
 __all__ = [
     "CUSTOM_TRANSLATION_TABLE",
     "MSFT_DOMAIN",
-    "NF4_CODE",
-    "FP4_CODE",
-    "dequantize_bnb4",
     "dequantize_nbits",
     "register_contrib_schemas",
 ]
@@ -81,21 +80,6 @@ def register_contrib_schemas() -> None:
 register_contrib_schemas()
 _MSFT = _values.Opset(MSFT_DOMAIN, 1)
 
-# bitsandbytes' 4-bit code books (bitsandbytes/functional.py get_4bit_type), index = 4-bit code.
-NF4_CODE = torch.tensor(
-    [-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
-     -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
-     0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
-     0.7229568362236023, 1.0],
-    dtype=torch.float32,
-)
-FP4_CODE = torch.tensor(
-    [0.0, 0.005208333333, 0.66666667, 1.0, 0.33333333, 0.5, 0.16666667, 0.25,
-     -0.0, -0.005208333333, -0.66666667, -1.0, -0.33333333, -0.5, -0.16666667, -0.25],
-    dtype=torch.float32,
-)
-
-
 def _unpack_along_last(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     """Unpack uint8 bytes holding ``8 // bits`` values each, low bits first, keeping ``count`` values."""
     per_byte = 8 // bits
@@ -120,16 +104,6 @@ def dequantize_nbits(
     z = _unpack_along_last(zero_points, bits, k_blocks).float()  # [N, k_blocks]
     w = (q - z.unsqueeze(-1)) * scales.float().unsqueeze(-1)
     return w.reshape(N, k_blocks * block_size)[:, :K]
-
-
-def dequantize_bnb4(packed: torch.Tensor, absmax: torch.Tensor, K: int, N: int, block_size: int, quant_type: int) -> torch.Tensor:
-    """MatMulBnb4's weight as fp32 ``[N, K]``: bitsandbytes' layout, first element of a byte in the high nibble."""
-    flat = packed.reshape(-1).to(torch.int32)
-    codes = torch.stack([(flat >> 4) & 0xF, flat & 0xF], dim=-1).reshape(-1)[: N * K]
-    table = NF4_CODE if quant_type == 1 else FP4_CODE
-    values = table[codes.long()]
-    scale = absmax.float().repeat_interleave(block_size)[: N * K]
-    return (values * scale).reshape(N, K)
 
 
 @torch.library.custom_op("adalora_export::matmul_nbits", mutates_args=())
@@ -168,8 +142,6 @@ def _(x, packed, absmax, K, N, block_size, quant_type):
     return x.new_empty((*x.shape[:-1], N))
 
 
-BNB_INV_127 = 7.874015718698502e-3
-"""bitsandbytes' int8_vectorwise_dequant constant (multiply by it instead of dividing by 127)."""
 BNB_INV_127_SQUARED = 6.200124e-05
 """bitsandbytes' int8_mm_dequant constant for 1 / 127**2."""
 

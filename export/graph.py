@@ -31,16 +31,16 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping, Sequence
+from typing import Mapping
 
 import onnx
 import torch
 from torch import nn
 
+from adalora_deploy.errors import ExportError
+
 from .contrib import CUSTOM_TRANSLATION_TABLE
 from .modules import LowRankBranch
-
-from adalora_deploy.errors import ExportError
 
 __all__ = [
     "DEFAULT_OPSET",
@@ -218,20 +218,10 @@ def _op_counts(graph: onnx.GraphProto) -> dict[str, int]:
     return dict(sorted(counts.items()))
 
 
-_UNTRACEABLE = {
-    ("bitsandbytes", "Linear4bit"): "export.modules.Bnb4Linear.from_bnb (exact) or NBitsLinear.from_bnb_4bit",
-    ("bitsandbytes", "Linear8bitLt"): "export.modules.Int8EmulationLinear.from_bnb (exact) or NBitsLinear.from_bnb_int8",
-    ("adalora_deploy", "QuantLinear"): "export.modules.NBitsLinear.from_gptq",
-}
-"""Base layers torch.export cannot trace (or would export as a float dequantization), with their swap."""
-
-
 def _check_traceable(model: nn.Module) -> None:
-    problems = []
-    for name, module in model.named_modules():
-        key = (type(module).__module__.split(".")[0], type(module).__name__)
-        if key in _UNTRACEABLE:
-            problems.append(f"{name} ({key[1]}): swap it for {_UNTRACEABLE[key]}")
+    from .kinds import untwinned
+
+    problems = untwinned(model)
     if problems:
         raise ExportError("these layers must be swapped for export-friendly modules first:\n  " + "\n  ".join(problems))
 

@@ -27,6 +27,8 @@ import torch
 from torch import nn
 
 from adalora_deploy.adapters import replace_module as swap_module
+from adalora_deploy.backends.bnb import dequantize_bnb4, dequantize_int8
+
 from . import contrib  # noqa: F401  (registers the custom ops and schemas)
 
 __all__ = ["Bnb4Linear", "Int8EmulationLinear", "LowRankBranch", "NBitsLinear", "runtime_factors", "swap_module"]
@@ -264,25 +266,29 @@ class NBitsLinear(nn.Module):
         block_size: int = 32,
         accuracy_level: int = 0,
     ) -> NBitsLinear:
-        """Round-to-nearest asymmetric quantization of a float ``[N, K]`` weight (``merged --weights int4/int8``).
+        """Round-to-nearest asymmetric quantization of a float ``[N, K]`` weight, one group per block.
 
-        Per block: ``scale = (max - min) / (2**bits - 1)`` with ``min <= 0 <= max``, ``zero = round(-min / scale)``,
-        ``q = clamp(round(w / scale) + zero, 0, 2**bits - 1)``.
+        The grid is :func:`adalora_deploy.gptq.solver.rtn_quantize`'s (``min <= 0 <= max`` per block, fp32
+        scales as MatMulNBits stores them), so MatMulNBits and GPTQ checkpoints share one round-to-nearest.
         """
-        w = weight.detach().float()
-        n, k = w.shape
-        k_blocks = math.ceil(k / block_size)
-        maxq = (1 << bits) - 1
-        padded = torch.nn.functional.pad(w, (0, k_blocks * block_size - k)).reshape(n, k_blocks, block_size)
-        lo = padded.amin(-1).clamp(max=0)
-        hi = padded.amax(-1).clamp(min=0)
-        scales = (hi - lo) / maxq
-        scales = torch.where(scales == 0, torch.ones_like(scales), scales)
-        zeros = torch.round(-lo / scales).clamp(0, maxq)
-        q = torch.clamp(torch.round(padded / scales.unsqueeze(-1)) + zeros.unsqueeze(-1), 0, maxq)
-        q = q.reshape(n, -1)[:, :k]
-        return cls.from_integers(q, zeros, scales, bits=bits, block_size=block_size, bias=bias,
-                                 accuracy_level=accuracy_level)
+        from adalora_deploy.gptq.solver import rtn_quantize
+
+        quantized = rtn_quantize(weight.detach().float(), bits=bits, group_size=block_size, sym=False,
+                                 scale_dtype=torch.float32)
+        return cls.from_quantized(quantized, bias=bias, accuracy_level=accuracy_level)
+
+    @classmethod
+    def from_quantized(cls, quantized: Any, *, bias: torch.Tensor | None = None, accuracy_level: int = 0) -> NBitsLinear:
+        """Pack a :class:`~adalora_deploy.gptq.solver.QuantizedWeight` (RTN or GPTQ solver output) exactly.
+
+        Args:
+            quantized: integers ``q (out, in)``, ``scales``/``zeros (G, out)``, ``g_idx (in,)``, bits, group_size.
+            bias: optional ``[N]``.
+            accuracy_level: MatMulNBits ``accuracy_level``.
+        """
+        return cls._from_groups(quantized.q.T, quantized.zeros, quantized.scales, quantized.g_idx,
+                                bits=quantized.bits, group_size=quantized.group_size, bias=bias,
+                                accuracy_level=accuracy_level)
 
     @classmethod
     def from_gptq(cls, layer: Any, *, accuracy_level: int = 0) -> NBitsLinear:
@@ -333,14 +339,31 @@ class NBitsLinear(nn.Module):
             raise ValueError(f"NBitsLinear.from_gptq: {bits}-bit GPTQ has no onnxruntime MatMulNBits kernel (2/4/8 only)")
         if checkpoint_format not in ("gptq", "gptq_v2"):
             raise ValueError(f"NBitsLinear.from_gptq: checkpoint_format {checkpoint_format!r} is not 'gptq' or 'gptq_v2'")
-        k, n = in_features, out_features
+        from adalora_deploy.gptq.packing import unpack_rows, unpack_zeros
+
+        q = unpack_rows(qweight.to(torch.int32), bits)[:in_features]  # [K, N]
+        z = unpack_zeros(qzeros.to(torch.int32), bits, checkpoint_format)[:, :out_features]  # [G, N]
+        return cls._from_groups(q, z, scales, g_idx, bits=bits, group_size=group_size, bias=bias,
+                                accuracy_level=accuracy_level)
+
+    @classmethod
+    def _from_groups(
+        cls,
+        q: torch.Tensor,
+        z: torch.Tensor,
+        scales: torch.Tensor,
+        g_idx: torch.Tensor | None,
+        *,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None,
+        accuracy_level: int,
+    ) -> NBitsLinear:
+        """MatMulNBits blocks from group-wise integers ``q [K, N]``, zeros/scales ``[G, N]`` and ``g_idx [K]``."""
+        if bits not in _NBITS_CPU_BITS:
+            raise ValueError(f"NBitsLinear: {bits}-bit weights have no onnxruntime MatMulNBits kernel (2/4/8 only)")
+        k = q.shape[0]
         group = k if group_size == -1 else group_size
-        maxq = (1 << bits) - 1
-        shifts = torch.arange(32 // bits, dtype=torch.int32) * bits
-        q = ((qweight.to(torch.int32).unsqueeze(1) >> shifts.view(1, -1, 1)) & maxq).reshape(-1, n)[:k]  # [K, N]
-        z = ((qzeros.to(torch.int32).unsqueeze(-1) >> shifts) & maxq).reshape(qzeros.shape[0], -1)[:, :n]  # [G, N]
-        if checkpoint_format == "gptq":
-            z = (z + 1) & maxq
         groups = torch.arange(k, dtype=torch.int32) // group
         g_idx = groups if g_idx is None else g_idx.to(torch.int32)
         perm = None
@@ -370,7 +393,7 @@ class NBitsLinear(nn.Module):
         Exact for the weight; the activations are not split into outliers as bnb does, so compare with the
         lossy tier (serving default ``accuracy_level`` 4).
         """
-        from .bnb import linear8bit_state
+        from adalora_deploy.backends.bnb import linear8bit_state
 
         cb, scb, _ = linear8bit_state(layer)
         n, k = cb.shape
@@ -385,9 +408,9 @@ class NBitsLinear(nn.Module):
     @classmethod
     def from_bnb_4bit(cls, layer: nn.Module, *, block_size: int = 32, accuracy_level: int = 4) -> NBitsLinear:
         """From a bitsandbytes ``Linear4bit``: dequantize (fp32), then round-to-nearest int4 (lossy)."""
-        from .bnb import dequantize_linear4bit
+        from adalora_deploy.backends.bnb import linear4bit_state
 
-        return cls.from_float(dequantize_linear4bit(layer), layer.bias, bits=4, block_size=block_size,
+        return cls.from_float(linear4bit_state(layer).dequantize(), layer.bias, bits=4, block_size=block_size,
                               accuracy_level=accuracy_level)
 
     # --- math ----------------------------------------------------------------------------------------------
@@ -459,7 +482,7 @@ class Bnb4Linear(nn.Module):
     @classmethod
     def from_bnb(cls, layer: nn.Module) -> Bnb4Linear:
         """From a quantized bitsandbytes ``Linear4bit`` (nf4/fp4, with or without double quant)."""
-        from .bnb import linear4bit_state
+        from adalora_deploy.backends.bnb import linear4bit_state
 
         state = linear4bit_state(layer)
         return cls(state.packed, state.absmax, in_features=state.in_features, out_features=state.out_features,
@@ -467,7 +490,7 @@ class Bnb4Linear(nn.Module):
 
     def dequantized_weight(self) -> torch.Tensor:
         """fp32 ``[N, K]``."""
-        return contrib.dequantize_bnb4(self.packed, self.absmax, self.in_features, self.out_features,
+        return dequantize_bnb4(self.packed, self.absmax, self.in_features, self.out_features,
                                         self.block_size, 1 if self.quant_type == "nf4" else 0)
 
     # x ──> com.microsoft.MatMulBnb4 ──> [Add(bias)] ──> y
@@ -513,13 +536,13 @@ class Int8EmulationLinear(nn.Module):
         scb = scb.float()
         self.register_buffer("cb_t", cb.T.contiguous())
         self.register_buffer("scb", scb.contiguous())
-        self.register_buffer("weight_t", (cb.float() * scb.view(-1, 1) * contrib.BNB_INV_127).T.contiguous())
+        self.register_buffer("weight_t", dequantize_int8(cb, scb).T.contiguous())
         self.register_buffer("bias", torch.zeros(self.out_features) if bias is None else bias.detach().float().clone())
 
     @classmethod
     def from_bnb(cls, layer: nn.Module) -> Int8EmulationLinear:
         """From a quantized bitsandbytes ``Linear8bitLt`` (CB/SCB and its threshold)."""
-        from .bnb import linear8bit_state
+        from adalora_deploy.backends.bnb import linear8bit_state
 
         cb, scb, threshold = linear8bit_state(layer)
         return cls(cb, scb, threshold=threshold, bias=layer.bias)

@@ -14,17 +14,23 @@ Pad positions (left padding) are excluded through ``valid`` masks: a fully maske
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, Mapping
 
 import numpy as np
 import torch
+from torch import nn
+
+from adalora_deploy.metrics import RowMetrics, row_metrics
 
 if TYPE_CHECKING:
     from .runtime import DecoderSession
 
 from adalora_deploy.errors import ParityError
+
+from .runtime import as_float32
 
 __all__ = [
     "EXACT_MAX_ABS",
@@ -37,6 +43,7 @@ __all__ = [
     "compare_outputs",
     "decoder_parity",
     "decoder_valid_masks",
+    "torch_greedy",
 ]
 
 logger = logging.getLogger(__name__)
@@ -54,19 +61,10 @@ LOSSY_MAX_KL = 0.05
 
 
 @dataclass(frozen=True)
-class OutputParity:
-    """Metrics for one output over its valid positions (rows = all axes but the last)."""
+class OutputParity(RowMetrics):
+    """:class:`~adalora_deploy.metrics.RowMetrics` of one named output over its valid positions."""
 
-    name: str
-    max_abs: float
-    mean_abs: float
-    cosine_min: float
-    """Smallest per-row cosine similarity."""
-    cosine_mean: float
-    top1_agreement: float | None
-    """Logits only: fraction of rows with the same argmax."""
-    mean_kl: float | None
-    """Logits only: mean KL(softmax(reference) || softmax(candidate)) per row, nats."""
+    name: str = ""
 
 
 @dataclass(frozen=True)
@@ -95,12 +93,6 @@ class ParityReport:
         raise KeyError(name)
 
 
-def _as_numpy(value) -> np.ndarray:
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu().float().numpy()
-    return np.asarray(value, dtype=np.float32)
-
-
 def _rows(array: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     if valid is None:
         return array.reshape(-1, array.shape[-1])
@@ -108,34 +100,9 @@ def _rows(array: np.ndarray, valid: np.ndarray | None) -> np.ndarray:
     return array[mask]
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    x = x.astype(np.float64)
-    x = x - x.max(-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(-1, keepdims=True))
-
-
 def _output_metrics(name: str, reference: np.ndarray, candidate: np.ndarray, is_logits: bool) -> OutputParity:
-    ref64, cand64 = reference.astype(np.float64), candidate.astype(np.float64)
-    diff = np.abs(ref64 - cand64)
-    norms = np.linalg.norm(ref64, axis=-1) * np.linalg.norm(cand64, axis=-1)
-    dots = (ref64 * cand64).sum(-1)
-    # two zero rows are identical: cosine 1
-    cosine = np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), np.where(diff.max(-1, initial=0) == 0, 1.0, 0.0))
-    top1 = kl = None
-    if is_logits and len(reference):
-        top1 = float((reference.argmax(-1) == candidate.argmax(-1)).mean())
-        log_p, log_q = _log_softmax(reference), _log_softmax(candidate)
-        kl = float((np.exp(log_p) * (log_p - log_q)).sum(-1).mean())
-    empty = not diff.size
-    return OutputParity(
-        name=name,
-        max_abs=0.0 if empty else float(diff.max()),
-        mean_abs=0.0 if empty else float(diff.mean()),
-        cosine_min=1.0 if not len(cosine) else float(cosine.min()),
-        cosine_mean=1.0 if not len(cosine) else float(cosine.mean()),
-        top1_agreement=top1,
-        mean_kl=kl,
-    )
+    metrics = row_metrics(reference, candidate, logits=is_logits)
+    return OutputParity(**dataclasses.asdict(metrics), name=name)
 
 
 def compare_outputs(
@@ -170,7 +137,7 @@ def compare_outputs(
         if name not in candidate:
             failures.append(f"{name}: missing from the candidate outputs")
             continue
-        ref_arr, cand_arr = _as_numpy(ref), _as_numpy(candidate[name])
+        ref_arr, cand_arr = as_float32(ref), as_float32(candidate[name])
         if ref_arr.shape != cand_arr.shape:
             failures.append(f"{name}: shape {cand_arr.shape} != reference {ref_arr.shape}")
             continue
@@ -251,7 +218,7 @@ def decoder_parity(
 
     from .graph import DecoderWrapper, adapter_input_names
     from .modules import runtime_factors
-    from .runtime import adapter_feeds, torch_greedy
+    from .runtime import adapter_feeds
 
     wrapper = DecoderWrapper(model).eval()
     feeds = adapter_feeds(factors) if factors else None
@@ -275,7 +242,7 @@ def decoder_parity(
             dict(zip(names, ref)), dict(zip(names, (got.logits, *got.present))), tier=tier,
             valid=decoder_valid_masks(mask, ids.shape[1], wrapper.num_layers),
         )
-        outputs += [OutputParity(**{**vars(o), "name": f"step{step}/{o.name}"}) for o in report.outputs]
+        outputs += [dataclasses.replace(o, name=f"step{step}/{o.name}") for o in report.outputs]
         failures += [f"step{step}/{f}" for f in report.failures]
         next_tokens = ref[0][:, -1].argmax(-1, keepdim=True)
         ids, mask = next_tokens, torch.cat([mask, torch.ones(batch, 1, dtype=mask.dtype)], dim=1)
@@ -291,3 +258,24 @@ def decoder_parity(
         tokens_equal = tokens_report.tokens_equal
         failures += list(tokens_report.failures)
     return ParityReport(tier=tier, outputs=tuple(outputs), tokens_equal=tokens_equal, failures=tuple(failures))
+
+
+def torch_greedy(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    eos_token_id: int | None = None,
+    pad_token_id: int | None = None,
+) -> torch.Tensor:
+    """transformers' greedy ``generate`` (no sampling, one beam): the reference for :meth:`DecoderSession.generate_greedy`.
+
+    Returns:
+        int64 [batch, prompt + generated].
+    """
+    with torch.no_grad():
+        return model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
+            num_beams=1, eos_token_id=eos_token_id, pad_token_id=pad_token_id, min_new_tokens=0,
+        )

@@ -1,6 +1,8 @@
-"""onnxruntime sessions and greedy generation with the KV-cache decoding graph, plus the torch reference.
+"""onnxruntime sessions and generation with the KV-cache decoding graph: numpy and onnxruntime only.
 
-The one module of the export package that imports onnxruntime.
+This module never imports torch, transformers or bitsandbytes, so serving runs on a machine that has
+only onnxruntime (a test imports it in a process where those imports fail). The torch references for
+parity live in :mod:`adalora_deploy.export.parity`.
 """
 
 from __future__ import annotations
@@ -8,18 +10,19 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Literal, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import numpy as np
-import torch
-from torch import nn
+
+from adalora_deploy.errors import MissingDependencyError, ProviderError
 
 __all__ = [
     "DecoderSession",
     "StepOutput",
     "adapter_feeds",
+    "as_float32",
     "create_session",
-    "torch_greedy",
+    "execution_providers",
 ]
 
 logger = logging.getLogger(__name__)
@@ -30,9 +33,28 @@ Provider = Literal["cpu", "cuda", "auto"]
 def _ort():
     try:
         import onnxruntime
-    except ImportError as error:  # pragma: no cover - onnxruntime is a core dependency
-        raise ImportError("running ONNX models needs onnxruntime: pip install onnxruntime (or onnxruntime-gpu)") from error
+    except ImportError as error:
+        raise MissingDependencyError(f"running ONNX models needs onnxruntime ({error}): pip install onnxruntime "
+                                     "(or onnxruntime-gpu for CUDA)") from None
     return onnxruntime
+
+
+def execution_providers(provider: Provider = "cpu") -> list[str]:
+    """onnxruntime's provider list for ``provider`` (``cpu``, ``cuda`` or ``auto``); call it early to fail fast.
+
+    Raises:
+        ProviderError: an unknown provider, or CUDA asked for on an onnxruntime build without it.
+    """
+    available = _ort().get_available_providers()
+    if provider not in ("cpu", "cuda", "auto"):
+        raise ProviderError(f"--provider {provider!r}: choose cpu, cuda or auto")
+    if provider == "cuda" and "CUDAExecutionProvider" not in available:
+        raise ProviderError(
+            f"--provider cuda: this onnxruntime offers only {', '.join(available)}; install the CUDA build "
+            "(pip install 'adalora-deploy[gpu]', i.e. onnxruntime-gpu, instead of onnxruntime) or use --provider cpu"
+        )
+    use_cuda = provider == "cuda" or (provider == "auto" and "CUDAExecutionProvider" in available)
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
 
 
 def create_session(
@@ -57,7 +79,7 @@ def create_session(
         optimization: graph optimization level.
 
     Raises:
-        RuntimeError: CUDA was asked for and this onnxruntime build has no CUDA provider.
+        ProviderError: CUDA was asked for and this onnxruntime build has no CUDA provider.
     """
     ort = _ort()
     options = ort.SessionOptions()
@@ -71,33 +93,32 @@ def create_session(
         options.intra_op_num_threads = intra_op_threads
     if qdq_matmulnbits_accuracy_level is not None:
         options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(qdq_matmulnbits_accuracy_level))
-    available = ort.get_available_providers()
-    if provider == "cuda" and "CUDAExecutionProvider" not in available:
-        raise RuntimeError(
-            f"provider='cuda' asked for, but this onnxruntime offers {available}: pip install onnxruntime-gpu"
-        )
-    use_cuda = provider == "cuda" or (provider == "auto" and "CUDAExecutionProvider" in available)
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if use_cuda else ["CPUExecutionProvider"]
+    providers = execution_providers(provider)
     logger.info("onnxruntime session for %s on %s", model_path, providers[0])
     return ort.InferenceSession(str(model_path), sess_options=options, providers=providers)
 
 
-def adapter_feeds(factors: Mapping[str, tuple[torch.Tensor | np.ndarray, torch.Tensor | np.ndarray]]) -> dict[str, np.ndarray]:
+def as_float32(value: Any) -> np.ndarray:
+    """A numpy array or a torch tensor (any device/dtype, duck-typed: torch is not imported) as float32."""
+    if hasattr(value, "detach"):
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, dtype=np.float32)
+
+
+def adapter_feeds(factors: Mapping[str, tuple[Any, Any]]) -> dict[str, np.ndarray]:
     """Graph feeds for adapter-input branches from PEFT-oriented factors.
 
     Args:
-        factors: module name -> ``(A [r, in], B [out, r])`` with scaling folded in (rank 0 switches a
-            module's adapter off).
+        factors: module name -> ``(A [r, in], B [out, r])`` (numpy arrays or torch tensors) with scaling
+            folded in (rank 0 switches a module's adapter off).
 
     Returns:
         ``{"<module>.lora_A": A.T [in, r], "<module>.lora_B": B.T [r, out]}`` as contiguous fp32 arrays.
     """
     feeds: dict[str, np.ndarray] = {}
     for name, (a, b) in factors.items():
-        a = a.detach().cpu().float().numpy() if isinstance(a, torch.Tensor) else np.asarray(a, np.float32)
-        b = b.detach().cpu().float().numpy() if isinstance(b, torch.Tensor) else np.asarray(b, np.float32)
-        feeds[f"{name}.lora_A"] = np.ascontiguousarray(a.T, dtype=np.float32)
-        feeds[f"{name}.lora_B"] = np.ascontiguousarray(b.T, dtype=np.float32)
+        feeds[f"{name}.lora_A"] = np.ascontiguousarray(as_float32(a).T)
+        feeds[f"{name}.lora_B"] = np.ascontiguousarray(as_float32(b).T)
     return feeds
 
 
@@ -210,24 +231,3 @@ class DecoderSession:
             if finished.all():
                 break
         return sequences
-
-
-def torch_greedy(
-    model: nn.Module,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    max_new_tokens: int,
-    *,
-    eos_token_id: int | None = None,
-    pad_token_id: int | None = None,
-) -> torch.Tensor:
-    """transformers' greedy ``generate`` (no sampling, one beam): the reference for :meth:`DecoderSession.generate_greedy`.
-
-    Returns:
-        int64 [batch, prompt + generated].
-    """
-    with torch.no_grad():
-        return model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens, do_sample=False,
-            num_beams=1, eos_token_id=eos_token_id, pad_token_id=pad_token_id, min_new_tokens=0,
-        )

@@ -6,7 +6,14 @@ import pytest
 import torch
 from torch import nn
 
-from adalora_deploy import AdaLoraConfig, AdaLoraLinear, ConfigError, UnsupportedLayerError, find_adapters, inject_adapters
+from adalora_deploy import (
+    AdaLoraConfig,
+    AdaLoraLinear,
+    ConfigError,
+    UnsupportedLayerError,
+    find_adapters,
+    inject_adapters,
+)
 from adalora_deploy.adapters import matches_target
 from adalora_deploy.demo import tiny_llama
 from tests.conftest import random_tokens

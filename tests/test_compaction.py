@@ -16,12 +16,18 @@ import torch
 
 from adalora_deploy.adapters import AdapterSet, find_adapters, inject_adapters
 from adalora_deploy.artifacts import ArtifactError
-from adalora_deploy.checkpoint import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_adapter, save_adapter
 from adalora_deploy.cli import main
-from adalora_deploy.compaction import compact_adapter, from_adapters, read_compact_adapter
+from adalora_deploy.compaction import compact_adapter, from_adapters
 from adalora_deploy.config import AdaLoraConfig, ModelConfig, parse_run_config
 from adalora_deploy.demo import tiny_llama
 from adalora_deploy.models import load_base_model
+from adalora_deploy.peft_format import (
+    ADAPTER_CONFIG,
+    ADAPTER_WEIGHTS,
+    load_adapter,
+    read_compact_adapter,
+    save_adapter,
+)
 from adalora_deploy.training import AdaLoraController, make_optimizer, train
 from tests.conftest import random_tokens, run_config
 

@@ -13,26 +13,26 @@ import torch
 
 from adalora_deploy.adapters import find_adapters, inject_adapters
 from adalora_deploy.backends import backend_for
-from adalora_deploy.checkpoint import AdapterMismatchError, load_adapter, save_adapter
 from adalora_deploy.cli import main
 from adalora_deploy.config import ModelConfig
 from adalora_deploy.demo import tiny_llama
+from adalora_deploy.errors import AdapterMismatchError
 from adalora_deploy.merge import (
     MergeReport,
-    logits_error,
     merge_adapter,
     merge_into_dense,
     save_merged_model,
-    weight_sqnr_db,
 )
+from adalora_deploy.metrics import row_metrics, sqnr_db
 from adalora_deploy.models import load_base_model
+from adalora_deploy.peft_format import load_adapter, save_adapter
 from tests.conftest import random_tokens
 from tests.test_compaction import (
     EDGE_MASKS,
     FP32_PARITY_ATOL,
-    gptq_model_dir,  # noqa: F401  (a fixture)
     MIN_ADAPTER_EFFECT,
     adalora_config,
+    gptq_model_dir,  # noqa: F401  (a fixture)
     logits,
     set_random_masked,
     tiny_gpt2,
@@ -144,10 +144,10 @@ def test_requantized_merge_reports_its_error(tiny_model_dir, tmp_path, method):
 
 def test_error_metrics():
     weight = torch.randn(16, 16, generator=torch.Generator().manual_seed(0))
-    assert weight_sqnr_db(weight, weight) == math.inf
-    assert weight_sqnr_db(weight, weight * 1.1) == pytest.approx(20.0, abs=1e-5)  # noise = 0.1 |W|, fp32 product
-    max_abs, cosine = logits_error(weight, -weight)
-    assert max_abs == pytest.approx(float(2 * weight.abs().max())) and cosine == pytest.approx(-1.0)
+    assert sqnr_db(weight, weight) == math.inf
+    assert sqnr_db(weight, weight * 1.1) == pytest.approx(20.0, abs=1e-5)  # noise = 0.1 |W|, fp32 product
+    metrics = row_metrics(weight, -weight, logits=True)
+    assert metrics.max_abs == pytest.approx(float(2 * weight.abs().max())) and metrics.cosine_min == pytest.approx(-1.0)
 
 
 def test_cli_merge_writes_model_and_rejects_adapter_for_another_base(tiny_model_dir, tmp_path, capsys):
@@ -180,3 +180,25 @@ def test_cli_merge_writes_model_and_rejects_adapter_for_another_base(tiny_model_
     assert main(["merge", "--base", str(other), "--adapter", str(tmp_path / "adapter"),
                  "--output", str(tmp_path / "bad")]) == 2
     assert not (tmp_path / "bad").exists()
+
+
+def test_merge_loads_the_base_as_the_run_record_says_and_refuses_a_contradiction(tiny_model_dir, tmp_path, capsys):
+    """An adapter trained on bnb-nf4 must not be folded silently into dense weights it never saw."""
+    reference, base = _masked_adapter(tiny_model_dir, "bnb-nf4", tmp_path / "run" / "adapter")
+    assert (reference - base).abs().max() > MIN_ADAPTER_EFFECT
+    (tmp_path / "run" / "run.json").write_text(json.dumps({"model": {"quantization": "bnb-nf4",
+                                                                      "double_quant": False}}))
+    adapter = str(tmp_path / "run" / "adapter")
+    assert main(["merge", "--base", str(tiny_model_dir), "--adapter", adapter, "--quantization", "none",
+                 "--output", str(tmp_path / "refused")]) == 2
+    err = capsys.readouterr().err
+    assert "trained on a bnb-nf4 base" in err and "--force" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "refused").exists()
+    # default (auto) reads the record: the merged float model computes what the nf4 model + adapter computed
+    report = merge_adapter(tiny_model_dir, adapter, tmp_path / "merged")
+    assert report.base_quantization == "bnb-nf4"
+    merged = load_base_model(ModelConfig(path=str(tmp_path / "merged"), device="cpu"))
+    assert (logits(merged, random_tokens()) - reference).abs().max() <= FP32_PARITY_ATOL
+    # --force accepts the contradiction knowingly
+    forced = merge_adapter(tiny_model_dir, adapter, tmp_path / "forced", quantization="none", force=True)
+    assert forced.base_quantization == "none"

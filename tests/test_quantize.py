@@ -10,11 +10,16 @@ import torch.nn.functional as F
 
 from adalora_deploy.artifacts import ArtifactError
 from adalora_deploy.backends.gptq import QuantLinear
-from adalora_deploy.gptq.checkpoint import load_gptq_model
-from adalora_deploy.data import token_blocks
-from adalora_deploy.demo import SAMPLE_TEXT, byte_tokenizer, tiny_llama, write_tiny_llama
 from adalora_deploy.cli.quantize import register
+from adalora_deploy.data import token_blocks
+from adalora_deploy.demo import (
+    SAMPLE_TEXT,
+    byte_tokenizer,
+    tiny_llama,
+    write_tiny_llama,
+)
 from adalora_deploy.errors import QuantizationError
+from adalora_deploy.gptq.checkpoint import load_gptq_model
 from adalora_deploy.gptq.driver import QuantizationReport, quantize_model
 from adalora_deploy.gptq.solver import HessianAccumulator, gptq_quantize, rtn_quantize
 from adalora_deploy.metrics import relative_output_error

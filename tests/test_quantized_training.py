@@ -37,9 +37,10 @@ def _train(model, tokenizer, config: AdaLoraConfig) -> tuple[list[float], object
 @pytest.fixture(scope="module")
 def gptq_dirs(tiny_model_dir, tmp_path_factory) -> dict[str, str]:
     """The tiny Llama quantized with our GPTQ solver: 2, 4 and 8 bits (group 32), and 4-bit act-order."""
+    from transformers import AutoModelForCausalLM
+
     from adalora_deploy.gptq.checkpoint import save_gptq_model
     from adalora_deploy.gptq.driver import quantize_model
-    from transformers import AutoModelForCausalLM
 
     calibration = token_blocks(SAMPLE_TEXT, load_tokenizer(str(tiny_model_dir)), 32)[:16]
     folders = {}

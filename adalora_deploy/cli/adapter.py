@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from adalora_deploy.config import QUANTIZATIONS
+from adalora_deploy.cli.options import add_base_loading
 
 __all__ = ["register", "run_compact", "run_merge"]
 
@@ -44,8 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--base", required=True, metavar="MODEL_DIR", help="base model folder the adapter was trained on")
     merge.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="AdaLoRA adapter folder")
     merge.add_argument("--output", required=True, metavar="DIR", help="merged model folder")
-    merge.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                       help="how the base is loaded (as during training; default: none)")
+    add_base_loading(merge)
     merge.add_argument("--requantize", choices=("gptq", "rtn"), default=None,
                        help="re-quantize the merged weights and write a GPTQ checkpoint")
     merge.add_argument("--bits", type=int, default=4, help="re-quantization bits (default: 4)")
@@ -75,9 +74,10 @@ def run_compact(args: argparse.Namespace) -> int:
 def run_merge(args: argparse.Namespace) -> int:
     """``adalora-deploy merge``: merge, optionally re-quantize, print the per-layer table."""
     from adalora_deploy.artifacts import ArtifactError, check_output_dir
-    from adalora_deploy.compaction import compaction_report, read_compact_adapter
+    from adalora_deploy.compaction import compaction_report
     from adalora_deploy.errors import QuantizationError
     from adalora_deploy.merge import merge_adapter
+    from adalora_deploy.peft_format import read_compact_adapter
 
     if args.requantize is None and (args.calibration is not None):
         raise QuantizationError("--calibration only applies with --requantize gptq|rtn")
@@ -88,6 +88,7 @@ def run_merge(args: argparse.Namespace) -> int:
     check_output_dir(args.output, args.overwrite)
     ranks = compaction_report(read_compact_adapter(args.adapter), "adalora")
     report = merge_adapter(args.base, args.adapter, args.output, quantization=args.quantization,
+                           double_quant=args.double_quant, force=args.force,
                            requantize=args.requantize, bits=args.bits, group_size=args.group_size,
                            calibration=args.calibration, device=args.device)
     print(ranks.format_table())
@@ -95,5 +96,5 @@ def run_merge(args: argparse.Namespace) -> int:
     print(report.format_table())
     kind = f"GPTQ {args.requantize} {args.bits}-bit" if args.requantize else "float (safetensors)"
     print(f"wrote {report.output_dir}: merged {sum(1 for r in report.layers if r.rank)} adapters into the "
-          f"{args.quantization} base; {kind}")
+          f"{report.base_quantization} base; {kind}")
     return 0

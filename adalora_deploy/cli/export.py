@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from adalora_deploy.config import QUANTIZATIONS
+from adalora_deploy.cli.options import add_base_loading
 
 __all__ = ["register", "run_adapter_file", "run_check", "run_export"]
 
@@ -34,11 +34,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--serving", action="store_true",
                         help="separate mode: fast lossy kernels (MatMulNBits accuracy_level 4 for GPTQ, NF4/FP4 as "
                              "int4, LLM.int8 as 8-bit) instead of the exact MatMulBnb4 / LLM.int8 emulation")
-    export.add_argument("--quantization", choices=("auto", *QUANTIZATIONS), default="auto",
-                        help="how to load the base (default auto: GPTQ folders are detected, else the training "
-                             "run's run.json beside the adapter, else none)")
-    export.add_argument("--double-quant", action="store_true", default=None,
-                        help="bnb 4-bit: double-quantized statistics (default: as in the training run)")
+    add_base_loading(export)
     export.add_argument("--adapter-inputs", action="store_true",
                         help="separate mode: adapter factors as graph inputs with a symbolic rank (one graph, many "
                              "adapters) plus adapter.onnx_adapter")
@@ -78,7 +74,7 @@ def _add_adapter_file_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_adapter_file(args: argparse.Namespace) -> int:
     """Write the file and say how many modules carry a non-zero branch."""
-    from adalora_deploy.export.api import write_adapter_file
+    from adalora_deploy.export.adapter_file import write_adapter_file
 
     path = write_adapter_file(args.adapter, args.export, args.output)
     print(f"wrote {path} for {args.export}")
@@ -95,7 +91,7 @@ def run_export(args: argparse.Namespace) -> int:
     manifest = export_model(
         args.base, args.adapter, output=args.output, mode=args.mode, weights=args.weights,
         quantization=args.quantization, double_quant=args.double_quant, adapter_inputs=args.adapter_inputs,
-        serving=args.serving, opset=args.opset or DEFAULT_OPSET,
+        serving=args.serving, opset=args.opset or DEFAULT_OPSET, force=args.force,
     )
     ranks = ", ".join(f"{name}={rank}" for name, rank in manifest.ranks.items())
     print(f"wrote {args.output}: {manifest.mode} {manifest.weights}{' serving' if manifest.serving else ''}, "

@@ -55,9 +55,9 @@ def _print_training(result) -> None:
 def run_pipeline(args: argparse.Namespace) -> int:
     """train -> compact (AdaLoRA and LoRA) -> export merged and separate -> check each under onnxruntime."""
     from adalora_deploy.compaction import compact_adapter
-    from adalora_deploy.training import train
     from adalora_deploy.export.api import export_model
     from adalora_deploy.export.check import check_export
+    from adalora_deploy.training import train
 
     run, output = _load_run(args)
     print("== train")

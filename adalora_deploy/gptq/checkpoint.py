@@ -17,10 +17,20 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adalora_deploy.artifacts import atomic_dir, copy_tokenizer_files, save_tensors, write_json
+from adalora_deploy.artifacts import (
+    atomic_dir,
+    copy_tokenizer_files,
+    save_tensors,
+    write_json,
+)
 from adalora_deploy.backends.gptq import QuantLinear, quant_linears
 from adalora_deploy.errors import GPTQFormatError
-from adalora_deploy.gptq.packing import CHECKPOINT_FORMATS, CheckpointFormat, check_bits, pack_zeros
+from adalora_deploy.gptq.packing import (
+    CHECKPOINT_FORMATS,
+    CheckpointFormat,
+    check_bits,
+    pack_zeros,
+)
 
 __all__ = ["GPTQQuantConfig", "load_gptq_model", "read_quant_config", "save_gptq_model"]
 

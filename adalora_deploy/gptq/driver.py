@@ -19,7 +19,12 @@ from torch import nn
 from adalora_deploy.backends.gptq import QuantLinear
 from adalora_deploy.errors import QuantizationError
 from adalora_deploy.gptq.packing import CHECKPOINT_FORMATS
-from adalora_deploy.gptq.solver import HessianAccumulator, check_settings, gptq_quantize, rtn_quantize
+from adalora_deploy.gptq.solver import (
+    HessianAccumulator,
+    check_settings,
+    gptq_quantize,
+    rtn_quantize,
+)
 from adalora_deploy.metrics import db_from_relative, relative_output_error
 
 __all__ = ["LayerQuantization", "Method", "QuantizationReport", "quantize_model"]

@@ -42,7 +42,7 @@ class QuantizedWeight:
 
     Attributes:
         q: int32 ``(out, in)`` values in ``[0, 2**bits)``, columns in the original order.
-        scales: float32 ``(G, out)``, already rounded to fp16.
+        scales: float32 ``(G, out)``, already rounded to their storage precision (fp16 for GPTQ checkpoints).
         zeros: int32 ``(G, out)`` zero points.
         g_idx: int32 ``(in,)`` group of each input channel.
         bits, group_size, sym, desc_act: the settings that produced them.
@@ -88,11 +88,13 @@ def check_settings(bits: int, group_size: int) -> None:
         raise QuantizationError(f"group_size must be -1 (one group) or >= 1, got {group_size}")
 
 
-def _grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _grid(x: torch.Tensor, bits: int, sym: bool,
+          scale_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row scale and zero of ``x (out, k)`` (GPTQ's ``Quantizer.find_params``; the range includes 0).
 
     sym: ``scale = 2 max|x| / maxq``, ``zero = 2**(bits-1)``. asym: ``scale = (max - min) / maxq``,
-    ``zero = round(-min / scale)``. Scales are rounded to fp16, the precision they are stored in.
+    ``zero = round(-min / scale)``. Scales are rounded to ``scale_dtype``, the precision they are stored in
+    (fp16 in GPTQ checkpoints, fp32 in MatMulNBits).
     """
     maxq = 2**bits - 1
     xmin = torch.clamp(x.min(dim=1).values, max=0)
@@ -104,9 +106,10 @@ def _grid(x: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Te
     xmin = torch.where(flat, -torch.ones_like(xmin), xmin)
     xmax = torch.where(flat, torch.ones_like(xmax), xmax)
     scale = (xmax - xmin) / maxq
-    if bool((scale > _MAX_SCALE).any()):
-        raise QuantizationError(f"a weight group spans {float((xmax - xmin).max()):.3g}, too large for an fp16 scale")
-    scale = scale.clamp(min=_MIN_SCALE).to(torch.float16).float()
+    if scale_dtype == torch.float16:
+        if bool((scale > _MAX_SCALE).any()):
+            raise QuantizationError(f"a weight group spans {float((xmax - xmin).max()):.3g}, too large for an fp16 scale")
+        scale = scale.clamp(min=_MIN_SCALE).to(torch.float16).float()
     if sym:
         zero = torch.full_like(scale, 2 ** (bits - 1))
     else:
@@ -124,11 +127,12 @@ def _quantize_column(
     return q, dq
 
 
-def rtn_quantize(weight: torch.Tensor, *, bits: int, group_size: int = 128, sym: bool = True) -> QuantizedWeight:
+def rtn_quantize(weight: torch.Tensor, *, bits: int, group_size: int = 128, sym: bool = True,
+                 scale_dtype: torch.dtype = torch.float16) -> QuantizedWeight:
     """Round-to-nearest quantization of ``weight (out, in)`` per group of ``group_size`` input channels.
 
     The baseline GPTQ is compared against: each group gets the min/max grid of :func:`_grid` and every
-    value is rounded independently.
+    value is rounded independently. ``scale_dtype``: fp16 for GPTQ checkpoints, fp32 for MatMulNBits.
     """
     check_settings(bits, group_size)
     w = weight.detach().float()
@@ -138,7 +142,7 @@ def rtn_quantize(weight: torch.Tensor, *, bits: int, group_size: int = 128, sym:
     scales, zeros, codes = [], [], []
     for start in range(0, in_features, size):
         block = w[:, start : start + size]
-        scale, zero = _grid(block, bits, sym)
+        scale, zero = _grid(block, bits, sym, scale_dtype)
         codes.append(torch.clamp(torch.round(block / scale[:, None]) + zero[:, None], 0, maxq))
         scales.append(scale)
         zeros.append(zero)

@@ -19,10 +19,15 @@ from hypothesis import strategies as st
 
 from adalora_deploy.backends import backend_for
 from adalora_deploy.backends.gptq import GPTQBackend, QuantLinear
+from adalora_deploy.demo import byte_tokenizer, tiny_llama
 from adalora_deploy.errors import GPTQFormatError
 from adalora_deploy.gptq.checkpoint import load_gptq_model, save_gptq_model
-from adalora_deploy.gptq.packing import pack_columns, pack_rows, unpack_columns, unpack_rows
-from adalora_deploy.demo import byte_tokenizer, tiny_llama
+from adalora_deploy.gptq.packing import (
+    pack_columns,
+    pack_rows,
+    unpack_columns,
+    unpack_rows,
+)
 
 BITS = (2, 3, 4, 8)
 

@@ -48,11 +48,11 @@ class ExportWorkspace:
             import torch
             from transformers import AutoModelForCausalLM
 
-            from adalora_deploy.gptq.checkpoint import save_gptq_model
             from adalora_deploy.data import token_blocks
             from adalora_deploy.demo import SAMPLE_TEXT
-            from adalora_deploy.models import load_tokenizer
+            from adalora_deploy.gptq.checkpoint import save_gptq_model
             from adalora_deploy.gptq.driver import quantize_model
+            from adalora_deploy.models import load_tokenizer
 
             blocks = token_blocks(str(SAMPLE_TEXT), load_tokenizer(str(self.model)), 32)[:16]
             model = AutoModelForCausalLM.from_pretrained(self.model, dtype=torch.float32, local_files_only=True)

@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-
 from adalora_deploy.export.contrib import CUSTOM_TRANSLATION_TABLE
 from adalora_deploy.export.runtime import create_session
 

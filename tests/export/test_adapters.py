@@ -5,12 +5,18 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
-from adalora_deploy.demo import tiny_llama
 from adalora_deploy.export.graph import DecoderWrapper, export_decoder
-from adalora_deploy.export.modules import Bnb4Linear, Int8EmulationLinear, LowRankBranch, NBitsLinear, swap_module
+from adalora_deploy.export.modules import (
+    Bnb4Linear,
+    Int8EmulationLinear,
+    LowRankBranch,
+    NBitsLinear,
+    swap_module,
+)
 from adalora_deploy.export.parity import EXACT_MAX_ABS, decoder_parity
 from adalora_deploy.export.runtime import DecoderSession, adapter_feeds, create_session
+
+from adalora_deploy.demo import tiny_llama
 from tests.export.helpers import gptq_rtn
 from tests.export.test_graph import EOS, PAD, left_padded_batch
 

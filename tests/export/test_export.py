@@ -6,11 +6,18 @@ import json
 
 import onnx
 import pytest
+from adalora_deploy.export.api import export_model
+from adalora_deploy.export.check import (
+    ADAPTER_EFFECT_MIN,
+    PARITY_FILE,
+    check_export,
+    held_out_batch,
+)
+from adalora_deploy.export.manifest import MANIFEST_FILE, read_manifest, sha256_file
+from adalora_deploy.export.parity import EXACT_MAX_ABS
+from adalora_deploy.export.source import load_source_model
 
 from adalora_deploy.cli import main
-from adalora_deploy.export.api import MANIFEST_FILE, export_model, load_source_model, read_manifest, sha256_file
-from adalora_deploy.export.check import ADAPTER_EFFECT_MIN, PARITY_FILE, check_export, held_out_batch
-from adalora_deploy.export.parity import EXACT_MAX_ABS
 
 BRANCH_BYTES_PER_RANK = 4
 """fp32 bytes per factor entry: a rank-r branch on a [out, in] linear stores r * (in + out) of them."""
@@ -144,7 +151,7 @@ def test_cli_gptq_act_order_separate(export_workspace, tmp_path, capsys):
 def test_nf4_separate_uses_matmulbnb4_and_is_exact(export_workspace, tmp_path):
     out = tmp_path / "nf4"
     manifest = export_model(export_workspace.model, export_workspace.adapter, output=out, mode="separate",
-                            quantization="bnb-nf4", double_quant=True)
+                            quantization="bnb-nf4", double_quant=True, force=True)  # float-trained adapter
     assert manifest.base_kind == "bnb-nf4-dq" and manifest.quantized_ops == {"com.microsoft::MatMulBnb4": 14}
     report = check_export(out, max_new_tokens=8)
     _assert_exact(report)

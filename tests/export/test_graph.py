@@ -6,11 +6,11 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
-from adalora_deploy.demo import tiny_llama
 from adalora_deploy.export.graph import ExportError, export_decoder
 from adalora_deploy.export.parity import EXACT_MAX_ABS, decoder_parity
 from adalora_deploy.export.runtime import DecoderSession, create_session
+
+from adalora_deploy.demo import tiny_llama
 
 EOS, PAD = 257, 258
 PADDING_ATOL = 1e-5

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
-import torch
-
-from adalora_deploy.demo import tiny_llama
 from adalora_deploy.export.graph import export_decoder
 from adalora_deploy.export.modules import NBitsLinear, swap_module
 from adalora_deploy.export.parity import LOSSY_MAX_KL, LOSSY_MIN_COSINE, decoder_parity
 from adalora_deploy.export.runtime import DecoderSession, create_session
+
+from adalora_deploy.demo import tiny_llama
 from tests.export.test_graph import EOS, PAD, left_padded_batch
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",

@@ -5,9 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from adalora_deploy.export.modules import (
+    Bnb4Linear,
+    Int8EmulationLinear,
+    LowRankBranch,
+    NBitsLinear,
+)
 
-from adalora_deploy.export.contrib import FP4_CODE, NF4_CODE
-from adalora_deploy.export.modules import Bnb4Linear, Int8EmulationLinear, LowRankBranch, NBitsLinear
+from adalora_deploy.backends.bnb import FP4_CODE, NF4_CODE
 from tests.export.helpers import export_module, gptq_rtn, op_types, run_module
 
 FP32_MATMUL_ATOL = 1e-5
@@ -183,7 +188,7 @@ def test_nbits_from_bnb_int8(tmp_path, bnb, bnb_linear, x):
 def test_bnb4_after_bnb_cpu_repack(bnb, bnb_linear, x):
     from bitsandbytes.functional import has_avx512bf16
 
-    from adalora_deploy.export.bnb import linear4bit_state
+    from adalora_deploy.backends.bnb import linear4bit_state
 
     layer = _linear4bit(bnb, bnb_linear, "nf4", True)
     exact = Bnb4Linear.from_bnb(layer)
@@ -220,9 +225,9 @@ def test_int8_emulation_matches_bitsandbytes_eval_forward(tmp_path, bnb, bnb_lin
 def test_nbits_from_bnb_4bit_requantizes(bnb, bnb_linear):
     layer = _linear4bit(bnb, bnb_linear, "nf4", False)
     module = NBitsLinear.from_bnb_4bit(layer, accuracy_level=0)
-    from adalora_deploy.export.bnb import dequantize_linear4bit
+    from adalora_deploy.backends.bnb import linear4bit_state
 
-    source = dequantize_linear4bit(layer)
+    source = linear4bit_state(layer).dequantize()
     step = module.scales.repeat_interleave(32, dim=1)[:, :IN_FEATURES]
     assert bool(((module.dequantized_weight() - source).abs() <= step / 2 + 1e-6).all())
 

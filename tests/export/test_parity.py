@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from adalora_deploy.export.parity import (
     EXACT_MAX_ABS,
     LOSSY_MIN_COSINE,

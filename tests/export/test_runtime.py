@@ -6,9 +6,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import TensorProto, helper, numpy_helper
-
 from adalora_deploy.export.runtime import create_session
+from onnx import TensorProto, helper, numpy_helper
 
 K, N, BLOCK = 128, 64, 32
 FUSED_ACC4_MIN_ERROR = 1e-3

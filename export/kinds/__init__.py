@@ -1,0 +1,177 @@
+"""Base kinds on the export side: one plug-in per kind, keyed by the training backend's kind.
+
+Training reads a base layer through its backend (:mod:`adalora_deploy.backends`); export asks the
+matching :class:`ExportKind` for the layer's ONNX twin and for what the graph then computes. A new base
+kind is one backend file there and one kind file here.
+
+    backend kind            file        twin of a base layer (separate mode)
+    dense, dense-conv1d     dense.py    the layer itself (fp32 MatMul)
+    bnb-4bit                bnb4.py     MatMulBnb4 (exact) | MatMulNBits int4 (serving)
+    bnb-int8                bnb8.py     LLM.int8 emulation (exact) | MatMulNBits 8-bit (serving)
+    gptq                    gptq.py     MatMulNBits repacked exactly (accuracy 0 | serving: 4)
+
+:func:`arithmetic_table` renders every kind's description; the README's "Export modes" table is that
+rendering (a test keeps them equal), so the arithmetic is written in one place.
+"""
+
+from __future__ import annotations
+
+import abc
+import importlib
+from dataclasses import dataclass
+from typing import ClassVar, Literal
+
+from torch import nn
+
+__all__ = [
+    "BRANCH",
+    "Arithmetic",
+    "ExportKind",
+    "SERVING_ACCURACY_LEVEL",
+    "SourceTier",
+    "Tier",
+    "arithmetic_table",
+    "kind_for_module",
+    "kind_for_quantization",
+    "kinds",
+    "register_kind",
+    "twin_of",
+    "untwinned",
+]
+
+Tier = Literal["exact", "lossy"]
+SourceTier = Literal["exact", "lossy", "report"]
+
+SERVING_ACCURACY_LEVEL = 4
+"""MatMulNBits accuracy_level of serving graphs: int8 activations (5-8x faster on CPU than level 0, lossy)."""
+BRANCH = " + fp32 low-rank branch x·Aᵀ·Bᵀ per module with rank > 0"
+"""What separate mode adds beside every base kind's matmul."""
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """What one graph computes and how it is judged."""
+
+    text: str
+    """The arithmetic, in words (which torch arithmetic it reproduces)."""
+    tier: Tier
+    """Parity tier against the torch twin (the same conversion in torch)."""
+    source_tier: SourceTier
+    """Parity tier against the source model (base with its own kernels + adapter)."""
+
+
+class ExportKind(abc.ABC):
+    """How base layers of one kind are exported.
+
+    Attributes:
+        backend_kinds: the training backends' ``kind`` values this plug-in exports.
+        quantizations: the ``model.quantization`` values that load such bases.
+        label: the base column of :func:`arithmetic_table`.
+        twins: the export modules :meth:`twin` builds, for messages (empty when the layer is its own twin).
+    """
+
+    backend_kinds: ClassVar[tuple[str, ...]]
+    quantizations: ClassVar[tuple[str, ...]]
+    label: ClassVar[str]
+    twins: ClassVar[str] = ""
+
+    @abc.abstractmethod
+    def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
+        """The export-friendly module computing what the graph will compute for this base layer."""
+
+    @abc.abstractmethod
+    def separate(self, *, serving: bool) -> Arithmetic:
+        """The separate-mode graph's arithmetic for the base layer (kept in its own format; the adapter's
+        branch, :data:`BRANCH`, is added beside it)."""
+
+    def merged(self) -> Arithmetic:
+        """The fp32 merged graph's arithmetic: ``dequant(W0) + ΔW`` in one fp32 MatMul."""
+        return Arithmetic("fp32 MatMul of dequant(W0) + ΔW", "exact", "exact")
+
+    @property
+    def has_serving(self) -> bool:
+        """Whether ``--serving`` changes this kind's graph."""
+        return self.separate(serving=True) != self.separate(serving=False)
+
+
+_KIND_MODULES = ("dense", "bnb4", "bnb8", "gptq")
+_registry: list[ExportKind] = []
+_loaded = False
+
+
+def register_kind(kind: ExportKind) -> ExportKind:
+    """Add an export kind (later registrations are consulted first)."""
+    _registry.insert(0, kind)
+    return kind
+
+
+def kinds() -> tuple[ExportKind, ...]:
+    """Every registered kind, in table order."""
+    _ensure_loaded()
+    return tuple(reversed(_registry))
+
+
+def _ensure_loaded() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for name in _KIND_MODULES:
+            importlib.import_module(f"{__name__}.{name}")
+
+
+def kind_for_quantization(quantization: str) -> ExportKind:
+    """The kind that a base loaded as ``model.quantization = quantization`` exports as.
+
+    Raises:
+        ExportError: no kind handles it.
+    """
+    from adalora_deploy.errors import ExportError
+
+    for kind in kinds():
+        if quantization in kind.quantizations:
+            return kind
+    known = sorted(q for kind in kinds() for q in kind.quantizations)
+    raise ExportError(f"no export kind for quantization {quantization!r}; known: {', '.join(known)}")
+
+
+def kind_for_module(module: nn.Module) -> ExportKind | None:
+    """The kind of a base layer (by its training backend), or None for modules no backend reads."""
+    from adalora_deploy.backends import backend_for, is_supported
+
+    if not is_supported(module):
+        return None
+    backend_kind = backend_for(module).kind
+    for kind in kinds():
+        if backend_kind in kind.backend_kinds:
+            return kind
+    return None
+
+
+def twin_of(module: nn.Module, *, serving: bool) -> nn.Module:
+    """``module``'s export twin, or ``module`` itself when no kind claims it (e.g. an already-swapped layer)."""
+    kind = kind_for_module(module)
+    return module if kind is None else kind.twin(module, serving=serving)
+
+
+def untwinned(model: nn.Module) -> list[str]:
+    """Names of base layers whose twin differs from the layer itself (they must be swapped before export)."""
+    problems = []
+    for name, module in model.named_modules():
+        kind = kind_for_module(module)
+        if kind is not None and kind.twins:
+            problems.append(f"{name} ({type(module).__name__}): swap it for {kind.twins}")
+    return problems
+
+
+def arithmetic_table() -> str:
+    """Markdown table: base kind x export mode -> the graph's arithmetic (the README's "Export modes")."""
+    rows = ["| base (`model.quantization`) | `--mode merged` | `--mode separate` (exact) | `--mode separate --serving` |",
+            "|---|---|---|---|"]
+    for kind in kinds():
+        exact = kind.separate(serving=False).text
+        serving = kind.separate(serving=True).text if kind.has_serving else "-"
+        rows.append(f"| {kind.label} | {kind.merged().text} | {exact} | {serving} |")
+    rows.append("")
+    rows.append("Separate mode adds an fp32 low-rank branch x·Aᵀ·Bᵀ beside each adapted module with exactly its "
+                "surviving rank (A = Λ'Q', B = P'·scale); a rank-0 module adds no node.")
+    return "\n".join(rows)

@@ -1,0 +1,37 @@
+"""GPTQ bases (our QuantLinear, 2/4/8-bit, act-order): MatMulNBits with the checkpoint's integers repacked."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from adalora_deploy.errors import ExportError
+
+from . import SERVING_ACCURACY_LEVEL, Arithmetic, ExportKind, register_kind
+
+
+class GPTQKind(ExportKind):
+    backend_kinds = ("gptq",)
+    quantizations = ("gptq",)
+    label = "gptq (2/4/8-bit, act-order)"
+    twins = "adalora_deploy.export.modules.NBitsLinear.from_gptq"
+
+    def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
+        from ..modules import NBitsLinear
+
+        try:
+            return NBitsLinear.from_gptq(module, accuracy_level=SERVING_ACCURACY_LEVEL if serving else 0)
+        except ValueError as error:
+            raise ExportError(f"{error}; export with --mode merged instead") from None
+
+    def separate(self, *, serving: bool) -> Arithmetic:
+        if serving:
+            return Arithmetic("MatMulNBits (GPTQ repacked), accuracy_level 4 (lossy)", "lossy", "lossy")
+        return Arithmetic("MatMulNBits (GPTQ repacked exactly, act-order as a K permutation), accuracy_level 0: the "
+                          "exact fp32 product s·(q - z) that QuantLinear computes with", "exact", "exact")
+
+    def merged(self) -> Arithmetic:
+        return Arithmetic("fp32 MatMul of dequant(W0) + ΔW; reproduces QuantLinear's exact fp32 dequantized weight",
+                          "exact", "exact")
+
+
+register_kind(GPTQKind())

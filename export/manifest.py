@@ -1,0 +1,128 @@
+"""``export.json``: what an export folder holds, which arithmetic its graph reproduces, and file hashes."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from adalora_deploy.errors import ArtifactError
+
+__all__ = ["MANIFEST_FILE", "MANIFEST_VERSION", "ExportManifest", "package_versions", "read_manifest", "sha256_file"]
+
+MANIFEST_FILE = "export.json"
+MANIFEST_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ExportManifest:
+    """``export.json``: what an export folder holds and which arithmetic its graph reproduces."""
+
+    mode: str
+    """``merged`` or ``separate``."""
+    weights: str
+    """Merged: ``fp32``/``fp16``/``int4``/``int8``; separate: ``fp32`` (the base keeps its own quantization)."""
+    serving: bool
+    """Separate mode: fast lossy kernels (accuracy_level 4) instead of the exact arithmetic."""
+    adapter_inputs: bool
+    """Adapter factors are graph inputs (symbolic rank) and ``adapter.onnx_adapter`` holds this adapter's."""
+    quantization: str
+    """How the base was loaded: ``none``, ``bnb-nf4``, ``bnb-fp4``, ``bnb-int8``, ``gptq``."""
+    double_quant: bool
+    """bnb 4-bit double quantization of the statistics."""
+    base_kind: str
+    """The base layers' kind as the backends describe them (e.g. ``gptq-4bit-g32-act``, ``bnb-nf4-dq``)."""
+    base_path: str
+    adapter_path: str
+    arithmetic: str
+    """What the graph computes, in words (which torch arithmetic it reproduces)."""
+    tier: str
+    """Parity tier of the graph against the torch model rebuilt with the same conversion."""
+    source_tier: str
+    """Parity tier of the graph against the source model (adapter on the base with its own torch kernel);
+    ``report`` when the export re-quantizes weights (merged int4/int8, bnb 4-bit serving): the error is
+    measured and written, but judged only against the twin (``tier``), as ``merge --requantize`` reports it."""
+    ranks: dict[str, int]
+    """Surviving rank of every adapted module (0: no branch in separate mode)."""
+    adapter_matmuls: int
+    """MatMul nodes of adapter branches (2 per module with rank > 0 in separate mode, 0 when merged)."""
+    quantized_ops: dict[str, int]
+    """Quantized-arithmetic node counts (``com.microsoft::*``, ``MatMulInteger``)."""
+    op_counts: dict[str, int]
+    """Every node count by op."""
+    adapter_input_names: tuple[str, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    opset: int
+    files: dict[str, str]
+    """File name -> sha256 of every file in the folder but ``export.json`` (and ``parity.json``)."""
+    sizes: dict[str, int]
+    """File name -> bytes."""
+    versions: dict[str, str]
+    """torch, transformers, onnx, onnxruntime, adalora_deploy (and bitsandbytes when installed)."""
+    format_version: int = MANIFEST_VERSION
+    output_dir: str = field(default="", compare=False)
+    """Where the folder was read from or written to (not stored)."""
+
+    @property
+    def graph_bytes(self) -> int:
+        """Bytes of ``model.onnx`` plus its external data."""
+        return sum(size for name, size in self.sizes.items() if name.startswith("model.onnx"))
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("output_dir")
+        for key in ("adapter_input_names", "input_names", "output_names"):
+            data[key] = list(data[key])
+        return data
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], output_dir: str | os.PathLike = "") -> ExportManifest:
+        names = {f.name for f in dataclasses.fields(cls)} - {"output_dir"}
+        missing = sorted(names - set(data) - {"format_version"})
+        if missing:
+            raise ArtifactError(f"{Path(output_dir) / MANIFEST_FILE}: missing keys {missing}; re-export the folder")
+        values = {k: data[k] for k in names if k in data}
+        for key in ("adapter_input_names", "input_names", "output_names"):
+            values[key] = tuple(values[key])
+        return cls(**values, output_dir=str(output_dir))
+
+
+def read_manifest(export_dir: str | os.PathLike) -> ExportManifest:
+    """Read ``export.json`` of an export folder.
+
+    Raises:
+        ArtifactError: the folder or its manifest is missing or malformed.
+    """
+    from adalora_deploy.artifacts import read_json_object
+
+    folder = Path(export_dir)
+    return ExportManifest.from_dict(read_json_object(folder, MANIFEST_FILE, "export"), folder)
+
+
+def sha256_file(path: str | os.PathLike) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of the packages an export depends on (recorded in the manifest)."""
+    import importlib.metadata
+
+    versions = {}
+    for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "bitsandbytes"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    import adalora_deploy
+
+    versions["adalora_deploy"] = adalora_deploy.__version__
+    return versions
