@@ -22,6 +22,11 @@ from adalora_deploy.errors import ConfigError
 __all__ = [
     "AdaLoraConfig",
     "ConfigError",
+    "DataConfig",
+    "ExportConfig",
+    "QuantizeConfig",
+    "SECTIONS",
+    "TaskConfig",
     "QUANTIZATIONS",
     "ModelConfig",
     "RunConfig",
@@ -222,8 +227,6 @@ class ModelConfig:
 class TrainConfig:
     """The training run."""
 
-    data: str
-    """A .txt or .jsonl file ({"text": ...} per line)."""
     steps: int
     """Optimizer steps; this is AdaLoRA's total_step."""
     batch_size: int = 4
@@ -242,8 +245,14 @@ class TrainConfig:
     """Seed of the adapter init, dropout and batch order."""
     checkpoint_every: int = 10
     """Write a resumable checkpoint every this many optimizer steps (0 = only at the end)."""
+    eval_every: int = 0
+    """Held-out loss every this many optimizer steps (0 = only after the last step); needs held-out data."""
+    data: str | None = None
+    """Shorthand for ``data.train`` (a text or data file); use the ``data`` section for anything more."""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every < 0:
+            _fail("train", "eval_every", self.eval_every, "must be an integer >= 0", "use 0 to evaluate only at the end")
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -256,6 +265,143 @@ class TrainConfig:
             _fail("train", "max_grad_norm", self.max_grad_norm, "must be > 0 or null", "remove it to disable clipping")
 
 
+DataFormat = Literal["auto", "text", "prompt_completion", "messages"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    """What to train on and what to hold out (see :mod:`adalora_deploy.data`)."""
+
+    train: str
+    """Training data: a .txt/.jsonl/.csv/.parquet file, ``builtin:sample`` or ``package:DIST/PATH``."""
+    eval: str | None = None
+    """Held-out data in the same form; None: ``eval_size`` records drawn from ``train``."""
+    eval_size: int = 0
+    """Records (text: blocks) held out of ``train`` when ``eval`` is None; 0 holds none out."""
+    format: DataFormat = "auto"
+    """text (loss on all tokens), prompt_completion (loss on the completion), messages (loss on assistant
+    turns); auto: by the templates given, else by the records' fields."""
+    where: dict[str, Any] = field(default_factory=dict)
+    """Keep only records whose fields equal these values (e.g. ``{source: rotten_tomatoes}``)."""
+    map: dict[str, dict[Any, Any]] = field(default_factory=dict)
+    """Replace field values before templating (e.g. ``{label: {0: negative, 1: positive}}``)."""
+    text: str | None = None
+    """Template of the text (Python format string over the record's fields)."""
+    prompt: str | None = None
+    """Template of the prompt."""
+    completion: str | None = None
+    """Template of the completion."""
+    chat: bool = False
+    """Render prompt/completion as a user/assistant exchange with the tokenizer's chat template."""
+    system: str | None = None
+    """System message when ``chat`` (None: the chat template's default)."""
+    limit: int | None = None
+    """Train on at most this many records (drawn with the run's seed); None: all."""
+    packing: bool | None = None
+    """Join examples into seq_len blocks (True) or pad one per row (False); None: text packed, else padded."""
+
+    def __post_init__(self) -> None:
+        section = "data"
+        if not isinstance(self.train, str) or not self.train:
+            _fail(section, "train", self.train, "must name a data file", "e.g. train.jsonl or builtin:sample")
+        _check_choice(section, "format", self.format, get_args(DataFormat))
+        if not isinstance(self.eval_size, int) or isinstance(self.eval_size, bool) or self.eval_size < 0:
+            _fail(section, "eval_size", self.eval_size, "must be an integer >= 0", "e.g. 200 held-out records")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            _fail(section, "limit", self.limit, "must be an integer >= 1 or null", "remove it to use every record")
+        for name in ("where", "map"):
+            if not isinstance(getattr(self, name), dict):
+                _fail(section, name, getattr(self, name), "must be a mapping", "e.g. {source: rotten_tomatoes}")
+        if not all(isinstance(v, dict) for v in self.map.values()):
+            _fail(section, "map", self.map, "must map field names to {old: new} mappings",
+                  "e.g. {label: {0: negative, 1: positive}}")
+        for name in ("text", "prompt", "completion", "system"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                _fail(section, name, value, "must be a string or null", "quote the template in YAML")
+        if self.text is not None and (self.prompt is not None or self.completion is not None):
+            _fail(section, "text", self.text, "cannot be combined with prompt/completion templates",
+                  "use text for raw text, or prompt + completion for instructions")
+        if (self.prompt is None) != (self.completion is None):
+            _fail(section, "prompt" if self.prompt is None else "completion", None,
+                  "prompt and completion templates go together", "give both")
+
+
+@dataclass(frozen=True, kw_only=True)
+class QuantizeConfig:
+    """How ``adalora-deploy run`` quantizes a float base when ``model.quantization`` is ``gptq``."""
+
+    method: Literal["gptq", "rtn"] = "gptq"
+    """gptq (error-compensating, needs calibration text) or rtn (round-to-nearest)."""
+    bits: int = 4
+    """Bits per weight: 2, 3, 4 or 8 (2, 4, 8 have onnxruntime kernels)."""
+    group_size: int = 128
+    """Input channels per scale/zero group; -1 for one group per row."""
+    sym: bool = True
+    """Symmetric grid (zero point fixed at 2^(bits-1))."""
+    desc_act: bool = False
+    """Act-order: quantize columns by decreasing Hessian diagonal."""
+    samples: int = 64
+    """Calibration sequences."""
+    seq_len: int = 256
+    """Tokens per calibration sequence."""
+    calibration: str | None = None
+    """Calibration text (a data reference); None: the training data's texts."""
+    percdamp: float = 0.01
+    """GPTQ damping as a fraction of the mean Hessian diagonal."""
+
+    def __post_init__(self) -> None:
+        from adalora_deploy.gptq import SUPPORTED_BITS
+
+        _check_choice("quantize", "method", self.method, ("gptq", "rtn"))
+        _check_choice("quantize", "bits", self.bits, SUPPORTED_BITS)
+        if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
+            _fail("quantize", "group_size", self.group_size, "must be -1 or >= 1", "use 128")
+        for name in ("samples", "seq_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                _fail("quantize", name, value, "must be an integer >= 1", "use a positive whole number")
+        if self.desc_act and self.method == "rtn":
+            _fail("quantize", "desc_act", True, "applies to method gptq only", "remove it or use method: gptq")
+
+
+@dataclass(frozen=True, kw_only=True)
+class ExportConfig:
+    """One graph ``adalora-deploy run`` exports, checks and evaluates (the options of ``adalora-deploy export``)."""
+
+    name: str
+    """Folder name under the run's ``exports/`` and the label in the report."""
+    mode: Literal["merged", "separate"] = "separate"
+    weights: Literal["fp32", "fp16", "int4", "int8"] = "fp32"
+    serving: bool = False
+    adapter_inputs: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name):
+            _fail("export", "name", self.name, "must be a folder name (letters, digits, . _ -)", "e.g. int4-serving")
+        _check_choice("export", "mode", self.mode, ("merged", "separate"))
+        _check_choice("export", "weights", self.weights, ("fp32", "fp16", "int4", "int8"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class TaskConfig:
+    """How ``adalora-deploy run`` scores a model on the held-out records, beside held-out loss."""
+
+    choices: list[str] | None = None
+    """Completions the model chooses between (classification): accuracy counts the held-out prompts whose
+    highest next-token logit among the choices' first tokens is the true completion's. None: loss only."""
+    max_examples: int | None = None
+    """Score at most this many held-out records (None: all)."""
+
+    def __post_init__(self) -> None:
+        if self.choices is not None and (not isinstance(self.choices, list) or len(self.choices) < 2
+                                         or not all(isinstance(c, str) and c for c in self.choices)):
+            _fail("task", "choices", self.choices, "must list at least two non-empty completions",
+                  "e.g. [negative, positive]")
+        if self.max_examples is not None and (not isinstance(self.max_examples, int) or self.max_examples < 1):
+            _fail("task", "max_examples", self.max_examples, "must be an integer >= 1 or null", "remove it to use all")
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
     """A whole ``adalora-deploy train`` run: model, adapter and training sections."""
@@ -263,6 +409,13 @@ class RunConfig:
     model: ModelConfig
     adapter: AdaLoraConfig
     train: TrainConfig
+    data: DataConfig
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    """Used by ``run`` to make a GPTQ base from a float one."""
+    exports: tuple[ExportConfig, ...] = ()
+    """Graphs ``run`` exports, checks and evaluates."""
+    task: TaskConfig = field(default_factory=TaskConfig)
+    """How ``run`` scores models on the held-out data."""
     source: str | None = field(default=None, compare=False)
     """The file this config was read from (relative paths in it resolve against its folder)."""
 
@@ -270,7 +423,16 @@ class RunConfig:
         """Plain data for YAML/JSON (the adapter section without total_step, which is train.steps)."""
         adapter = dataclasses.asdict(self.adapter)
         adapter.pop("total_step")
-        return {"model": dataclasses.asdict(self.model), "adapter": adapter, "train": dataclasses.asdict(self.train)}
+        train = dataclasses.asdict(self.train)
+        train.pop("data")  # it lives in data.train
+        return {"model": dataclasses.asdict(self.model), "adapter": adapter, "train": train,
+                "data": dataclasses.asdict(self.data), "quantize": dataclasses.asdict(self.quantize),
+                "export": [dataclasses.asdict(e) for e in self.exports], "task": dataclasses.asdict(self.task)}
+
+    def training_record(self) -> dict[str, Any]:
+        """The sections that decide what training computes (a resumed run must match them exactly)."""
+        record = self.to_dict()
+        return {key: record[key] for key in ("model", "adapter", "train", "data")}
 
 
 def from_mapping(cls: type, data: Any, section: str, **extra: Any) -> Any:
@@ -307,6 +469,17 @@ def _parse_value(text: str) -> Any:
     return yaml.safe_load(text) if text.strip() else ""
 
 
+SECTIONS = ("model", "adapter", "train", "data", "quantize", "export", "task")
+"""Sections of a run config; model, adapter and train are required (data may be given as train.data)."""
+_MAPPING_SECTIONS = ("model", "adapter", "train", "data", "quantize", "task")
+
+
+def _unknown_section(name: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(str(name), SECTIONS, n=1)
+    hint = f"did you mean {close[0]}?" if close else f"sections are {', '.join(SECTIONS)}"
+    return ConfigError(f"{where}unknown section {name!r}; {hint}")
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config mapping."""
     data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
@@ -315,10 +488,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=50")
         dotted, value = item.split("=", 1)
         section, key = dotted.split(".", 1)
-        if section not in ("model", "adapter", "train"):
-            close = difflib.get_close_matches(section, ["model", "adapter", "train"], n=1)
-            hint = f"did you mean {close[0]}?" if close else "sections are model, adapter, train"
-            raise ConfigError(f"--set {item!r}: unknown section {section!r}; {hint}")
+        if section not in _MAPPING_SECTIONS:
+            raise _unknown_section(section, f"--set {item!r}: ")
         data.setdefault(section, {})[key] = _parse_value(value)
     return data
 
@@ -328,35 +499,51 @@ def parse_run_config(data: Any, source: str | None = None) -> RunConfig:
     if not isinstance(data, Mapping):
         raise ConfigError("the config file must be a YAML mapping with sections model, adapter, train")
     for key in data:
-        if key not in ("model", "adapter", "train"):
-            close = difflib.get_close_matches(str(key), ["model", "adapter", "train"], n=1)
-            hint = f"did you mean {close[0]}?" if close else "sections are model, adapter, train"
-            raise ConfigError(f"{key}: unknown section; {hint}")
+        if key not in SECTIONS:
+            raise _unknown_section(key, "")
     for key in ("model", "adapter", "train"):
         if key not in data:
             raise ConfigError(f"{key}: required section is missing")
     base = Path(source).parent if source else Path.cwd()
-    model_data = dict(data["model"]) if isinstance(data["model"], Mapping) else data["model"]
-    train_data = dict(data["train"]) if isinstance(data["train"], Mapping) else data["train"]
-    if isinstance(model_data, dict) and isinstance(model_data.get("path"), str):
-        model_data["path"] = _resolve(model_data["path"], base)
-    if isinstance(train_data, dict) and isinstance(train_data.get("data"), str):
-        train_data["data"] = _resolve(train_data["data"], base)
-    model = from_mapping(ModelConfig, model_data, "model")
-    train = from_mapping(TrainConfig, train_data, "train")
-    adapter_data = data["adapter"]
+    sections = {key: dict(value) if isinstance(value, Mapping) else value for key, value in data.items()}
+    for section, key in (("model", "path"), ("train", "data"), ("data", "train"), ("data", "eval"),
+                         ("quantize", "calibration")):
+        values = sections.get(section)
+        if isinstance(values, dict) and isinstance(values.get(key), str):
+            values[key] = _resolve(values[key], base)
+    model = from_mapping(ModelConfig, sections["model"], "model")
+    train = from_mapping(TrainConfig, sections["train"], "train")
+    if "data" in sections:
+        if train.data is not None:
+            raise ConfigError("train.data and the data section both name training data; keep data.train only")
+        data_config = from_mapping(DataConfig, sections["data"], "data")
+    elif train.data is not None:
+        data_config = DataConfig(train=train.data)
+    else:
+        raise ConfigError("data: required section is missing (or give train.data: FILE for plain text)")
+    adapter_data = sections["adapter"]
     if isinstance(adapter_data, Mapping) and "total_step" in adapter_data:
         if adapter_data["total_step"] != train.steps:
             raise ConfigError(f"adapter.total_step = {adapter_data['total_step']!r} differs from train.steps = "
                               f"{train.steps}; remove adapter.total_step (it is train.steps)")
         adapter_data = {k: v for k, v in adapter_data.items() if k != "total_step"}
     adapter = from_mapping(AdaLoraConfig, adapter_data, "adapter", total_step=train.steps)
-    return RunConfig(model=model, adapter=adapter, train=train, source=source)
+    exports = sections.get("export", [])
+    if not isinstance(exports, list):
+        raise ConfigError("export: must be a list of exports, e.g. [{name: int4, mode: separate, serving: true}]")
+    export_configs = tuple(from_mapping(ExportConfig, item, f"export[{i}]") for i, item in enumerate(exports))
+    names = [e.name for e in export_configs]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"export: names must be unique, got {names}")
+    quantize = from_mapping(QuantizeConfig, sections.get("quantize", {}), "quantize")
+    task = from_mapping(TaskConfig, sections.get("task", {}), "task")
+    return RunConfig(model=model, adapter=adapter, train=train, data=data_config,
+                     quantize=quantize, exports=export_configs, task=task, source=source)
 
 
 def _resolve(value: str, base: Path) -> str:
-    """Paths in a config are relative to the config file; ``builtin:`` names are kept as they are."""
-    if value.startswith("builtin:") or os.path.isabs(value):
+    """Paths in a config are relative to the config file; ``builtin:`` and ``package:`` names are kept."""
+    if value.startswith(("builtin:", "package:")) or os.path.isabs(value):
         return value
     return str((base / value).resolve())
 

@@ -18,8 +18,14 @@ SAMPLE_TEXT = Path(str(resources.files("adalora_deploy") / "assets" / "sample.tx
 """A 3.5 KB original English text shipped with the package (the default training data)."""
 
 
+CHAT_TEMPLATE = ("{% for message in messages %}<s>{{ message['role'] }}\n{{ message['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant\n{% endif %}")
+"""A ChatML-like template over the byte tokenizer's specials: each turn ends with EOS (``</s>``)."""
+
+
 def byte_tokenizer():
-    """A ``PreTrainedTokenizerFast`` over the 256 bytes plus ``<s>``, ``</s>``, ``<pad>`` (ids 256-258)."""
+    """A ``PreTrainedTokenizerFast`` over the 256 bytes plus ``<s>``, ``</s>``, ``<pad>`` (ids 256-258), with
+    :data:`CHAT_TEMPLATE`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -29,6 +35,7 @@ def byte_tokenizer():
     core.decoder = decoders.ByteLevel()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core)
     tokenizer.add_special_tokens({"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"})
+    tokenizer.chat_template = CHAT_TEMPLATE
     return tokenizer
 
 

@@ -101,6 +101,10 @@ def load_base_model(config: ModelConfig) -> torch.nn.Module:
             raise ArtifactError(f"cannot load a causal LM from {folder} ({error})") from None
         if not config.quantization.startswith("bnb-"):
             model = model.to(device)
+    if config.quantization in ("bnb-nf4", "bnb-fp4"):
+        from adalora_deploy.backends.bnb import pin_bnb4_arithmetic
+
+        pin_bnb4_arithmetic(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     logger.info("loaded %s base from %s on %s", config.quantization, folder, device)

@@ -34,7 +34,8 @@ from adalora_deploy.allocator import AllocationStep, RankAllocator
 from adalora_deploy.artifacts import atomic_file, write_json
 from adalora_deploy.checkpoint import load_training_checkpoint, save_training_checkpoint
 from adalora_deploy.config import AdaLoraConfig, ConfigError, RunConfig
-from adalora_deploy.data import BlockBatches, token_blocks
+from adalora_deploy.data import Example, ExampleBatches, build_training_data
+from adalora_deploy.data.batches import collate
 from adalora_deploy.errors import TrainingError
 from adalora_deploy.models import load_base_model, load_tokenizer, materialize
 from adalora_deploy.peft_format import save_adapter
@@ -46,6 +47,7 @@ __all__ = [
     "AdaLoraTrainer",
     "TrainResult",
     "TrainingError",
+    "heldout_loss",
     "make_optimizer",
     "train",
 ]
@@ -157,12 +159,15 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
     _seed_everything(t.seed)
     model_path = materialize(run.model.path, output_dir)
     tokenizer = load_tokenizer(model_path)
-    batches = BlockBatches(token_blocks(t.data, tokenizer, t.seq_len), t.batch_size, t.seed)
+    data = build_training_data(run.data, tokenizer, seq_len=t.seq_len, seed=t.seed)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    packing = run.data.packing if run.data.packing is not None else data.format == "text"
+    batches = ExampleBatches(data.train, t.batch_size, t.seed, seq_len=t.seq_len, pad_id=pad_id, packing=packing)
     model = load_base_model(dataclasses.replace(run.model, path=model_path))
     device = next(model.parameters()).device
     adapters = inject_adapters(model, run.adapter, seed=t.seed)
     controller = AdaLoraController(adapters, run.adapter)
-    run_record = run.to_dict()
+    run_record = run.training_record()
 
     def build_optimizer(adapter_set: AdapterSet) -> torch.optim.Optimizer:
         return make_optimizer(adapter_set, t.lr, t.weight_decay)
@@ -180,7 +185,7 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
     else:
         optimizer = build_optimizer(adapters)
     _rewrite_metrics(metrics_path, keep_before=start)
-    write_json(output_dir / "run.json", run_record | {"model_folder": model_path})
+    write_json(output_dir / "run.json", run.to_dict() | {"model_folder": model_path})
 
     model.train()
     losses: list[float] = []
@@ -189,8 +194,8 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
         for step in range(start, t.steps):
             task_loss = 0.0
             for micro in range(t.grad_accum):
-                batch = batches.batch(step * t.grad_accum + micro).to(device)
-                loss = model(input_ids=batch, labels=batch).loss
+                batch = {k: v.to(device) for k, v in batches.batch(step * t.grad_accum + micro).items()}
+                loss = model(**batch).loss
                 if not torch.isfinite(loss):
                     raise TrainingError(f"step {step}: the loss is {loss.item()}; lower train.lr or check the data "
                                         f"(last checkpoint in {checkpoint_dir} is intact)")
@@ -205,12 +210,15 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
             record = {"step": step, "loss": task_loss, "orth_reg": controller.last_regularizer,
                       "budget": allocation.budget, "live_ranks": allocation.live, "masked": allocation.masked,
                       "lr": optimizer.param_groups[0]["lr"], "skipped_importance": allocation.skipped_update}
+            done = step + 1
+            if data.eval and (done == t.steps or (t.eval_every and done % t.eval_every == 0)):
+                record["eval_loss"] = heldout_loss(model, data.eval, pad_id=pad_id, batch_size=t.batch_size)
+                model.train()
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             losses.append(task_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{task_loss:.4f}", budget=allocation.budget)
-            done = step + 1
             if done == t.steps or (t.checkpoint_every and done % t.checkpoint_every == 0):
                 save_training_checkpoint(checkpoint_dir, step=done, adapters=adapters, optimizer=optimizer,
                                          allocator_state=controller.allocator.state_dict(), extra={"run": run_record})
@@ -220,6 +228,27 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
     return TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, base_model=model_path, steps=t.steps,
                        first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
                        live_ranks=adapters.live_ranks(), resumed_from=start if resume else None)
+
+
+@torch.no_grad()
+def heldout_loss(model: nn.Module, examples: tuple[Example, ...] | list[Example], *, pad_id: int,
+                 batch_size: int = 8) -> float:
+    """Mean negative log-likelihood per label token over held-out examples (exp of it is the perplexity).
+
+    Token-weighted over every example (not a mean of batch means); the model is left in eval mode.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, len(examples), batch_size):
+        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        labels = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                                ignore_index=-100, reduction="sum")
+        total += float(nll)
+        count += int((labels != -100).sum())
+    return total / max(count, 1)
 
 
 def _comparable(record: dict[str, Any]) -> dict[str, Any]:

@@ -8,25 +8,14 @@ from typing import Iterator
 
 from torch import nn
 
-__all__ = ["adapters_bypassed", "load_source_model", "pin_bnb4_arithmetic"]
-
-
-def pin_bnb4_arithmetic(model: nn.Module) -> None:
-    """Make every bitsandbytes ``Linear4bit`` compute as in training (fp32 dequantize, then matmul).
-
-    On CPUs with AVX512-BF16, bnb's first eval no-grad forward repacks the weight in place and rounds its
-    absmax to bfloat16; training (and the exported MatMulBnb4) use the fp32 statistics.
-    """
-    for module in model.modules():
-        if type(module).__module__.startswith("bitsandbytes") and hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+__all__ = ["adapters_bypassed", "load_source_model"]
 
 
 def load_source_model(base: str | os.PathLike, adapter: str | os.PathLike, *, quantization: str,
                       double_quant: bool = False) -> nn.Module:
     """The base loaded as ``quantization`` with the adapter injected (compacted), frozen, eval, on CPU.
 
-    bnb 4-bit layers are pinned to the training arithmetic (see :func:`pin_bnb4_arithmetic`).
+    bnb 4-bit layers compute as in training (see :func:`adalora_deploy.backends.bnb.pin_bnb4_arithmetic`).
     """
     from adalora_deploy.config import ModelConfig
     from adalora_deploy.models import load_base_model
@@ -34,7 +23,6 @@ def load_source_model(base: str | os.PathLike, adapter: str | os.PathLike, *, qu
 
     model = load_base_model(ModelConfig(path=str(base), quantization=quantization, double_quant=double_quant,
                                         device="cpu"))
-    pin_bnb4_arithmetic(model)
     load_adapter(model, adapter)
     return model.eval()
 

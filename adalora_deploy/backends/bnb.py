@@ -32,6 +32,7 @@ __all__ = [
     "dequantize_int8",
     "linear4bit_state",
     "linear8bit_state",
+    "pin_bnb4_arithmetic",
 ]
 
 logger = logging.getLogger(__name__)
@@ -159,6 +160,17 @@ def linear8bit_state(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, floa
     if cb is None or scb is None:
         raise ValueError("Linear8bitLt is not quantized yet (load it with has_fp16_weights=False and move it to a device)")
     return cb, scb.float(), float(layer.state.threshold)
+
+
+def pin_bnb4_arithmetic(model: nn.Module) -> None:
+    """Make every bitsandbytes ``Linear4bit`` compute as in training (fp32 dequantize, then matmul).
+
+    On CPUs with AVX512-BF16, bnb's first eval no-grad forward repacks the weight in place and rounds its
+    absmax to bfloat16; training (and the exported MatMulBnb4) use the fp32 statistics.
+    """
+    for module in model.modules():
+        if type(module).__module__.startswith("bitsandbytes") and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 class Bnb4bitBackend(LinearBackend):

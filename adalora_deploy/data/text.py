@@ -1,4 +1,4 @@
-"""Training and calibration text: a ``.txt`` or ``.jsonl`` file cut into fixed-length token blocks.
+"""Plain text cut into fixed-length token blocks: calibration data, and training on raw text.
 
 Batches are a pure function of (seed, batch index), so a resumed run draws exactly the batches the
 uninterrupted run would have drawn, with no sampler state to save.
@@ -6,50 +6,29 @@ uninterrupted run would have drawn, with no sampler state to save.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from adalora_deploy.errors import DataError
 
-__all__ = ["BUILTIN_SAMPLE", "DataError", "BlockBatches", "read_texts", "token_blocks"]
+from .sources import read_records, resolve_source
 
-
-BUILTIN_SAMPLE = "builtin:sample"
-"""Names the packaged sample text (:data:`adalora_deploy.demo.SAMPLE_TEXT`) wherever a data file is expected."""
+__all__ = ["BlockBatches", "read_texts", "token_blocks"]
 
 
 def read_texts(path: str | Path) -> list[str]:
-    """Documents of a ``.txt`` file (the whole file is one document) or a ``.jsonl`` file (``"text"`` of each line).
+    """Documents of a data file: the whole ``.txt`` file, or the ``"text"`` field of each record.
 
-    ``builtin:sample`` reads the packaged sample text.
+    ``builtin:sample`` reads the packaged sample text; ``package:DIST/PATH`` a file of an installed package.
     """
-    if str(path).startswith("builtin:"):
-        if str(path) != BUILTIN_SAMPLE:
-            raise DataError(f"unknown builtin data {str(path)!r}; the builtin is {BUILTIN_SAMPLE!r}")
-        from adalora_deploy.demo import SAMPLE_TEXT
-
-        path = SAMPLE_TEXT
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    if path.suffix == ".txt":
-        return [path.read_text(encoding="utf-8")]
-    if path.suffix == ".jsonl":
-        texts = []
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise DataError(f'{path}:{number}: each line must be an object with a string "text" field')
-            texts.append(record["text"])
-        return texts
-    raise DataError(f"data file must end in .txt or .jsonl, got {path.name}")
+    texts = []
+    for number, record in enumerate(read_records(path), start=1):
+        if not isinstance(record.get("text"), str):
+            raise DataError(f'{resolve_source(path)}:{number}: each record must have a string "text" field '
+                            f"(has {', '.join(map(str, record)) or 'no fields'})")
+        texts.append(record["text"])
+    return texts
 
 
 def token_blocks(path: str | Path, tokenizer, seq_len: int) -> torch.Tensor:
