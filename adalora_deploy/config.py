@@ -247,12 +247,16 @@ class TrainConfig:
     """Write a resumable checkpoint every this many optimizer steps (0 = only at the end)."""
     eval_every: int = 0
     """Held-out loss every this many optimizer steps (0 = only after the last step); needs held-out data."""
+    eval_examples: int = 64
+    """Held-out examples that loss is measured on during training (the run's evaluation stages use all)."""
     data: str | None = None
     """Shorthand for ``data.train`` (a text or data file); use the ``data`` section for anything more."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.eval_every, int) or isinstance(self.eval_every, bool) or self.eval_every < 0:
             _fail("train", "eval_every", self.eval_every, "must be an integer >= 0", "use 0 to evaluate only at the end")
+        if not isinstance(self.eval_examples, int) or isinstance(self.eval_examples, bool) or self.eval_examples < 1:
+            _fail("train", "eval_examples", self.eval_examples, "must be an integer >= 1", "e.g. 64")
         for name in ("steps", "batch_size", "grad_accum", "seq_len"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

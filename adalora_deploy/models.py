@@ -18,10 +18,8 @@ from adalora_deploy.config import QUANTIZATIONS, ModelConfig
 from adalora_deploy.errors import ArtifactError, ConfigError
 
 __all__ = [
-    "BUILTIN_MODELS",
     "load_base_model",
     "load_tokenizer",
-    "materialize",
     "read_run_record",
     "resolve_device",
     "resolve_quantization",
@@ -29,7 +27,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-BUILTIN_MODELS = ("builtin:tiny-llama",)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -40,20 +37,6 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ArtifactError(f"model.device = {device!r} but CUDA is not available here; use 'auto' or 'cpu'")
     return torch.device(device)
-
-
-def materialize(path: str, workdir: str | Path) -> str:
-    """Return a real folder for ``path``: builtin models are written under ``workdir/base-model``."""
-    if not path.startswith("builtin:"):
-        return path
-    if path not in BUILTIN_MODELS:
-        raise ArtifactError(f"model.path = {path!r}: unknown builtin model; known: {', '.join(BUILTIN_MODELS)}")
-    from adalora_deploy.demo import write_tiny_llama
-
-    folder = Path(workdir) / "base-model"
-    if not (folder / "config.json").is_file():
-        write_tiny_llama(folder)
-    return str(folder)
 
 
 def _check_folder(path: str) -> Path:

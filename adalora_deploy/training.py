@@ -34,10 +34,11 @@ from adalora_deploy.allocator import AllocationStep, RankAllocator
 from adalora_deploy.artifacts import atomic_file, write_json
 from adalora_deploy.checkpoint import load_training_checkpoint, save_training_checkpoint
 from adalora_deploy.config import AdaLoraConfig, ConfigError, RunConfig
-from adalora_deploy.data import Example, ExampleBatches, build_training_data
-from adalora_deploy.data.batches import collate
+from adalora_deploy.data import ExampleBatches, build_training_data
 from adalora_deploy.errors import TrainingError
-from adalora_deploy.models import load_base_model, load_tokenizer, materialize
+from adalora_deploy.evaluation import TorchScorer, evaluate
+from adalora_deploy.model_sources import materialize
+from adalora_deploy.models import load_base_model, load_tokenizer
 from adalora_deploy.peft_format import save_adapter
 from adalora_deploy.regularizer import orthogonal_regularizer
 
@@ -47,7 +48,6 @@ __all__ = [
     "AdaLoraTrainer",
     "TrainResult",
     "TrainingError",
-    "heldout_loss",
     "make_optimizer",
     "train",
 ]
@@ -212,7 +212,9 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
                       "lr": optimizer.param_groups[0]["lr"], "skipped_importance": allocation.skipped_update}
             done = step + 1
             if data.eval and (done == t.steps or (t.eval_every and done % t.eval_every == 0)):
-                record["eval_loss"] = heldout_loss(model, data.eval, pad_id=pad_id, batch_size=t.batch_size)
+                held_out = evaluate(TorchScorer(model), data.eval[: t.eval_examples], pad_id=pad_id,
+                                    batch_size=t.batch_size)
+                record["eval_loss"] = held_out.loss
                 model.train()
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
@@ -228,27 +230,6 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
     return TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, base_model=model_path, steps=t.steps,
                        first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
                        live_ranks=adapters.live_ranks(), resumed_from=start if resume else None)
-
-
-@torch.no_grad()
-def heldout_loss(model: nn.Module, examples: tuple[Example, ...] | list[Example], *, pad_id: int,
-                 batch_size: int = 8) -> float:
-    """Mean negative log-likelihood per label token over held-out examples (exp of it is the perplexity).
-
-    Token-weighted over every example (not a mean of batch means); the model is left in eval mode.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for start in range(0, len(examples), batch_size):
-        batch = {k: v.to(device) for k, v in collate(examples[start:start + batch_size], pad_id).items()}
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
-        labels = batch["labels"][:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                                                ignore_index=-100, reduction="sum")
-        total += float(nll)
-        count += int((labels != -100).sum())
-    return total / max(count, 1)
 
 
 def _comparable(record: dict[str, Any]) -> dict[str, Any]:

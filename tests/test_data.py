@@ -51,7 +51,12 @@ def test_batches_depend_only_on_seed_and_index():
 
 
 from adalora_deploy.config import DataConfig  # noqa: E402
-from adalora_deploy.data import ExampleBatches, build_training_data, read_records, render_records  # noqa: E402
+from adalora_deploy.data import (  # noqa: E402
+    ExampleBatches,
+    build_training_data,
+    read_records,
+    render_records,
+)
 from adalora_deploy.data.examples import IGNORE, tokenize_records  # noqa: E402
 
 

@@ -1,4 +1,4 @@
-"""``adalora-deploy train`` and ``pipeline``: run a YAML run config."""
+"""``adalora-deploy train`` and ``run``: a YAML run config, trained alone or as the whole job."""
 
 from __future__ import annotations
 
@@ -6,16 +6,20 @@ import argparse
 import sys
 from pathlib import Path
 
-__all__ = ["register", "run_pipeline", "run_train"]
+__all__ = ["register", "run_run", "run_train"]
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``train`` and ``pipeline``."""
+    """Register ``train`` and ``run``."""
     train = _add_run_parser(subparsers, "train", "train an AdaLoRA adapter from a YAML config")
     train.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint")
     train.set_defaults(run=run_train)
-    pipeline = _add_run_parser(subparsers, "pipeline", "train, compact, export and check, end to end")
-    pipeline.set_defaults(run=run_pipeline)
+    job = _add_run_parser(subparsers, "run", "the whole job: prepare the base, evaluate, train, compact, export, "
+                                              "check, evaluate the graphs, report (resumable)")
+    job.add_argument("--from", dest="from_stage", default=None, metavar="STAGE",
+                     help="redo from this stage: prepare, evaluate-base, train, evaluate-trained, compact, export, "
+                          "check, evaluate-exports, report")
+    job.set_defaults(run=run_run)
 
 
 def _add_run_parser(subparsers: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
@@ -52,35 +56,53 @@ def _print_training(result) -> None:
     print(f"adapter: {result.adapter_dir}  (PEFT AdaLoRA format)")
 
 
-def run_pipeline(args: argparse.Namespace) -> int:
-    """train -> compact (AdaLoRA and LoRA) -> export merged and separate -> check each under onnxruntime."""
-    from adalora_deploy.compaction import compact_adapter
-    from adalora_deploy.export.api import export_model
-    from adalora_deploy.export.check import check_export
-    from adalora_deploy.training import train
+def run_run(args: argparse.Namespace) -> int:
+    """The whole job; prints each stage as it finishes and where the report is. 1 when a check failed."""
+    from adalora_deploy.job import run_job
 
     run, output = _load_run(args)
-    print("== train")
-    result = train(run, output)
-    _print_training(result)
-    print("\n== compact")
-    for fmt in ("adalora", "lora"):
-        report = compact_adapter(result.adapter_dir, output / f"adapter-{fmt}", format=fmt)
-        print(f"{fmt:>8}: {report.params_after} of {report.params_before} adapter parameters -> {report.output_dir}")
-    failures = 0
-    for mode in ("merged", "separate"):
-        print(f"\n== export {mode}")
-        export_dir = output / f"onnx-{mode}"
-        manifest = export_model(result.base_model, result.adapter_dir, output=export_dir, mode=mode,
-                                quantization=run.model.quantization, double_quant=run.model.double_quant)
-        print(f"{export_dir}: {manifest.graph_bytes / 1e6:.2f} MB, {manifest.arithmetic}, "
-              f"adapter MatMuls {manifest.adapter_matmuls}")
-        print(f"== check {mode}")
-        check = check_export(export_dir)
-        print(check.format_table())
-        failures += not check.passed
-    if failures:
-        print(f"adalora-deploy pipeline: {failures} export(s) failed their parity check", file=sys.stderr)
+
+    def show(name: str, result: dict) -> None:
+        print(f"== {name} ({result['stage_seconds']:.1f} s)")
+        for key, value in _stage_summary(name, result).items():
+            print(f"   {key}: {value}")
+
+    result = run_job(run, output, from_stage=args.from_stage, on_stage=show)
+    skipped = [name for name in result.stages if name not in result.ran]
+    if skipped:
+        print(f"(already done in {output}: {', '.join(skipped)})")
+    failed = [name for name, check in result.stages.get("check", {}).get("checks", {}).items() if not check["passed"]]
+    print(f"report: {result.report_dir / 'report.md'}")
+    if failed:
+        print(f"adalora-deploy run: the check failed for {', '.join(failed)}; see {result.report_dir / 'report.md'}",
+              file=sys.stderr)
         return 1
-    print(f"\nall stages passed; artifacts in {output}")
     return 0
+
+
+def _stage_summary(name: str, result: dict) -> dict:
+    """The few numbers of a stage worth a line each."""
+    if name in ("evaluate-base", "evaluate-trained"):
+        return {"held-out": _scores(result)}
+    if name == "evaluate-exports":
+        return {export: _scores(scores) for export, scores in result["scores"].items()}
+    if name == "train":
+        return {"loss": f"{result['first_loss']:.4f} -> {result['final_loss']:.4f}", "adapter": result["adapter"],
+                "ranks kept": sum(result["live_ranks"].values())}
+    if name == "export":
+        return {export: f"{info['graph_bytes'] / 1e6:.1f} MB, {info['mode']} {info['weights']}"
+                        f"{' serving' if info['serving'] else ''}" for export, info in result["exports"].items()}
+    if name == "check":
+        return {export: "PASS" if info["passed"] else f"FAIL: {'; '.join(info['failures'][:2])}"
+                for export, info in result["checks"].items()}
+    if name == "prepare":
+        return {"base": result["base_folder"], "examples": f"{result['train_examples']} train, "
+                                                           f"{result['eval_examples']} held out"}
+    if name == "report":
+        return {"folder": result["folder"]}
+    return {}
+
+
+def _scores(result: dict) -> str:
+    accuracy = "" if result.get("accuracy") is None else f"accuracy {result['accuracy']:.3f}, "
+    return f"{accuracy}loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f}) on {result['examples']}"

@@ -12,9 +12,15 @@ from __future__ import annotations
 from adalora_deploy.errors import DataError
 
 from .batches import ExampleBatches
-from .examples import Example, TrainingData, build_training_data, render_records, tokenize_records
+from .examples import (
+    Example,
+    TrainingData,
+    build_training_data,
+    render_records,
+    tokenize_records,
+)
 from .sources import BUILTIN_SAMPLE, read_records, resolve_source
-from .text import BlockBatches, read_texts, token_blocks
+from .text import BlockBatches, blocks_from_texts, read_texts, token_blocks
 
 __all__ = [
     "BUILTIN_SAMPLE",
@@ -23,6 +29,7 @@ __all__ = [
     "Example",
     "ExampleBatches",
     "TrainingData",
+    "blocks_from_texts",
     "build_training_data",
     "read_records",
     "read_texts",

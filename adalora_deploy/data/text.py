@@ -14,7 +14,7 @@ from adalora_deploy.errors import DataError
 
 from .sources import read_records, resolve_source
 
-__all__ = ["BlockBatches", "read_texts", "token_blocks"]
+__all__ = ["BlockBatches", "blocks_from_texts", "read_texts", "token_blocks"]
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -31,8 +31,8 @@ def read_texts(path: str | Path) -> list[str]:
     return texts
 
 
-def token_blocks(path: str | Path, tokenizer, seq_len: int) -> torch.Tensor:
-    """Tokenize every document, join them with EOS, cut into blocks.
+def blocks_from_texts(texts: list[str], tokenizer, seq_len: int, where: str = "the data") -> torch.Tensor:
+    """Tokenize documents, join them with EOS, cut into blocks.
 
     Returns:
         int64 tensor ``(num_blocks, seq_len)``; the trailing partial block is dropped.
@@ -40,14 +40,19 @@ def token_blocks(path: str | Path, tokenizer, seq_len: int) -> torch.Tensor:
     if seq_len < 2:
         raise DataError(f"seq_len must be >= 2, got {seq_len}")
     ids: list[int] = []
-    for text in read_texts(path):
+    for text in texts:
         ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
         if tokenizer.eos_token_id is not None:
             ids.append(tokenizer.eos_token_id)
     num_blocks = len(ids) // seq_len
     if num_blocks == 0:
-        raise DataError(f"{path} has {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
+        raise DataError(f"{where} has {len(ids)} tokens, fewer than one block of seq_len={seq_len}")
     return torch.tensor(ids[: num_blocks * seq_len], dtype=torch.long).view(num_blocks, seq_len)
+
+
+def token_blocks(path: str | Path, tokenizer, seq_len: int) -> torch.Tensor:
+    """The documents of a data file (:func:`read_texts`) as token blocks (:func:`blocks_from_texts`)."""
+    return blocks_from_texts(read_texts(path), tokenizer, seq_len, where=str(path))
 
 
 class BlockBatches:

@@ -1,0 +1,88 @@
+"""The whole job (`adalora-deploy run`) end to end on a shortened embedded default, and its resumption."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adalora_deploy.cli import main
+from adalora_deploy.config import load_run_config
+from adalora_deploy.job import STAGES, run_job
+from adalora_deploy.job.report import PLOTS
+
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+SHORT = ["train.steps=24", "adapter.tinit=4", "adapter.tfinal=4", "train.checkpoint_every=6", "train.eval_every=6"]
+
+
+def _set(overrides: list[str]) -> list[str]:
+    return [item for pair in (("--set", o) for o in overrides) for item in pair]
+
+
+def test_run_does_every_stage_and_writes_the_report(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["run", str(CONFIG), "--output", str(out), *_set(SHORT)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    job = json.loads((out / "job.json").read_text())
+    assert set(job["stages"]) == set(STAGES)
+    assert all(name in printed for name in STAGES)
+    for folder in ("train/adapter", "adapter-adalora", "adapter-lora", "exports/merged", "exports/separate"):
+        assert (out / folder).is_dir(), folder
+    checks = job["stages"]["check"]["checks"]
+    assert checks["merged"]["passed"] and checks["separate"]["passed"]
+    # the graphs score what the trained model scores on the same held-out blocks
+    trained = job["stages"]["evaluate-trained"]["loss"]
+    assert trained < job["stages"]["evaluate-base"]["loss"]  # training helped on held-out text
+    for name in ("merged", "separate"):
+        assert job["stages"]["evaluate-exports"]["scores"][name]["loss"] == pytest.approx(trained, abs=1e-4)
+    report = out / "report"
+    assert {p.name for p in report.iterdir()} >= {"report.md", "report.json", *PLOTS}
+    for plot in PLOTS:
+        assert (report / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and (report / plot).stat().st_size > 10_000
+    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [5, 11, 17, 23]
+    # a rerun has nothing left to do; --from redoes from a stage
+    assert main(["run", str(CONFIG), "--output", str(out), *_set(SHORT)]) == 0
+    assert "already done" in capsys.readouterr().out
+    result = run_job(load_run_config(CONFIG, SHORT), out, from_stage="report")
+    assert result.ran == ("report",)
+
+
+def test_a_run_interrupted_in_training_resumes_to_the_same_adapter(tmp_path, monkeypatch):
+    run = load_run_config(CONFIG, SHORT)
+    whole = run_job(run, tmp_path / "whole", until="train")
+    import adalora_deploy.training as training
+
+    original = training.save_training_checkpoint
+    calls = {"n": 0}
+
+    def crash_after_second_checkpoint(*args, **kwargs):
+        original(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # what SIGINT does mid-run; the checkpoint before it is complete
+
+    monkeypatch.setattr(training, "save_training_checkpoint", crash_after_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        run_job(run, tmp_path / "cut")
+    monkeypatch.setattr(training, "save_training_checkpoint", original)
+    assert json.loads((tmp_path / "cut" / "job.json").read_text())["stages"].keys() == {"prepare", "evaluate-base"}
+    resumed = run_job(run, tmp_path / "cut", until="train")
+    assert resumed.stages["train"]["resumed_from"] == 12
+    from safetensors.torch import load_file
+
+    first = load_file(Path(whole.stages["train"]["adapter"]) / "adapter_model.safetensors")
+    second = load_file(Path(resumed.stages["train"]["adapter"]) / "adapter_model.safetensors")
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_a_changed_config_is_not_mixed_into_an_existing_run(tmp_path):
+    out = tmp_path / "run"
+    run_job(load_run_config(CONFIG, SHORT), out, until="prepare")
+    from adalora_deploy.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="holds a job of another config"):
+        run_job(load_run_config(CONFIG, [*SHORT, "train.lr=0.02"]), out)
