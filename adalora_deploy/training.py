@@ -13,6 +13,7 @@ Both drive one :class:`AdaLoraController`, which owns the two things AdaLoRA add
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -35,10 +36,11 @@ from adalora_deploy.artifacts import atomic_file, write_json
 from adalora_deploy.checkpoint import load_training_checkpoint, save_training_checkpoint
 from adalora_deploy.config import AdaLoraConfig, ConfigError, RunConfig
 from adalora_deploy.data import ExampleBatches, build_training_data
+from adalora_deploy.distributed import process_group, refuse_sharding
 from adalora_deploy.errors import TrainingError
 from adalora_deploy.evaluation import TorchScorer, evaluate
 from adalora_deploy.model_sources import materialize
-from adalora_deploy.models import load_base_model, load_tokenizer
+from adalora_deploy.models import load_base_model, load_tokenizer, resolve_device
 from adalora_deploy.peft_format import save_adapter
 from adalora_deploy.regularizer import orthogonal_regularizer
 
@@ -154,20 +156,32 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
                             "or choose another --output")
     if resume and not (checkpoint_dir / "state.json").is_file():
         raise TrainingError(f"--resume: no checkpoint in {checkpoint_dir}")
-    output_dir.mkdir(parents=True, exist_ok=True)
     t = run.train
+    group = process_group(resolve_device(run.model.device))
+    if group.world > 1 and run.adapter.compact_in_training:
+        raise ConfigError("adapter.compact_in_training replaces the adapter parameters mid-run, which DDP cannot "
+                          "follow; train without it under torchrun and compact afterwards (adalora-deploy compact)")
+    if group.main:
+        output_dir.mkdir(parents=True, exist_ok=True)
     _seed_everything(t.seed)
     model_path = materialize(run.model.path, output_dir)
     tokenizer = load_tokenizer(model_path)
     data = build_training_data(run.data, tokenizer, seq_len=t.seq_len, seed=t.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     packing = run.data.packing if run.data.packing is not None else data.format == "text"
-    batches = ExampleBatches(data.train, t.batch_size, t.seed, seq_len=t.seq_len, pad_id=pad_id, packing=packing)
+    # each optimizer step draws one global batch of batch_size rows per process; this rank takes its share
+    batches = ExampleBatches(data.train, t.batch_size * group.world, t.seed, seq_len=t.seq_len, pad_id=pad_id,
+                             packing=packing)
+    rows = slice(group.rank * t.batch_size, (group.rank + 1) * t.batch_size)
     model = load_base_model(dataclasses.replace(run.model, path=model_path))
     device = next(model.parameters()).device
     adapters = inject_adapters(model, run.adapter, seed=t.seed)
     controller = AdaLoraController(adapters, run.adapter)
     run_record = run.training_record()
+    forward = model
+    if group.world > 1:
+        # gradients are averaged across ranks inside backward(); the allocator then sees the global gradient
+        forward = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     def build_optimizer(adapter_set: AdapterSet) -> torch.optim.Optimizer:
         return make_optimizer(adapter_set, t.lr, t.weight_decay)
@@ -184,24 +198,29 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
         logger.info("resumed from step %d", start)
     else:
         optimizer = build_optimizer(adapters)
-    _rewrite_metrics(metrics_path, keep_before=start)
-    write_json(output_dir / "run.json", run.to_dict() | {"model_folder": model_path})
+    if group.main:
+        _rewrite_metrics(metrics_path, keep_before=start)
+        write_json(output_dir / "run.json", run.to_dict() | {"model_folder": model_path})
 
     model.train()
     losses: list[float] = []
-    bar = _progress(t.steps, start, progress)
-    with bar, open(metrics_path, "a", encoding="utf-8") as metrics_file:
+    bar = _progress(t.steps, start, progress if group.main else False)
+    with bar, contextlib.ExitStack() as files:
+        metrics_file = files.enter_context(open(metrics_path, "a", encoding="utf-8")) if group.main else None
         for step in range(start, t.steps):
             task_loss = 0.0
             for micro in range(t.grad_accum):
-                batch = {k: v.to(device) for k, v in batches.batch(step * t.grad_accum + micro).items()}
-                loss = model(**batch).loss
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"step {step}: the loss is {loss.item()}; lower train.lr or check the data "
-                                        f"(last checkpoint in {checkpoint_dir} is intact)")
+                global_batch = batches.batch(step * t.grad_accum + micro)
+                batch = {k: v[rows].to(device) for k, v in global_batch.items()}
+                loss = forward(**batch).loss
+                if group.any(not bool(torch.isfinite(loss))):
+                    value = f"not finite on some rank (this rank: {loss.item()})" if group.world > 1 else loss.item()
+                    raise TrainingError(f"step {step}: the loss is {value}; lower train.lr or check the data (last "
+                                        f"checkpoint in {checkpoint_dir} is intact)")
                 total = (loss + controller.regularizer().to(loss.device)) / t.grad_accum
                 total.backward()
                 task_loss += loss.item() / t.grad_accum
+            task_loss = group.mean(task_loss)
             if t.max_grad_norm is not None:
                 torch.nn.utils.clip_grad_norm_(adapters.parameters(), t.max_grad_norm)
             optimizer.step()
@@ -211,22 +230,27 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
                       "budget": allocation.budget, "live_ranks": allocation.live, "masked": allocation.masked,
                       "lr": optimizer.param_groups[0]["lr"], "skipped_importance": allocation.skipped_update}
             done = step + 1
-            if data.eval and (done == t.steps or (t.eval_every and done % t.eval_every == 0)):
+            if group.main and data.eval and (done == t.steps or (t.eval_every and done % t.eval_every == 0)):
                 held_out = evaluate(TorchScorer(model), data.eval[: t.eval_examples], pad_id=pad_id,
                                     batch_size=t.batch_size)
                 record["eval_loss"] = held_out.loss
                 model.train()
-            metrics_file.write(json.dumps(record) + "\n")
-            metrics_file.flush()
             losses.append(task_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{task_loss:.4f}", budget=allocation.budget)
-            if done == t.steps or (t.checkpoint_every and done % t.checkpoint_every == 0):
-                save_training_checkpoint(checkpoint_dir, step=done, adapters=adapters, optimizer=optimizer,
-                                         allocator_state=controller.allocator.state_dict(), extra={"run": run_record})
+            if group.main:
+                metrics_file.write(json.dumps(record) + "\n")
+                metrics_file.flush()
+                if done == t.steps or (t.checkpoint_every and done % t.checkpoint_every == 0):
+                    save_training_checkpoint(checkpoint_dir, step=done, adapters=adapters, optimizer=optimizer,
+                                             allocator_state=controller.allocator.state_dict(),
+                                             extra={"run": run_record})
             if on_step is not None:
                 on_step(record)
-    adapter_dir = save_adapter(adapters, run.adapter, output_dir / "adapter", base_model_name_or_path=model_path)
+    adapter_dir = output_dir / "adapter"
+    if group.main:
+        save_adapter(adapters, run.adapter, adapter_dir, base_model_name_or_path=model_path)
+    group.barrier()
     return TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, base_model=model_path, steps=t.steps,
                        first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
                        live_ranks=adapters.live_ranks(), resumed_from=start if resume else None)
@@ -261,6 +285,7 @@ class AdaLoraCallback(TrainerCallback):
         self.history: list[AllocationStep] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
+        refuse_sharding(args)
         if state.max_steps and state.max_steps != self.controller.config.total_step:
             raise ConfigError(f"adapter.total_step = {self.controller.config.total_step} but the Trainer runs "
                               f"{state.max_steps} optimizer steps; set TrainingArguments(max_steps=total_step)")
