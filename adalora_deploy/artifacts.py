@@ -8,6 +8,7 @@ whole. Tensors are read with safetensors only: a file a user hands us is never u
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -20,47 +21,107 @@ import torch
 
 from adalora_deploy.errors import ArtifactError
 
-__all__ = ["ArtifactError", "atomic_dir", "TOKENIZER_FILES", "check_output_dir", "copy_tokenizer_files", "atomic_file", "load_tensors", "read_json", "read_json_object", "save_tensors", "write_json"]
+__all__ = [
+    "TOKENIZER_FILES",
+    "ArtifactError",
+    "atomic_dir",
+    "atomic_file",
+    "check_output_dir",
+    "copy_tokenizer_files",
+    "load_tensors",
+    "read_json",
+    "read_json_object",
+    "recover",
+    "save_tensors",
+    "write_error",
+    "write_json",
+]
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+"""Files that torch.load would unpickle; never opened, only named in the error that refuses them."""
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "chat_template.jinja",
                    "chat_template.json", "generation_config.json")
 """Files of a Hugging Face model folder that describe the tokenizer and generation, copied verbatim."""
 
 
+def write_error(path: str | Path, error: OSError) -> ArtifactError:
+    """One clear error for a failed write: what could not be written, why, and what to do."""
+    hints = {errno.EACCES: "the folder is not writable: fix its permissions or choose another --output",
+             errno.EPERM: "the folder is not writable: fix its permissions or choose another --output",
+             errno.EROFS: "the file system is read-only: choose another --output",
+             errno.ENOSPC: "the disk is full: free some space or choose another --output",
+             errno.EDQUOT: "the disk quota is exceeded: free some space or choose another --output"}
+    reason = error.strerror or str(error)
+    hint = hints.get(error.errno, "nothing partial was left behind")
+    return ArtifactError(f"cannot write {path}: {reason}; {hint}")
+
+
 @contextlib.contextmanager
 def atomic_file(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error removed."""
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error removed.
+
+    Raises:
+        ArtifactError: the file cannot be written (read-only folder, full disk...); ``path`` is untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
+    temp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(handle)
         yield Path(temp)
         os.replace(temp, path)
+    except OSError as error:
+        raise write_error(path, error) from error
     finally:
-        Path(temp).unlink(missing_ok=True)
+        if temp is not None:
+            Path(temp).unlink(missing_ok=True)
+
+
+def _old(path: Path) -> Path:
+    return path.with_name(f".{path.name}.old")
+
+
+def recover(path: str | Path) -> Path:
+    """Undo a folder swap that was killed between its two renames (``path`` missing, its ``.old`` present)."""
+    path = Path(path)
+    if not path.exists() and _old(path).is_dir():
+        os.replace(_old(path), path)
+    return path
 
 
 @contextlib.contextmanager
 def atomic_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole, on error it is removed."""
+    """Yield a temporary folder beside ``path``; on success it replaces ``path`` whole, on error it is removed.
+
+    Replacing an existing folder takes two renames (old aside, new in); a process killed between them
+    leaves ``.<name>.old``, which :func:`recover` (called here first) puts back.
+
+    Raises:
+        ArtifactError: the folder cannot be written (read-only folder, full disk...); ``path`` is untouched.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
+    temp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        recover(path)
+        temp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
         yield temp
         if path.exists():
-            old = path.with_name(f".{path.name}.old")
+            old = _old(path)
             shutil.rmtree(old, ignore_errors=True)
             os.replace(path, old)
             os.replace(temp, path)
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(temp, path)
+    except OSError as error:
+        raise write_error(path, error) from error
     finally:
-        shutil.rmtree(temp, ignore_errors=True)
+        if temp is not None:
+            shutil.rmtree(temp, ignore_errors=True)
 
 
 def check_output_dir(path: str | Path, overwrite: bool) -> Path:
@@ -130,6 +191,11 @@ def load_tensors(path: str | Path, device: str | torch.device = "cpu") -> dict[s
 
     path = Path(path)
     if not path.is_file():
+        pickles = sorted(p.name for p in path.parent.glob("*") if p.suffix in PICKLE_SUFFIXES) if path.parent.is_dir() else []
+        if pickles:
+            raise ArtifactError(f"{path.parent} holds {pickles[0]}, a pickle file, and no {path.name}: adalora-deploy "
+                                "reads tensors from safetensors only, because unpickling a file can run code; re-save "
+                                "it as safetensors (e.g. save_pretrained(..., safe_serialization=True))")
         raise ArtifactError(f"missing file: {path}")
     try:
         return load_file(str(path), device=str(device))

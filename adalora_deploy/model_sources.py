@@ -4,7 +4,9 @@ No model hub is reachable where this runs, so a config can name a model that ``p
 file inside the distribution ``DIST`` is converted once into a plain Hugging Face folder (float32
 safetensors, tokenizer with its chat template, generation config) in the cache, and reused afterwards::
 
-    <cache>/models/<dist>-<version>-<gguf stem>/     cache = $ADALORA_DEPLOY_CACHE or ~/.cache/adalora-deploy
+    <cache>/models/<dist>-<version>-<gguf stem>-<key>/   cache = $ADALORA_DEPLOY_CACHE or ~/.cache/adalora-deploy
+
+``builtin:tiny-llama`` (the embedded default, built in code from a fixed seed) is written there too.
 
 The conversion is written to a temporary folder and renamed into place, so an interrupted one leaves no
 half model; the package is never imported. GGUF weights are whatever the file holds (e.g. Q4_1
@@ -101,9 +103,9 @@ def _convert_gguf(gguf: Path, folder: Path, source: dict) -> None:
         write_json(temp / SOURCE_FILE, source)
 
 
-def materialize(path: str, workdir: str | Path) -> str:
-    """A real model folder for ``path``: builtins are written under ``workdir/base-model``; ``package:`` models
-    are converted once into the cache; anything else is returned as is."""
+def materialize(path: str) -> str:
+    """A real model folder for ``path``: builtins are written and ``package:`` models converted once into the
+    cache; anything else is returned as is."""
     if path.startswith("package:"):
         return str(package_model(path))
     if not path.startswith("builtin:"):
@@ -112,7 +114,10 @@ def materialize(path: str, workdir: str | Path) -> str:
         raise ArtifactError(f"model.path = {path!r}: unknown builtin model; known: {', '.join(BUILTIN_MODELS)}")
     from adalora_deploy.demo import write_tiny_llama
 
-    folder = Path(workdir) / "base-model"
+    folder = cache_dir() / "models" / path.replace(":", "-")
     if not (folder / "config.json").is_file():
-        write_tiny_llama(folder)
+        from adalora_deploy.artifacts import atomic_dir
+
+        with atomic_dir(folder) as temp:
+            write_tiny_llama(temp)
     return str(folder)

@@ -161,10 +161,8 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
     if group.world > 1 and run.adapter.compact_in_training:
         raise ConfigError("adapter.compact_in_training replaces the adapter parameters mid-run, which DDP cannot "
                           "follow; train without it under torchrun and compact afterwards (adalora-deploy compact)")
-    if group.main:
-        output_dir.mkdir(parents=True, exist_ok=True)
     _seed_everything(t.seed)
-    model_path = materialize(run.model.path, output_dir)
+    model_path = materialize(run.model.path)
     tokenizer = load_tokenizer(model_path)
     data = build_training_data(run.data, tokenizer, seq_len=t.seq_len, seed=t.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -198,7 +196,8 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
         logger.info("resumed from step %d", start)
     else:
         optimizer = build_optimizer(adapters)
-    if group.main:
+    if group.main:  # every input was read and checked above: only now does the run folder appear
+        output_dir.mkdir(parents=True, exist_ok=True)
         _rewrite_metrics(metrics_path, keep_before=start)
         write_json(output_dir / "run.json", run.to_dict() | {"model_folder": model_path})
 

@@ -198,10 +198,10 @@ def check_export(
         VacuousCheckError: the adapter does not change the source model's output.
         ArtifactError: a missing or malformed export folder.
     """
-    from adalora_deploy.artifacts import ArtifactError, write_json
+    from adalora_deploy.artifacts import write_json
 
     from .convert import convert_for_export
-    from .manifest import read_manifest
+    from .manifest import read_manifest, verify_files
     from .parity import compare_outputs, decoder_parity, torch_greedy
     from .runtime import DecoderSession, create_session, execution_providers
     from .source import adapters_bypassed, load_source_model
@@ -209,9 +209,8 @@ def check_export(
     execution_providers(provider)  # fail before loading any model
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
+    verify_files(manifest)
     model_path = export_dir / "model.onnx"
-    if not model_path.is_file():
-        raise ArtifactError(f"{model_path} not found")
     base = Path(base) if base is not None else Path(manifest.base_path)
     adapter = Path(adapter) if adapter is not None else Path(manifest.adapter_path)
 

@@ -11,7 +11,15 @@ from typing import Any, Mapping
 
 from adalora_deploy.errors import ArtifactError
 
-__all__ = ["MANIFEST_FILE", "MANIFEST_VERSION", "ExportManifest", "package_versions", "read_manifest", "sha256_file"]
+__all__ = [
+    "MANIFEST_FILE",
+    "MANIFEST_VERSION",
+    "ExportManifest",
+    "package_versions",
+    "read_manifest",
+    "sha256_file",
+    "verify_files",
+]
 
 MANIFEST_FILE = "export.json"
 MANIFEST_VERSION = 1
@@ -126,3 +134,27 @@ def package_versions() -> dict[str, str]:
 
     versions["adalora_deploy"] = adalora_deploy.__version__
     return versions
+
+
+def verify_files(manifest: ExportManifest, names: tuple[str, ...] | None = None) -> None:
+    """Check that the export folder's files are the ones ``export.json`` lists (present, same sha256).
+
+    A graph edited by hand, a missing ``model.onnx.data`` or a half-copied folder is caught here, before
+    onnxruntime loads something the manifest does not describe.
+
+    Args:
+        manifest: as read by :func:`read_manifest` (its ``output_dir`` is the folder).
+        names: only these files (default: every listed file).
+
+    Raises:
+        ArtifactError: a listed file is missing or its content differs.
+    """
+    folder = Path(manifest.output_dir)
+    for name in names or tuple(manifest.files):
+        path = folder / name
+        if not path.is_file():
+            raise ArtifactError(f"{path} is missing (export.json lists it); copy the whole export folder or "
+                                "export again")
+        if path.stat().st_size != manifest.sizes.get(name, path.stat().st_size) or sha256_file(path) != manifest.files[name]:
+            raise ArtifactError(f"{path} differs from the file export.json describes (sha256 mismatch): it was "
+                                "modified or corrupted after export; export again")

@@ -13,6 +13,20 @@ from adalora_deploy.demo import write_tiny_llama
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Converted and built models go to a cache folder of this test session, not the user's."""
+    import os
+
+    previous = os.environ.get("ADALORA_DEPLOY_CACHE")
+    os.environ["ADALORA_DEPLOY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    yield
+    if previous is None:
+        os.environ.pop("ADALORA_DEPLOY_CACHE", None)
+    else:
+        os.environ["ADALORA_DEPLOY_CACHE"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A tiny Llama (hidden 64, 2 layers) with a byte tokenizer, as a Hugging Face folder."""

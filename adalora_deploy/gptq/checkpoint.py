@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from adalora_deploy.artifacts import (
+    PICKLE_SUFFIXES,
     atomic_dir,
     copy_tokenizer_files,
     save_tensors,
@@ -224,6 +225,11 @@ class _TensorFiles:
             self._where = {key: folder / shard for key, shard in weight_map.items()}
             files = set(self._where.values())
         else:
+            pickles = sorted(p.name for p in folder.glob("*") if p.suffix in PICKLE_SUFFIXES)
+            if pickles:
+                raise GPTQFormatError(f"{folder} holds {pickles[0]}, a pickle file, and no {_WEIGHTS_NAME}: tensors are "
+                                      "read from safetensors only, because unpickling a file can run code; re-save it "
+                                      "as safetensors")
             raise GPTQFormatError(f"{single}: not found (nor {_INDEX_NAME})")
         for path in sorted(files):
             if not path.is_file():

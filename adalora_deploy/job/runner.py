@@ -111,7 +111,7 @@ def _prepare(job: _Job) -> dict[str, Any]:
     from adalora_deploy.artifacts import atomic_file
     from adalora_deploy.model_sources import materialize
 
-    model_folder = materialize(job.run.model.path, job.output)
+    model_folder = materialize(job.run.model.path)
     result: dict[str, Any] = {"model_folder": model_folder, "base_folder": model_folder}
     job.stages["prepare"] = result  # the tokenizer and data are read from here (the same for a GPTQ base)
     if job.quantization == "gptq" and not _is_gptq_folder(model_folder):
