@@ -262,10 +262,19 @@ def _comparable(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _rewrite_metrics(path: Path, keep_before: int) -> None:
+    """Keep the records of the steps before ``keep_before`` (a resumed run appends the rest again).
+
+    A process killed while appending leaves a partial last line; it is dropped with the later steps.
+    """
     lines = []
     if keep_before and path.is_file():
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines()
-                 if line.strip() and json.loads(line)["step"] < keep_before]
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and record.get("step", keep_before) < keep_before:
+                lines.append(line)
     with atomic_file(path) as temp:
         temp.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
 
