@@ -37,6 +37,25 @@ protobuf costs about 4x the weights in memory (measured: a 243 MB model peaked 1
 model), external data about 1.3x (+325 MB), which keeps the export within twice the model's size."""
 
 _ADAPTER_OPS = ("MatMul",)
+BUILDERS = ("auto", "fast", "dynamo")
+QUANTIZED_OPS = ("com.microsoft::MatMulNBits", "com.microsoft::MatMulBnb4", "com.microsoft::GatherBlockQuantized",
+                 "MatMulInteger")
+"""Ops that compute with quantized weights (the manifest counts them; fused float ops are not among them)."""
+
+
+def _build(model: nn.Module, folder: Path, *, builder: str, opset: int, external_data: bool):
+    """The graph of ``model`` in ``folder`` by the fast path or the dynamo exporter: ``(ExportResult, "fast"|"dynamo")``."""
+    from .fastpath import FastPathUnsupported, build_decoder
+    from .graph import export_decoder
+
+    if builder in ("auto", "fast"):
+        try:
+            return build_decoder(model, folder, opset=opset), "fast"
+        except FastPathUnsupported as error:
+            if builder == "fast":
+                raise
+            logger.info("fast path unavailable (%s); tracing with torch.onnx.export", error)
+    return export_decoder(model, folder, opset=opset, external_data=external_data), "dynamo"
 
 
 def _adapter_matmuls(model_path: Path, branch_modules: list[str]) -> int:
@@ -76,6 +95,7 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     external_data: bool | None = None,
     force: bool = False,
+    builder: str = "auto",
 ) -> ExportManifest:
     """Export ``base`` + ``adapter`` as one KV-cache ONNX decoding graph with its manifest.
 
@@ -93,6 +113,9 @@ def export_model(
         external_data: weights in ``model.onnx.data`` (``None``: above :data:`EXTERNAL_DATA_MIN_BYTES`, which
             bounds the export's peak memory near 1.3x the model).
         force: accept a ``quantization``/``double_quant`` that contradicts the training run record.
+        builder: ``fast`` (:mod:`.fastpath`: the graph built node by node with onnxruntime's fused ops, Llama
+            family), ``dynamo`` (``torch.onnx.export``, any architecture transformers can trace), or ``auto``
+            (fast when the architecture allows, else dynamo). The manifest records which one built the graph.
 
     Returns:
         The manifest written to ``output/export.json``.
@@ -105,9 +128,9 @@ def export_model(
     from adalora_deploy.artifacts import atomic_dir, copy_tokenizer_files, write_json
     from adalora_deploy.models import resolve_quantization
 
-    from .graph import export_decoder
-
     validate_options(mode, weights, serving, adapter_inputs)
+    if builder not in BUILDERS:
+        raise ExportError(f"--builder {builder!r}: choose one of {', '.join(BUILDERS)}")
     base, adapter, output = Path(base), Path(adapter), Path(output)
     quantization, double_quant = resolve_quantization(base, adapter, quantization, double_quant, force=force)
     logger.info("exporting %s base %s + adapter %s (%s, %s)", quantization, base, adapter, mode, weights)
@@ -118,7 +141,7 @@ def export_model(
         size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         external_data = size > EXTERNAL_DATA_MIN_BYTES
     with atomic_dir(output) as temp:
-        result = export_decoder(model, temp, opset=opset, external_data=external_data)
+        result, used = _build(model, temp, builder=builder, opset=opset, external_data=external_data)
         _write_config(model, temp)
         copy_tokenizer_files(base, temp)
         if adapter_inputs:
@@ -133,12 +156,12 @@ def export_model(
             adapter_path=str(adapter.resolve()), arithmetic=conversion.arithmetic.text, tier=conversion.tier,
             source_tier=conversion.source_tier, ranks=dict(conversion.ranks),
             adapter_matmuls=_adapter_matmuls(result.model_path, branches),
-            quantized_ops={op: n for op, n in result.op_counts.items()
-                           if op.startswith("com.microsoft::") or op == "MatMulInteger"},
+            quantized_ops={op: n for op, n in result.op_counts.items() if op in QUANTIZED_OPS},
             op_counts=dict(result.op_counts), adapter_input_names=result.adapter_input_names,
             input_names=result.input_names, output_names=result.output_names, opset=result.opset,
             files={name: sha256_file(temp / name) for name in files},
             sizes={name: (temp / name).stat().st_size for name in files}, versions=package_versions(),
+            builder=used,
         )
         write_json(temp / MANIFEST_FILE, manifest.to_dict())
     logger.info("wrote %s: %s, %d adapter MatMuls, %s", output, conversion.arithmetic.text, manifest.adapter_matmuls,

@@ -71,6 +71,8 @@ class ExportManifest:
     """File name -> bytes."""
     versions: dict[str, str]
     """torch, transformers, onnx, onnxruntime, adalora_deploy (and bitsandbytes when installed)."""
+    builder: str = "dynamo"
+    """What built the graph: ``fast`` (the direct builder, fused contrib ops) or ``dynamo`` (torch.onnx.export)."""
     format_version: int = MANIFEST_VERSION
     output_dir: str = field(default="", compare=False)
     """Where the folder was read from or written to (not stored)."""
@@ -90,7 +92,8 @@ class ExportManifest:
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], output_dir: str | os.PathLike = "") -> ExportManifest:
         names = {f.name for f in dataclasses.fields(cls)} - {"output_dir"}
-        missing = sorted(names - set(data) - {"format_version"})
+        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        missing = sorted(names - set(data) - optional)
         if missing:
             raise ArtifactError(f"{Path(output_dir) / MANIFEST_FILE}: missing keys {missing}; re-export the folder")
         values = {k: data[k] for k in names if k in data}

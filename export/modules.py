@@ -158,11 +158,24 @@ def _pack_along_last(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer values in [0, 2**bits) into uint8, ``8 // bits`` per byte, low bits first (pads with 0)."""
     per_byte = 8 // bits
     pad = (-values.shape[-1]) % per_byte
+    values = values.to(torch.uint8)
     if pad:
         values = torch.nn.functional.pad(values, (0, pad))
-    values = values.to(torch.int32).reshape(*values.shape[:-1], -1, per_byte)
-    shifts = torch.arange(per_byte, dtype=torch.int32) * bits
-    return (values << shifts).sum(-1).to(torch.uint8)
+    if per_byte == 1:
+        return values.contiguous()
+    if per_byte == 2:  # two nibbles as one little-endian int16 (lo + 256 hi): lo | hi << 4 in two passes
+        pairs = values.contiguous().view(torch.int16)
+        return (pairs | (pairs >> 4)).to(torch.uint8)
+    values = values.reshape(*values.shape[:-1], -1, per_byte)
+    packed = values[..., 0].clone()
+    for i in range(1, per_byte):
+        packed |= values[..., i] << (i * bits)
+    return packed
+
+
+_RTN_ROWS = 4096
+"""Rows quantized at a time by :meth:`NBitsLinear.from_float`: bounds its temporaries (an embedding table of
+49152 x 576 would otherwise need several fp32 copies of itself)."""
 
 
 class NBitsLinear(nn.Module):
@@ -265,17 +278,32 @@ class NBitsLinear(nn.Module):
         bits: int = 4,
         block_size: int = 32,
         accuracy_level: int = 0,
+        symmetric: bool = False,
     ) -> NBitsLinear:
-        """Round-to-nearest asymmetric quantization of a float ``[N, K]`` weight, one group per block.
+        """Round-to-nearest quantization of a float ``[N, K]`` weight, one grid per block of K.
 
-        The grid is :func:`adalora_deploy.gptq.solver.rtn_quantize`'s (``min <= 0 <= max`` per block, fp32
-        scales as MatMulNBits stores them), so MatMulNBits and GPTQ checkpoints share one round-to-nearest.
+        The grid is :func:`adalora_deploy.gptq.solver.rtn_blocks`' (fp32 scales, as MatMulNBits stores them):
+        asymmetric by default, or with ``symmetric`` onnxruntime's symmetric int4 grid, whose zero points all
+        equal MatMulNBits' default so an exporter can leave them out (fewer bytes per decoded token).
+        Rows are quantized in chunks of :data:`_RTN_ROWS` to bound the temporaries.
         """
-        from adalora_deploy.gptq.solver import rtn_quantize
+        from adalora_deploy.gptq.solver import rtn_blocks
 
-        quantized = rtn_quantize(weight.detach().float(), bits=bits, group_size=block_size, sym=False,
-                                 scale_dtype=torch.float32)
-        return cls.from_quantized(quantized, bias=bias, accuracy_level=accuracy_level)
+        w = weight.detach()
+        n, k = w.shape
+        k_blocks = math.ceil(k / block_size)
+        qweight = torch.empty((n, k_blocks, block_size * bits // 8), dtype=torch.uint8)
+        scales = torch.empty((n, k_blocks), dtype=torch.float32)
+        zero_points = torch.empty((n, math.ceil(k_blocks * bits / 8)), dtype=torch.uint8)
+        for start in range(0, n, _RTN_ROWS):
+            rows = w[start:start + _RTN_ROWS].float().cpu().numpy()
+            q, scale, zeros = rtn_blocks(rows, bits, block_size, "sym-onnx" if symmetric else "asym")
+            stop = start + rows.shape[0]
+            qweight[start:stop] = _pack_along_last(torch.from_numpy(q), bits)
+            scales[start:stop] = torch.from_numpy(scale)
+            zero_points[start:stop] = _pack_along_last(torch.from_numpy(zeros), bits)
+        return cls(qweight, scales, zero_points, in_features=k, out_features=n, bits=bits, block_size=block_size,
+                   bias=bias, accuracy_level=accuracy_level)
 
     @classmethod
     def from_quantized(cls, quantized: Any, *, bias: torch.Tensor | None = None, accuracy_level: int = 0) -> NBitsLinear:

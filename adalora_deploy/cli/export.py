@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--adapter-inputs", action="store_true",
                         help="separate mode: adapter factors as graph inputs with a symbolic rank (one graph, many "
                              "adapters) plus adapter.onnx_adapter")
+    export.add_argument("--builder", choices=("auto", "fast", "dynamo"), default="auto",
+                        help="fast: build the graph node by node with onnxruntime's fused ops (Llama, Mistral, "
+                             "Qwen2); dynamo: torch.onnx.export (any traceable model); auto: fast when possible")
     export.add_argument("--opset", type=int, default=None, help="default-domain opset (default: 20)")
     export.add_argument("--output", required=True, metavar="DIR", help="export folder")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -91,12 +94,13 @@ def run_export(args: argparse.Namespace) -> int:
     manifest = export_model(
         args.base, args.adapter, output=args.output, mode=args.mode, weights=args.weights,
         quantization=args.quantization, double_quant=args.double_quant, adapter_inputs=args.adapter_inputs,
-        serving=args.serving, opset=args.opset or DEFAULT_OPSET, force=args.force,
+        serving=args.serving, opset=args.opset or DEFAULT_OPSET, force=args.force, builder=args.builder,
     )
     ranks = ", ".join(f"{name}={rank}" for name, rank in manifest.ranks.items())
     print(f"wrote {args.output}: {manifest.mode} {manifest.weights}{' serving' if manifest.serving else ''}, "
           f"base {manifest.base_kind}, graph {manifest.graph_bytes / 1e6:.2f} MB")
-    print(f"arithmetic: {manifest.arithmetic} (tier {manifest.tier})")
+    print(f"arithmetic: {manifest.arithmetic} (tier {manifest.tier}); built by the {manifest.builder} path, "
+          f"{sum(manifest.op_counts.values())} nodes")
     print(f"quantized ops: {manifest.quantized_ops or 'none'}; adapter MatMuls: {manifest.adapter_matmuls}")
     print(f"ranks: {ranks}")
     return 0

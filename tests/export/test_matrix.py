@@ -24,7 +24,8 @@ KINDS = {
     "gptq-4bit": ("gptq", False, False, "com.microsoft::MatMulNBits"),
     "gptq-4bit-act": ("gptq", False, True, "com.microsoft::MatMulNBits"),
 }
-QUANTIZED_LINEARS = 14
+QUANTIZED_LINEARS = 8
+"""Quantized matmul nodes of the fast-path graph: 2 layers x (fused q/k/v, o, fused gate/up, down)."""
 """7 linears per decoder layer x 2 layers (lm_head stays float in every base kind)."""
 
 
