@@ -9,7 +9,8 @@
                     from its plug-in in export.kinds (which also says what the graph computes and its tier)
                          │
     export_decoder (onnx.checker + shape inference) in a temporary folder + config.json, tokenizer
-    files, export.json (export.manifest); the folder is swapped into ``--output`` whole
+    files, genai_config.json (onnxruntime-genai), export.json (export.manifest); the folder is swapped
+    into ``--output`` whole
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from .adapter_file import ADAPTER_FILE, add_default_adapter_inputs, write_onnx_adapter
 from .convert import Mode, Weights, convert_for_export, validate_options
+from .genai import write_genai_config
 from .graph import DEFAULT_OPSET
 from .manifest import MANIFEST_FILE, ExportManifest, package_versions, sha256_file
 from .source import load_source_model
@@ -121,6 +123,7 @@ def export_model(
         result = export_decoder(model, temp, opset=opset, external_data=external_data)
         _write_config(model, temp)
         copy_tokenizer_files(base, temp)
+        write_genai_config(temp)  # onnxruntime-genai loads the folder as it loads its own builder's exports
         if adapter_inputs:
             add_default_adapter_inputs(result.model_path, result.adapter_input_names)
             write_onnx_adapter(temp / ADAPTER_FILE, conversion.factors)

@@ -13,15 +13,15 @@ import argparse
 import logging
 import sys
 
-from adalora_deploy.cli import adapter, export, quantize, train
+from adalora_deploy.cli import adapter, export, quantize, serve, train
 from adalora_deploy.errors import UserError
 
 __all__ = ["build_parser", "main"]
 
 DESCRIPTION = ("AdaLoRA from fine-tuning to edge deployment: train on float or quantized bases, compact to the "
-               "surviving ranks, export ONNX, check parity under onnxruntime.")
+               "surviving ranks, export ONNX, check parity under onnxruntime, generate and serve with onnxruntime.")
 
-COMMAND_GROUPS = (train, quantize, adapter, export)
+COMMAND_GROUPS = (train, quantize, adapter, export, serve)
 """Modules that register subcommands, in the order ``--help`` lists them."""
 
 LIBRARY_LOGGERS = ("bitsandbytes", "torch.onnx")
