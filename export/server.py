@@ -105,8 +105,8 @@ def _validation_error(error: RequestValidationError) -> APIError:
         return APIError(400, f"unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
     if kind == "missing":
         return APIError(400, f"missing required parameter: {param}", param=param, code="missing_required_parameter")
-    if not location and kind in ("model_type", "dict_type"):
-        return APIError(400, "the body must be a JSON object", code="invalid_json")
+    if not location:  # the body itself is not an object (a list, a number...)
+        return APIError(400, "the body must be a JSON object with the request's fields", code="invalid_json")
     return APIError(400, f"invalid value for {param}: {first.get('msg')}", param=param, code="invalid_value")
 
 
