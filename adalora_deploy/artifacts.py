@@ -14,11 +14,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from adalora_deploy.errors import ArtifactError
+
+if TYPE_CHECKING:  # tensors only in annotations: the onnxruntime-only serving side reads JSON through this module
+    import torch
 
 __all__ = ["ArtifactError", "atomic_dir", "TOKENIZER_FILES", "check_output_dir", "copy_tokenizer_files", "atomic_file", "load_tensors", "read_json", "read_json_object", "save_tensors", "write_json"]
 

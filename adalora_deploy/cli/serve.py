@@ -166,11 +166,15 @@ def _run_options(export_dir: str, generator, adapter: Path):
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Serve until interrupted."""
+    """Serve until interrupted (Ctrl-C / SIGINT: exit status 0 after a clean shutdown)."""
     from adalora_deploy.export.server import ServerSettings, serve
 
     settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
                               max_tokens_limit=args.max_tokens_limit, max_batch_size=args.max_batch_size,
                               max_body_bytes=args.max_body_bytes, model_name=args.model_name)
-    serve(args.export_dir, settings, adapters_dir=args.adapters, intra_op_threads=args.threads, provider=args.provider)
+    try:
+        serve(args.export_dir, settings, adapters_dir=args.adapters, intra_op_threads=args.threads,
+              provider=args.provider)
+    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then re-raises it: that is the normal way out
+        print("server stopped", file=sys.stderr)
     return 0
