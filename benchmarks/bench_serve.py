@@ -83,13 +83,14 @@ def og_model(export_dir: Path, engine: dict | None = None):
     return og.Model(config)
 
 
-def ours(export_dir: Path, clients: int, new_tokens: int) -> tuple[dict, list[list[int]]]:
+def ours(export_dir: Path, clients: int, new_tokens: int, max_prefill_tokens: int | None = None) -> tuple[dict, list[list[int]]]:
     from adalora_deploy.export.engine import Engine, served_models
     from adalora_deploy.export.generation import GenerationRequest, SamplingParams, TextGenerator
 
     generator = TextGenerator.from_export(export_dir, intra_op_threads=THREADS)
     generator.limits = dataclasses.replace(generator.limits, eos_token_ids=frozenset())
-    engine = Engine(generator, served_models(export_dir, generator), max_batch_size=max(clients, 1))
+    extra = {} if max_prefill_tokens is None else {"max_prefill_tokens": max_prefill_tokens}
+    engine = Engine(generator, served_models(export_dir, generator), max_batch_size=max(clients, 1), **extra)
     engine.start()
     model = next(iter(engine.models))
     prompts = prompts_for(generator.tokenizer, clients)
@@ -224,7 +225,12 @@ def http(export_dir: Path, clients: int, new_tokens: int) -> tuple[dict, list[li
     return result, []
 
 
-ENGINES = {"ours": ours, "genai-generator": genai_generator, "genai-engine": genai_engine, "http-ours": http}
+def ours_one_prefill(export_dir: Path, clients: int, new_tokens: int) -> tuple[dict, list[list[int]]]:
+    """Our engine with every simultaneous prompt in one prefill run (no max_prefill_tokens split)."""
+    return ours(export_dir, clients, new_tokens, max_prefill_tokens=1 << 30)
+
+
+ENGINES = {"ours": ours, "ours-one-prefill": ours_one_prefill, "genai-generator": genai_generator, "genai-engine": genai_engine, "http-ours": http}
 
 
 def main() -> int:
@@ -233,7 +239,8 @@ def main() -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--engines", nargs="+", default=list(ENGINES), choices=list(ENGINES))
+    parser.add_argument("--engines", nargs="+", default=["ours", "genai-generator", "genai-engine", "http-ours"],
+                        choices=list(ENGINES))
     parser.add_argument("--threads", type=int, default=None, help="intra-op threads of every engine")
     args = parser.parse_args()
     global THREADS

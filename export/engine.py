@@ -5,7 +5,8 @@ adapters a served export answers to (``.onnx_adapter`` files, one model id each)
 
     submit() (any thread) ──► pending queue ──► engine thread, each turn:
         1. admit pending requests (per model id, up to max_batch_size rows per batch): their prompts run
-           as one prefill and join that model's DecodeBatch (first token streamed right away)
+           in prefills of at most max_prefill_tokens tokens and join that model's DecodeBatch (each
+           prefill streams its requests' first tokens right away)
         2. one decoding step for every model's batch (round robin): one token per running request
     events ──► each request's callback (called on the engine thread; the server hops them onto asyncio)
 
@@ -30,7 +31,7 @@ from typing import Callable, Mapping, Sequence
 from adalora_deploy.errors import ArtifactError, UserError
 
 from .adapter_file import ADAPTER_FILE
-from .generation import DecodeBatch, GenerationRequest, SamplingParams, TextGenerator, TokenEvent, _Row, check_prompt
+from .generation import DecodeBatch, GenerationRequest, Row, SamplingParams, TextGenerator, TokenEvent, check_prompt
 
 __all__ = ["ADAPTER_SUFFIX", "Engine", "ServedModel", "Ticket", "served_models"]
 
@@ -39,6 +40,12 @@ logger = logging.getLogger(__name__)
 ADAPTER_SUFFIX = ".onnx_adapter"
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Model ids (file stems): no path separators, nothing hidden, so an id can never name a file elsewhere."""
+
+DEFAULT_MAX_PREFILL_TOKENS = 128
+"""Prompt tokens per prefill run. On CPU a prefill costs about its token count whether prompts run together or
+not (SmolLM2-135M int4, 1 thread: 8 chat prompts of ~40 tokens in one run took 6.6x one prompt), so smaller
+runs let the first requests stream sooner: mean time to first token falls while the last one's stays put.
+Pending prefills still run before the next decoding step."""
 
 EventCallback = Callable[[TokenEvent | BaseException], None]
 
@@ -127,7 +134,7 @@ class Ticket:
         self.model = model
         self.requests = list(requests)
         self.callback = callback
-        self.rows: list[_Row] = []
+        self.rows: list[Row] = []
         self.cancelled = False
 
 
@@ -138,14 +145,18 @@ class Engine:
         generator: the export's graph, tokenizer and limits.
         models: model id -> what it runs (:func:`served_models`).
         max_batch_size: rows decoded together per model (more requests wait for a free row).
+        max_prefill_tokens: prompt tokens per prefill run (:data:`DEFAULT_MAX_PREFILL_TOKENS`).
     """
 
-    def __init__(self, generator: TextGenerator, models: Mapping[str, ServedModel], *, max_batch_size: int = 8) -> None:
-        if max_batch_size < 1:
-            raise UserError(f"--max-batch-size {max_batch_size}: must be >= 1")
+    def __init__(self, generator: TextGenerator, models: Mapping[str, ServedModel], *, max_batch_size: int = 8,
+                 max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS) -> None:
+        if max_batch_size < 1 or max_prefill_tokens < 1:
+            raise UserError(f"--max-batch-size {max_batch_size}, --max-prefill-tokens {max_prefill_tokens}: "
+                            "both must be >= 1")
         self.generator = generator
         self.models = dict(models)
         self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
         self._batches: dict[str, DecodeBatch] = {}
         self._loras: dict[str, object] = {}
         self._pending: collections.deque[Ticket] = collections.deque()
@@ -229,7 +240,9 @@ class Engine:
         return bool(self._pending) or any(len(b) for b in self._batches.values())
 
     def _admit(self) -> None:
-        """Move pending tickets into their model's batch while rows are free (a ticket joins whole)."""
+        """Move pending tickets into their model's batch while rows are free (a ticket joins whole), in prefill
+        runs of at most ``max_prefill_tokens`` prompt tokens each (at least one ticket per run); every run
+        streams its requests' first tokens as soon as it ends."""
         with self._condition:
             admitted: dict[str, list[Ticket]] = collections.defaultdict(list)
             waiting: collections.deque[Ticket] = collections.deque()
@@ -245,20 +258,29 @@ class Engine:
                     admitted[ticket.model].append(ticket)
             self._pending = waiting
         for model, tickets in admitted.items():
-            requests = [r for t in tickets for r in t.requests]
-            sinks = [t.callback for t in tickets for _ in t.requests]
-            try:
-                rows = self._batch(model).add(requests, sinks)
-            except Exception as error:  # a failed run must not take the other requests down
-                logger.exception("prefill failed")
-                self._batches.pop(model, None)
-                for ticket in tickets:
-                    ticket.callback(error)
-                continue
-            owners = [t for t in tickets for _ in t.requests]
-            for row, owner in zip(rows, owners):
-                owner.rows.append(row)
-                row.cancelled = row.cancelled or owner.cancelled
+            group: list[Ticket] = []
+            for ticket in tickets:
+                tokens = sum(len(r.prompt) for t in group for r in t.requests)
+                if group and tokens + sum(len(r.prompt) for r in ticket.requests) > self.max_prefill_tokens:
+                    self._prefill(model, group)
+                    group = []
+                group.append(ticket)
+            self._prefill(model, group)
+
+    def _prefill(self, model: str, tickets: list[Ticket]) -> None:
+        requests = [r for t in tickets for r in t.requests]
+        sinks = [t.callback for t in tickets for _ in t.requests]
+        try:
+            rows = self._batch(model).add(requests, sinks)
+        except Exception as error:  # a failed run must not take the other requests down (the batch is intact)
+            logger.exception("prefill failed")
+            for ticket in tickets:
+                ticket.callback(error)
+            return
+        owners = [t for t in tickets for _ in t.requests]
+        for row, owner in zip(rows, owners):
+            owner.rows.append(row)
+            row.cancelled = row.cancelled or owner.cancelled
 
     def _run(self) -> None:
         while True:

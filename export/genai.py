@@ -30,7 +30,7 @@ import numpy as np
 
 from adalora_deploy.errors import ArtifactError, require
 
-from .generation import (GenerationError, GenerationRequest, ModelLimits, RequestOutput, SamplingParams, TokenEvent,
+from .generation import (GenerationRequest, ModelLimits, RequestOutput, SamplingParams, TokenEvent, check_prompt,
                          model_limits)
 from .tokenizer import TextTokenizer
 
@@ -137,11 +137,8 @@ class GenaiGenerator:
             adapter: a name from :meth:`load_adapter`.
         """
         prompts = [tuple(int(t) for t in p) for p in prompts]
-        context = self.limits.context_length
         for prompt in prompts:
-            if not prompt or len(prompt) >= context:
-                raise GenerationError(f"a prompt has {len(prompt)} tokens; this model's context ({context} tokens) "
-                                      "must hold the prompt and at least one new token")
+            check_prompt(prompt, self.limits)
         groups: dict[int, list[int]] = {}
         for i, prompt in enumerate(prompts):
             groups.setdefault(len(prompt), []).append(i)

@@ -42,6 +42,7 @@ __all__ = [
     "SamplingParams",
     "TextGenerator",
     "RequestOutput",
+    "Row",
     "TextStream",
     "TokenEvent",
     "TokenSampler",
@@ -355,7 +356,7 @@ class RequestOutput:
                           len(self.generated))
 
 
-class _Row:
+class Row:
     """One request inside a :class:`DecodeBatch`."""
 
     def __init__(self, request: GenerationRequest, tokenizer: TextTokenizer, limits: ModelLimits,
@@ -392,7 +393,7 @@ class DecodeBatch:
         self.limits = limits
         self.adapter = adapter
         self.run_options = run_options
-        self.rows: list[_Row] = []
+        self.rows: list[Row] = []
         self.past: tuple[np.ndarray, ...] = ()
         self.mask = np.zeros((0, 0), np.int64)
         self.next_ids = np.zeros(0, np.int64)
@@ -401,7 +402,7 @@ class DecodeBatch:
         return len(self.rows)
 
     def add(self, requests: Sequence[GenerationRequest],
-            sink: Callable[[TokenEvent], None] | Sequence[Callable[[TokenEvent], None]]) -> list[_Row]:
+            sink: Callable[[TokenEvent], None] | Sequence[Callable[[TokenEvent], None]]) -> list[Row]:
         """Prefill ``requests`` (one left-padded run), emit each one's first token, merge the unfinished ones.
 
         Args:
@@ -414,7 +415,7 @@ class DecodeBatch:
         for request in requests:
             check_prompt(request.prompt, self.limits)
         sinks = [sink] * len(requests) if callable(sink) else list(sink)
-        rows = [_Row(r, self.tokenizer, self.limits, s) for r, s in zip(requests, sinks)]
+        rows = [Row(r, self.tokenizer, self.limits, s) for r, s in zip(requests, sinks)]
         if not rows:
             return rows
         length = max(len(r.request.prompt) for r in rows)
@@ -440,7 +441,7 @@ class DecodeBatch:
         self.next_ids = self._choose(self.rows, out.logits[:, -1])
         self._drop_finished()
 
-    def _choose(self, rows: list[_Row], logits: np.ndarray) -> np.ndarray:
+    def _choose(self, rows: list[Row], logits: np.ndarray) -> np.ndarray:
         chosen = np.zeros(len(rows), np.int64)
         for i, row in enumerate(rows):
             if row.cancelled:
@@ -449,7 +450,7 @@ class DecodeBatch:
             row.sink(row.output.accept(token))
         return chosen
 
-    def _merge(self, rows: list[_Row], past: Sequence[np.ndarray], mask: np.ndarray, next_ids: np.ndarray) -> None:
+    def _merge(self, rows: list[Row], past: Sequence[np.ndarray], mask: np.ndarray, next_ids: np.ndarray) -> None:
         """Append rows with their own KV cache: both sides left-padded (mask 0) to the longer length."""
         if not self.rows:
             self.rows, self.past, self.mask, self.next_ids = list(rows), tuple(past), mask, next_ids

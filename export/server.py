@@ -37,7 +37,7 @@ from typing import Any, AsyncIterator, Literal, Sequence
 
 from adalora_deploy.errors import UserError, require
 
-from .engine import Engine, ServedModel, served_models
+from .engine import DEFAULT_MAX_PREFILL_TOKENS, Engine, ServedModel, served_models
 from .generation import GenerationError, GenerationRequest, SamplingParams, TextGenerator, TokenEvent
 
 __all__ = ["ServerSettings", "create_app", "serve"]
@@ -73,6 +73,8 @@ class ServerSettings:
     """Requests decoded together per model (more wait for a free row)."""
     max_body_bytes: int = 1 << 20
     """Request bodies above this are refused with 413."""
+    max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS
+    """Prompt tokens per prefill run (see :data:`~.engine.DEFAULT_MAX_PREFILL_TOKENS`)."""
     model_name: str | None = None
     """Id of the export itself (default: the folder's name)."""
 
@@ -509,7 +511,8 @@ def build_service(export_dir: str | os.PathLike, settings: ServerSettings, *, ad
     """Open the export, find its model ids, start the engine."""
     generator = TextGenerator.from_export(export_dir, provider=provider, intra_op_threads=intra_op_threads)
     models = served_models(export_dir, generator, adapters_dir=adapters_dir, name=settings.model_name)
-    engine = Engine(generator, models, max_batch_size=settings.max_batch_size)
+    engine = Engine(generator, models, max_batch_size=settings.max_batch_size,
+                    max_prefill_tokens=settings.max_prefill_tokens)
     engine.start()
     return Service(engine, settings)
 

@@ -65,6 +65,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help=f"require `Authorization: Bearer KEY` on /v1 (default: ${API_KEY_ENV} if set, else none)")
     serve.add_argument("--model-name", default=None, help="model id of the export itself (default: the folder name)")
     serve.add_argument("--max-batch-size", type=int, default=8, help="requests decoded together (default: 8)")
+    serve.add_argument("--max-prefill-tokens", type=int, default=128,
+                       help="prompt tokens per prefill run: smaller lets the first of many simultaneous requests "
+                            "stream sooner on CPU, larger batches prefills (GPU) (default: 128)")
     serve.add_argument("--max-tokens-limit", type=int, default=2048,
                        help="largest max_tokens a request may ask for (default: 2048)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
@@ -171,7 +174,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
                               max_tokens_limit=args.max_tokens_limit, max_batch_size=args.max_batch_size,
-                              max_body_bytes=args.max_body_bytes, model_name=args.model_name)
+                              max_body_bytes=args.max_body_bytes, model_name=args.model_name,
+                              max_prefill_tokens=args.max_prefill_tokens)
     try:
         serve(args.export_dir, settings, adapters_dir=args.adapters, intra_op_threads=args.threads,
               provider=args.provider)
