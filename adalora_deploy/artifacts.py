@@ -15,11 +15,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from adalora_deploy.errors import ArtifactError
+
+if TYPE_CHECKING:  # tensors only in annotations: the onnxruntime-only serving side reads JSON through this module
+    import torch
 
 __all__ = [
     "TOKENIZER_FILES",

@@ -313,18 +313,16 @@ def cmd_size(args) -> None:
 
 
 def cmd_genai_config(args) -> None:
+    """genai_config.json for a graph folder built outside ``export`` (exports write their own)."""
     import shutil
 
-    from adalora_deploy.export.fastpath import genai_config
-    from transformers import AutoConfig
-
-    class _Holder:  # genai_config reads model.config only
-        config = AutoConfig.from_pretrained(args.model, local_files_only=True)
+    from adalora_deploy.export.genai import write_genai_config
 
     folder = Path(args.graph)
-    (folder / "genai_config.json").write_text(json.dumps(genai_config(_Holder()), indent=1))
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(Path(args.model) / name, folder / name)
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        if (Path(args.model) / name).exists() and not (folder / name).exists():
+            shutil.copy(Path(args.model) / name, folder / name)
+    write_genai_config(folder)
 
 
 def main() -> None:

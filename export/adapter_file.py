@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Mapping
-
-import torch
+from typing import TYPE_CHECKING, Mapping
 
 from adalora_deploy.errors import ExportError
 
 from .manifest import read_manifest
+
+if TYPE_CHECKING:  # torch only where factors are built: the server imports ADAPTER_FILE without torch
+    import torch
 
 __all__ = ["ADAPTER_FILE", "add_default_adapter_inputs", "write_adapter_file", "write_onnx_adapter"]
 
@@ -58,6 +59,7 @@ def write_adapter_file(adapter: str | os.PathLike, export_dir: str | os.PathLike
             branch for, or a factor's width differs from the graph input's.
     """
     import onnx
+    import torch
 
     from adalora_deploy.peft_format import read_compact_adapter
 

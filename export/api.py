@@ -9,7 +9,8 @@
                     from its plug-in in export.kinds (which also says what the graph computes and its tier)
                          │
     export_decoder (onnx.checker + shape inference) in a temporary folder + config.json, tokenizer
-    files, export.json (export.manifest); the folder is swapped into ``--output`` whole
+    files, genai_config.json (onnxruntime-genai), export.json (export.manifest); the folder is swapped
+    into ``--output`` whole
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch import nn
 
 from .adapter_file import ADAPTER_FILE, add_default_adapter_inputs, write_onnx_adapter
 from .convert import Mode, Weights, convert_for_export, validate_options
+from .genai import write_genai_config
 from .graph import DEFAULT_OPSET
 from .manifest import MANIFEST_FILE, ExportManifest, package_versions, sha256_file
 from .source import load_source_model
@@ -144,6 +146,9 @@ def export_model(
         result, used = _build(model, temp, builder=builder, opset=opset, external_data=external_data)
         _write_config(model, temp)
         copy_tokenizer_files(base, temp)
+        # onnxruntime-genai loads the folder as it loads its own builder's exports; fast-path graphs let it
+        # append to one preallocated KV buffer (adapter inputs keep the concatenating layout)
+        write_genai_config(temp, share_buffer=used == "fast" and not adapter_inputs)
         if adapter_inputs:
             add_default_adapter_inputs(result.model_path, result.adapter_input_names)
             write_onnx_adapter(temp / ADAPTER_FILE, conversion.factors)

@@ -75,7 +75,6 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "FastPathUnsupported",
     "build_decoder",
-    "genai_config",
     "quantize_table",
 ]
 
@@ -838,36 +837,3 @@ def _register_checker_schemas() -> None:
                     A("stash_type", helper.make_attribute("stash_type", 1))],
     )
     onnx.defs.register_schema(schema)
-
-
-def genai_config(model: nn.Module, *, filename: str = "model.onnx", max_length: int | None = None) -> dict:
-    """An onnxruntime-genai ``genai_config.json`` for a fast-path graph (no adapter inputs).
-
-    The graph computes its positions and attention bias from ``attention_mask`` and grows its KV cache by
-    concatenation, so ``past_present_share_buffer`` is off.
-    """
-    config = model.config
-    heads = config.num_attention_heads
-    context = int(max_length or getattr(config, "max_position_embeddings", 2048))
-    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-    return {
-        "model": {
-            "bos_token_id": config.bos_token_id, "context_length": context, "eos_token_id": config.eos_token_id,
-            "pad_token_id": pad, "type": config.model_type, "vocab_size": config.vocab_size,
-            "decoder": {
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "filename": filename, "head_size": getattr(config, "head_dim", None) or config.hidden_size // heads,
-                "hidden_size": config.hidden_size, "num_attention_heads": heads,
-                "num_hidden_layers": config.num_hidden_layers,
-                "num_key_value_heads": getattr(config, "num_key_value_heads", None) or heads,
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
-            },
-        },
-        "search": {"do_sample": False, "max_length": context, "min_length": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
-                   "temperature": 1.0, "top_k": 1, "top_p": 1.0, "early_stopping": True, "length_penalty": 1.0,
-                   "no_repeat_ngram_size": 0, "diversity_penalty": 0.0},
-    }

@@ -87,6 +87,9 @@ def create_session(
     """
     ort = _ort()
     options = ort.SessionOptions()
+    # warnings off: adapter-input graphs give their inputs rank-0 default initializers on purpose (that is what
+    # lets an .onnx_adapter override them), and onnxruntime warns about each one at every session start
+    options.log_severity_level = 3
     options.graph_optimization_level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
         "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,

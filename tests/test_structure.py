@@ -15,7 +15,7 @@ from adalora_deploy import errors
 from adalora_deploy.cli import COMMAND_GROUPS, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("train", "run", "quantize", "compact", "merge", "export", "check", "adapter-file")
+COMMANDS = ("train", "run", "quantize", "compact", "merge", "export", "check", "adapter-file", "generate", "serve")
 
 BLOCK_HEAVY_IMPORTS = """
 import importlib.abc, sys
@@ -126,3 +126,60 @@ def test_wheel_installs_export_inside_the_package(tmp_path):
     result = _python(code, tmp_path, env={"PYTHONPATH": str(target)})
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().startswith(str(target / "adalora_deploy" / "export"))
+
+
+HEAVY = {"torch", "transformers", "bitsandbytes", "onnx", "onnxscript", "peft"}
+
+
+def _requirement_closure(requirements: list[str], extras: set[str]) -> set[str]:
+    """Names of the installed distributions that ``requirements`` (with ``extras`` active) pull in, transitively."""
+    import importlib.metadata
+
+    from packaging.requirements import Requirement
+
+    names: set[str] = set()
+    visited: set[tuple[str, frozenset[str]]] = set()
+    todo = [(r, frozenset(extras)) for r in requirements]
+    while todo:
+        text, active = todo.pop()
+        requirement = Requirement(text)
+        if requirement.marker and not any(requirement.marker.evaluate({"extra": e}) for e in active | {""}):
+            continue
+        name, wanted = requirement.name.lower().replace("_", "-"), frozenset(requirement.extras)
+        names.add(name)
+        if (name, wanted) in visited:
+            continue
+        visited.add((name, wanted))
+        try:
+            todo += [(r, wanted) for r in importlib.metadata.requires(name) or []]
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return names
+
+
+def test_base_and_serve_installs_pull_no_torch():
+    import importlib.metadata
+
+    requires = importlib.metadata.requires("adalora-deploy")
+    base = _requirement_closure(requires, set())
+    serve = _requirement_closure(requires, {"serve"})
+    assert not base & HEAVY and not serve & HEAVY, (base & HEAVY, serve & HEAVY)
+    assert {"onnxruntime", "tokenizers", "fastapi", "uvicorn", "jinja2"} <= serve
+    everything = _requirement_closure(requires, {"test"})  # the README's install line: training users get it all
+    assert {"torch", "transformers", "bitsandbytes", "onnx", "onnxruntime", "peft", "onnxruntime-genai", "fastapi",
+            "openai", "pytest"} <= everything
+
+
+def test_a_training_command_on_a_serving_install_names_the_extra(tmp_path):
+    blocker = """
+import importlib.abc, sys
+class _Missing(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name.split(".")[0] == "torch":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, _Missing())
+"""
+    code = blocker + "from adalora_deploy.cli import main\nraise SystemExit(main(['train', 'builtin:none.yaml']))"
+    result = _python(code, tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "pip install 'adalora-deploy[train]'" in result.stderr and len(result.stderr.strip().splitlines()) == 1

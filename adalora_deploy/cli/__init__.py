@@ -13,16 +13,21 @@ import argparse
 import logging
 import sys
 
-from adalora_deploy.cli import adapter, export, quantize, train
+from adalora_deploy.cli import adapter, export, quantize, serve, train
 from adalora_deploy.errors import UserError
 
 __all__ = ["build_parser", "main"]
 
 DESCRIPTION = ("AdaLoRA from fine-tuning to edge deployment: train on float or quantized bases, compact to the "
-               "surviving ranks, export ONNX, check parity under onnxruntime.")
+               "surviving ranks, export ONNX, check parity under onnxruntime, generate and serve with onnxruntime.")
 
-COMMAND_GROUPS = (train, quantize, adapter, export)
+COMMAND_GROUPS = (train, quantize, adapter, export, serve)
 """Modules that register subcommands, in the order ``--help`` lists them."""
+
+EXTRA_OF_MODULE = {"torch": "train", "transformers": "train", "bitsandbytes": "train", "safetensors": "train",
+                   "onnx": "train", "onnxscript": "train", "tqdm": "train", "peft": "peft"}
+"""Optional packages the commands import inside their handlers, and the extra that installs each (the base
+install has only the command line; ``serve``'s own packages raise MissingDependencyError where they are used)."""
 
 LIBRARY_LOGGERS = ("bitsandbytes", "torch.onnx")
 """Optional-kernel and optional-torchvision notices: shown only with --verbose."""
@@ -65,6 +70,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except UserError as error:
         print(f"adalora-deploy {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as error:
+        package = (error.name or "").split(".")[0]
+        if package not in EXTRA_OF_MODULE:
+            raise
+        print(f"adalora-deploy {args.command}: error: this command needs {package}, which is not installed: "
+              f"pip install 'adalora-deploy[{EXTRA_OF_MODULE[package]}]'", file=sys.stderr)
         return 2
 
 

@@ -81,3 +81,46 @@ def export_workspace(tmp_path_factory) -> ExportWorkspace:
     untrained = tiny_llama()
     save_adapter(inject_adapters(untrained, run.adapter), run.adapter, zero, base_model_name_or_path=str(model))
     return ExportWorkspace(root=root, model=model, adapter=adapters[0], adapter2=adapters[1], zero_adapter=zero)
+
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a tiny test model.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] | trim + '<|im_end|>' + '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+"""A ChatML template like SmolLM2's (with a jinja filter, so rendering is more than concatenation)."""
+
+
+@dataclass(frozen=True)
+class ServingExports:
+    """Exports of the workspace's trained adapter for generation and serving tests (tokenizer with a chat template)."""
+
+    model: Path
+    """The tiny Llama folder with ``chat_template.jinja``."""
+    merged: Path
+    """``--mode merged`` fp32: exact, the adapter baked in."""
+    adapter_inputs: Path
+    """``--mode separate --adapter-inputs``: the base by default, ``adapter.onnx_adapter`` = the trained adapter."""
+    adapters: Path
+    """A folder with ``second.onnx_adapter`` (the workspace's second adapter) for ``serve --adapters``."""
+
+
+@pytest.fixture(scope="session")
+def serving_exports(export_workspace, tmp_path_factory) -> ServingExports:
+    import shutil
+
+    from adalora_deploy.export.adapter_file import write_adapter_file
+    from adalora_deploy.export.api import export_model
+
+    ws = export_workspace
+    root = tmp_path_factory.mktemp("serving")
+    model = root / "model"
+    shutil.copytree(ws.model, model)
+    (model / "chat_template.jinja").write_text(CHAT_TEMPLATE, encoding="utf-8")
+    merged, adapter_inputs = root / "tiny-merged", root / "tiny-ai"
+    export_model(model, ws.adapter, output=merged, mode="merged", quantization="none")
+    export_model(model, ws.adapter, output=adapter_inputs, mode="separate", quantization="none", adapter_inputs=True)
+    (root / "adapters").mkdir()
+    write_adapter_file(ws.adapter2, adapter_inputs, root / "adapters" / "second.onnx_adapter")
+    return ServingExports(model=model, merged=merged, adapter_inputs=adapter_inputs, adapters=root / "adapters")

@@ -1,0 +1,538 @@
+"""An OpenAI-compatible HTTP server for an export folder (FastAPI + uvicorn, onnxruntime only).
+
+Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true`` as
+server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /v1/models``,
+``GET /v1/models/{id}``, ``GET /health``. ``model`` selects the adapter per request
+(:func:`~.engine.served_models`). Requests run on :class:`~.engine.Engine` (continuous batching).
+
+Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``:
+
+=====  =============================================================================================
+400    malformed JSON, unknown or invalid fields, a prompt longer than the context, max_tokens over the
+       limit or beyond the context, a chat the template rejects
+401    missing or wrong API key (when the server has one)
+404    unknown model id, unknown path
+405    wrong method
+413    body larger than ``max_body_bytes``
+500    a failed graph run (the message says so; other requests go on)
+=====  =============================================================================================
+
+Sampling follows OpenAI's defaults (``temperature`` 1, ``top_p`` 1; ``temperature: 0`` is greedy); two
+extensions other OpenAI-compatible servers also accept, ``top_k`` and ``repetition_penalty``, go in the body
+(``extra_body`` in the openai client).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator, Literal, Sequence
+
+from adalora_deploy.errors import UserError, require
+
+from .engine import DEFAULT_MAX_PREFILL_TOKENS, Engine, ServedModel, served_models
+from .generation import GenerationError, GenerationRequest, SamplingParams, TextGenerator, TokenEvent
+
+__all__ = ["ServerSettings", "create_app", "serve"]
+
+logger = logging.getLogger(__name__)
+
+_fastapi = require("fastapi", "serve", "the OpenAI-compatible server")
+require("uvicorn", "serve", "the OpenAI-compatible server")
+from fastapi import FastAPI, Request  # noqa: E402
+from fastapi.exceptions import RequestValidationError  # noqa: E402
+from fastapi.responses import JSONResponse, StreamingResponse  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field  # noqa: E402
+from starlette.exceptions import HTTPException as StarletteHTTPException  # noqa: E402
+
+MAX_STOP_STRINGS = 4
+"""OpenAI's limit on ``stop``."""
+MAX_CHOICES = 16
+"""Largest ``n`` (choices per prompt) accepted."""
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """How the server runs (the ``serve`` command's options)."""
+
+    host: str = "127.0.0.1"
+    """Loopback by default: nothing outside this machine can connect unless asked for."""
+    port: int = 8000
+    api_key: str | None = None
+    """When set, every ``/v1`` request needs ``Authorization: Bearer <api_key>``."""
+    max_tokens_limit: int = 2048
+    """Largest ``max_tokens`` a request may ask for (also the chat default, capped by the context)."""
+    max_batch_size: int = 8
+    """Requests decoded together per model (more wait for a free row)."""
+    max_body_bytes: int = 1 << 20
+    """Request bodies above this are refused with 413."""
+    max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS
+    """Prompt tokens per prefill run (see :data:`~.engine.DEFAULT_MAX_PREFILL_TOKENS`)."""
+    model_name: str | None = None
+    """Id of the export itself (default: the folder's name)."""
+
+
+# --- OpenAI errors ---------------------------------------------------------------------------------------
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content={
+            "error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}})
+
+
+def _validation_error(error: RequestValidationError) -> APIError:
+    first = error.errors()[0]
+    location = [str(part) for part in first.get("loc", ()) if part != "body"]
+    param = ".".join(location) or None
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        return APIError(400, f"the body is not valid JSON ({first.get('ctx', {}).get('error', first.get('msg'))})",
+                        code="invalid_json")
+    if kind == "extra_forbidden":
+        return APIError(400, f"unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+    if kind == "missing":
+        return APIError(400, f"missing required parameter: {param}", param=param, code="missing_required_parameter")
+    if not location:  # the body itself is not an object (a list, a number...)
+        return APIError(400, "the body must be a JSON object with the request's fields", code="invalid_json")
+    return APIError(400, f"invalid value for {param}: {first.get('msg')}", param=param, code="invalid_value")
+
+
+# --- request bodies (unknown fields refused) ------------------------------------------------------------------
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
+
+
+class _Sampling(_Body):
+    """Fields shared by both endpoints."""
+
+    model: str
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    top_k: int | None = Field(default=None, ge=0)
+    """Extension (vLLM and others): sample among the k most likely tokens."""
+    repetition_penalty: float | None = Field(default=None, gt=0)
+    """Extension (vLLM and others): CTRL's penalty on tokens already present."""
+
+    def check_unsupported(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if getattr(self, name) not in (None, 0, 0.0):
+                raise APIError(400, f"{name} is not supported by this server; use repetition_penalty", param=name,
+                               code="unsupported_parameter")
+        if self.logit_bias:
+            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias",
+                           code="unsupported_parameter")
+        stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+        if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
+            raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} non-empty strings", param="stop",
+                           code="invalid_value")
+
+    def stop_strings(self) -> tuple[str, ...]:
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+
+
+class CompletionBody(_Sampling):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = None
+    echo: bool = False
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ContentPart(_Body):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Body):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def as_template_message(self) -> dict[str, Any]:
+        content = self.content if isinstance(self.content, str) or self.content is None else \
+            "".join(part.text for part in self.content)
+        role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for system messages
+        message: dict[str, Any] = {"role": role, "content": content or ""}
+        if self.name is not None:
+            message["name"] = self.name
+        return message
+
+
+class ChatBody(_Sampling):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+
+
+# --- the service: requests -> engine rows -> OpenAI responses ------------------------------------------------
+
+
+class _Events:
+    """Events of one API call, hopped from the engine thread onto the event loop."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[TokenEvent | BaseException] = asyncio.Queue()
+
+    def __call__(self, event: TokenEvent | BaseException) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
+
+
+@dataclass
+class _Choice:
+    text: str = ""
+    finish_reason: str | None = None
+    completion_tokens: int = 0
+
+
+class Service:
+    """What the endpoints share: the engine, the tokenizer, limits, model ids, settings."""
+
+    def __init__(self, engine: Engine, settings: ServerSettings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.tokenizer = engine.generator.tokenizer
+        self.limits = engine.generator.limits
+        self.created = int(time.time())
+
+    def model(self, name: str) -> ServedModel:
+        if name not in self.engine.models:
+            known = ", ".join(sorted(self.engine.models))
+            raise APIError(404, f"the model {name!r} does not exist; this server has: {known}", param="model",
+                           code="model_not_found")
+        return self.engine.models[name]
+
+    def params(self, body: _Sampling, max_tokens: int | None, prompts: Sequence[Sequence[int]],
+               default_max: bool) -> list[SamplingParams]:
+        """One SamplingParams per row (prompt x n), after the OpenAI limits are checked."""
+        body.check_unsupported()
+        context, limit = self.limits.context_length, self.settings.max_tokens_limit
+        longest = max(len(p) for p in prompts)
+        if longest >= context:
+            raise APIError(400, f"this model's maximum context length is {context} tokens, but the prompt has "
+                                f"{longest} tokens; shorten it", param="messages" if default_max else "prompt",
+                           code="context_length_exceeded")
+        if max_tokens is None:
+            max_tokens = min(limit, context - longest)
+        elif max_tokens > limit:
+            raise APIError(400, f"max_tokens is {max_tokens}; this server allows at most {limit}", param="max_tokens",
+                           code="max_tokens_too_large")
+        elif longest + max_tokens > context:
+            raise APIError(400, f"this model's maximum context length is {context} tokens; you requested "
+                                f"{longest + max_tokens} tokens ({longest} in the prompt, {max_tokens} for the "
+                                "completion); reduce the prompt or max_tokens", param="max_tokens",
+                           code="context_length_exceeded")
+        temperature = 1.0 if body.temperature is None else body.temperature
+        rows = []
+        for _ in prompts:
+            for choice in range(body.n):
+                seed = None if body.seed is None else body.seed + choice
+                try:
+                    rows.append(SamplingParams(
+                        max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k or 0,
+                        top_p=1.0 if body.top_p is None else body.top_p,
+                        repetition_penalty=body.repetition_penalty or 1.0, seed=seed, stop=body.stop_strings()))
+                except GenerationError as error:
+                    raise APIError(400, str(error), code="invalid_value") from None
+        return rows
+
+    def submit(self, model: str, prompts: Sequence[Sequence[int]], params: Sequence[SamplingParams],
+               n: int) -> tuple[_Events, list[GenerationRequest], object]:
+        events = _Events(asyncio.get_running_loop())
+        requests = [GenerationRequest(tuple(prompts[i // n]), p, i) for i, p in enumerate(params)]
+        try:
+            ticket = self.engine.submit(model, requests, events)
+        except GenerationError as error:
+            raise APIError(400, str(error), param="prompt", code="invalid_prompt") from None
+        return events, requests, ticket
+
+    async def run(self, events: _Events, requests: list[GenerationRequest],
+                  ticket) -> AsyncIterator[tuple[int, TokenEvent]]:
+        """Yield (choice index, event) until every row has finished; cancels the rows if abandoned."""
+        open_rows = len(requests)
+        try:
+            while open_rows:
+                event = await events.queue.get()
+                if isinstance(event, BaseException):
+                    raise APIError(500, f"the model run failed: {event}", type="server_error", code="model_error")
+                if event.finish_reason is not None:
+                    open_rows -= 1
+                yield event.request_id, event
+        finally:
+            if open_rows:
+                self.engine.cancel(ticket)
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _sse(data: dict[str, Any]) -> str:
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+class _BodyLimit:
+    """ASGI middleware: refuses bodies above ``max_bytes`` with 413 (by Content-Length, or while reading a
+    chunked body, which it buffers up to the limit and replays)."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_large = APIError(413, f"the request body is larger than {self.max_bytes} bytes",
+                             code="request_too_large").response()
+        length = dict(scope.get("headers") or []).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await too_large(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await too_large(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def create_app(service: Service):
+    """The FastAPI application (``service.engine`` must be started by the caller or the lifespan)."""
+    settings = service.settings
+    app = FastAPI(title="adalora-deploy", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError):
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError):
+        return _validation_error(error).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        message = {404: f"no such endpoint: {request.method} {request.url.path}",
+                   405: f"method {request.method} is not allowed on {request.url.path}"}.get(error.status_code,
+                                                                                             str(error.detail))
+        return APIError(error.status_code, message, code=code).response()
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, error: Exception):
+        logger.exception("unhandled error")
+        return APIError(500, f"internal error: {type(error).__name__}", type="server_error").response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if settings.api_key and request.url.path.startswith("/v1"):
+            header = request.headers.get("authorization", "")
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+                return APIError(401, "invalid or missing API key: send Authorization: Bearer <key>",
+                                code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    def model_card(model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": service.created, "owned_by": "adalora-deploy"}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": [model_card(m) for m in service.engine.models]}
+
+    @app.get("/v1/models/{model_id}")
+    async def get_model(model_id: str):
+        return model_card(service.model(model_id).id)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionBody):
+        service.model(body.model)
+        for name, unsupported in (("logprobs", body.logprobs is not None), ("echo", body.echo),
+                                  ("best_of", body.best_of not in (None, 1)), ("suffix", body.suffix is not None)):
+            if unsupported:
+                raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+        prompts = _completion_prompts(service, body.prompt)
+        params = service.params(body, body.max_tokens, prompts, default_max=False)
+        return await _respond(service, body, prompts, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatBody):
+        service.model(body.model)
+        if body.logprobs or body.top_logprobs:
+            raise APIError(400, "logprobs is not supported by this server", param="logprobs",
+                           code="unsupported_parameter")
+        if body.max_tokens is not None and body.max_completion_tokens is not None:
+            raise APIError(400, "send max_tokens or max_completion_tokens, not both", param="max_tokens",
+                           code="invalid_value")
+        try:
+            prompt = service.tokenizer.encode_chat([m.as_template_message() for m in body.messages])
+        except UserError as error:
+            raise APIError(400, str(error), param="messages", code="invalid_messages") from None
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        params = service.params(body, max_tokens, [prompt], default_max=max_tokens is None)
+        return await _respond(service, body, [prompt], params, chat=True)
+
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
+    return app
+
+
+def _completion_prompts(service: Service, prompt) -> list[list[int]]:
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise APIError(400, "prompt is empty", param="prompt", code="invalid_prompt")
+    encoded = [service.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
+    if any(not p for p in encoded):
+        raise APIError(400, "a prompt encodes to no tokens; send some text", param="prompt", code="invalid_prompt")
+    vocab = service.limits.vocab_size
+    if any(t < 0 or t >= vocab for p in encoded for t in p):
+        raise APIError(400, f"prompt token ids must be in [0, {vocab})", param="prompt", code="invalid_prompt")
+    return encoded
+
+
+async def _respond(service: Service, body: _Sampling, prompts: list[list[int]], params: list[SamplingParams], *,
+                   chat: bool):
+    events, requests, ticket = service.submit(body.model, prompts, params, body.n)
+    prompt_tokens = sum(len(p) for p in prompts)
+    created, model = int(time.time()), body.model
+    prefix = "chatcmpl" if chat else "cmpl"
+    response_id = f"{prefix}-{uuid.uuid4().hex}"
+    obj = "chat.completion" if chat else "text_completion"
+    if not body.stream:
+        choices = [_Choice() for _ in requests]
+        async for index, event in service.run(events, requests, ticket):
+            choice = choices[index]
+            choice.text += event.text
+            choice.completion_tokens = event.completion_tokens
+            choice.finish_reason = event.finish_reason or choice.finish_reason
+        completion_tokens = sum(c.completion_tokens for c in choices)
+        if chat:
+            items = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+                      "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
+        else:
+            items = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
+                     for i, c in enumerate(choices)]
+        return {"id": response_id, "object": obj, "created": created, "model": model, "choices": items,
+                "usage": _usage(prompt_tokens, completion_tokens)}
+
+    include_usage = bool(body.stream_options and body.stream_options.include_usage)
+    chunk_object = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list[dict[str, Any]], usage: dict | None = None) -> str:
+        data = {"id": response_id, "object": chunk_object, "created": created, "model": model, "choices": choices}
+        if include_usage:
+            data["usage"] = usage
+        return _sse(data)
+
+    async def stream() -> AsyncIterator[str]:
+        counts = [0] * len(requests)
+        if chat:
+            yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                          "finish_reason": None} for i in range(len(requests))])
+        try:
+            async for index, event in service.run(events, requests, ticket):
+                counts[index] = event.completion_tokens
+                if not event.text and event.finish_reason is None:
+                    continue
+                if chat:
+                    delta = {"content": event.text} if event.text else {}
+                    item = {"index": index, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+                else:
+                    item = {"index": index, "text": event.text, "logprobs": None,
+                            "finish_reason": event.finish_reason}
+                yield chunk([item])
+        except APIError as error:  # headers are sent: the error travels as an event, as OpenAI's stream does
+            yield _sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})
+            return
+        if include_usage:
+            yield chunk([], _usage(prompt_tokens, sum(counts)))
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def build_service(export_dir: str | os.PathLike, settings: ServerSettings, *, adapters_dir=None,
+                  intra_op_threads: int | None = None, provider: str = "cpu") -> Service:
+    """Open the export, find its model ids, start the engine."""
+    generator = TextGenerator.from_export(export_dir, provider=provider, intra_op_threads=intra_op_threads)
+    models = served_models(export_dir, generator, adapters_dir=adapters_dir, name=settings.model_name)
+    engine = Engine(generator, models, max_batch_size=settings.max_batch_size,
+                    max_prefill_tokens=settings.max_prefill_tokens)
+    engine.start()
+    return Service(engine, settings)
+
+
+def serve(export_dir: str | os.PathLike, settings: ServerSettings, *, adapters_dir=None,
+          intra_op_threads: int | None = None, provider: str = "cpu") -> None:
+    """Serve until interrupted (uvicorn; Ctrl-C or SIGTERM stops it cleanly)."""
+    import uvicorn
+
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
+        logger.warning("serving on %s without an API key: anyone who can reach this port can use the model "
+                       "(pass --api-key)", settings.host)
+    service = build_service(export_dir, settings, adapters_dir=adapters_dir, intra_op_threads=intra_op_threads,
+                            provider=provider)
+    config = uvicorn.Config(create_app(service), host=settings.host, port=settings.port, log_level="warning",
+                            access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+    logger.info("serving %s on http://%s:%d/v1 (models: %s)", Path(export_dir), settings.host, settings.port,
+                ", ".join(service.engine.models))
+    try:
+        server.run()
+    finally:
+        service.engine.stop()
