@@ -44,7 +44,11 @@ def convert_smollm2(output: Path) -> Path:
     folder = _package_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    plain = LlamaForCausalLM(loaded.config)  # save_pretrained refuses a GGUF-quantized model
+    config = loaded.config  # a plain float model: save_pretrained refuses a GGUF-quantized one
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    plain = LlamaForCausalLM(config)
     plain.load_state_dict(loaded.state_dict())
     plain.save_pretrained(output)
     tokenizer.save_pretrained(output)
@@ -100,8 +104,7 @@ def test_exact_separate_graphs_of_the_real_model_pass(smollm2):
 
     for name, base in (("gptq", smollm2["gptq"]), ("nf4", smollm2["base"])):
         out = smollm2["root"] / f"separate-{name}"
-        manifest = export_model(base, smollm2[name], output=out, mode="separate")
-        assert manifest.agreement["tier"] == "exact" and manifest.agreement["passed"], manifest.agreement
+        export_model(base, smollm2[name], output=out, mode="separate", measure_agreement=False)  # check measures it
         _exact_passes(check_export(out, decode_steps=1, max_new_tokens=4))
 
 
