@@ -1,44 +1,131 @@
-"""Task accuracy and held-out loss of a model, in torch or as an exported graph under onnxruntime.
+"""What a user sees of a model: task accuracy, perplexity and next-token agreement, on torch or on a graph.
 
-One forward pass over each held-out example (prompt and completion, tokenized exactly as training
-tokenizes them) answers both questions:
+Two inputs are scored the same way:
 
-- **held-out loss**: mean negative log-likelihood per label token (the loss training minimizes; ``exp`` of
-  it is the perplexity);
-- **choice accuracy** (classification tasks, ``task.choices``): at the last prompt position, the highest
-  logit among the first tokens of the choices (e.g. ``negative`` / ``positive``) must be the token the
-  example's completion starts with.
+- the job's held-out examples (:func:`evaluate_examples`: tokenized exactly as training tokenizes them):
+  held-out loss per label token (what training minimizes) and, for classification tasks
+  (``task.choices``), choice accuracy: at the last prompt position the highest logit among the choices'
+  first tokens must be the token the example's completion starts with;
+- an eval file (:func:`evaluate`, ``check --eval FILE``; format below).
 
-:class:`TorchScorer` runs a transformers model; :class:`GraphScorer` runs an exported decoding graph through
-:class:`adalora_deploy.export.runtime.DecoderSession` (numpy only). Rows are left padded, as generation
-feeds prompts; positions come from the attention mask on both sides.
+Every function takes a *logits function* ``(input_ids, attention_mask) -> logits`` (numpy, left-padded
+batches, position ids from the mask as transformers' ``generate`` makes them), so the same code scores
+a torch model (:func:`torch_logits`) and an exported ONNX graph (:func:`graph_logits`, any object with
+``DecoderSession.step``) and the two results can be compared number for number.
+
+Eval file (``--eval FILE``), JSON Lines; two kinds of line, in any mix::
+
+    {"prompt": "Review: a gorgeous, witty film\\nSentiment:", "choices": [" negative", " positive"], "label": 1}
+    {"text": "Any passage of text; scored for perplexity."}
+
+- Task lines: the model's answer is the choice whose first token has the largest next-token logit after
+  the prompt (the choices' first tokens must differ); accuracy = fraction of answers equal to ``label``
+  (0-based index into ``choices``). This is how the sentiment task is scored: logit of " positive" vs
+  " negative".
+- Perplexity: ``exp`` of the mean next-token negative log-likelihood over the ``text`` lines, or, when the
+  file has none, over the task lines written out as the prompt's tokens followed by the correct choice's;
+  texts (and prompts) are cut to :data:`MAX_TEXT_TOKENS` tokens.
+
+Agreement text (:func:`agreement_ids`): a few hundred token positions of real text, for comparing the
+next-token distributions of two models position by position. Default: the packaged held-out passage
+(``adalora_deploy/assets/heldout.txt``, never used for training or calibration).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping, Protocol, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from adalora_deploy.errors import DataError
 
-__all__ = ["EvalResult", "GraphScorer", "Scorer", "TorchScorer", "choice_tokens", "evaluate"]
+__all__ = [
+    "AGREEMENT_POSITIONS",
+    "AGREEMENT_SEQ_LEN",
+    "HELDOUT_TEXT",
+    "MAX_TEXT_TOKENS",
+    "EvalResult",
+    "EvalSet",
+    "HeldOutResult",
+    "LogitsFn",
+    "TaskExample",
+    "agreement_ids",
+    "batched_logits",
+    "choice_tokens",
+    "evaluate",
+    "evaluate_examples",
+    "graph_logits",
+    "left_pad",
+    "read_eval_file",
+    "torch_logits",
+]
 
+LogitsFn = Callable[[np.ndarray, np.ndarray], np.ndarray]
+"""``(input_ids int64 [batch, seq], attention_mask int64 [batch, seq]) -> logits float32 [batch, seq, vocab]``."""
+
+HELDOUT_TEXT = Path(str(resources.files("adalora_deploy") / "assets" / "heldout.txt"))
+"""Packaged English passage kept out of every training and calibration default."""
+AGREEMENT_POSITIONS = 512
+"""Token positions compared by default: the standard error of a top-1 agreement near 0.95 is then
+sqrt(0.95 * 0.05 / 512) = 0.01, small beside the 0.05 of disagreement the lossy tier allows."""
+AGREEMENT_SEQ_LEN = 128
+"""Tokens per agreement row (each row is an independent window; a long row would only cost memory)."""
+MAX_TEXT_TOKENS = 256
+"""Perplexity texts are cut to this many tokens."""
 IGNORE = -100
+"""Label of a position that is not scored (prompt and padding), as in training."""
 
 
-class Scorer(Protocol):
-    """What evaluation needs from a model: logits for left-padded token rows."""
+@dataclass(frozen=True)
+class TaskExample:
+    """One multiple-choice question: answered by the next-token logits of each choice's first token."""
 
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """``[batch, seq, vocab]`` float32 logits of int64 ``[batch, seq]`` ids (left padded)."""
+    prompt: str
+    choices: tuple[str, ...]
+    label: int
+    """Index of the correct choice."""
+
+
+@dataclass(frozen=True)
+class EvalSet:
+    """The content of an eval file."""
+
+    tasks: tuple[TaskExample, ...]
+    texts: tuple[str, ...]
+    """Perplexity texts (``text`` lines; the labelled task lines when there are none)."""
+    source: str = ""
+
+    @property
+    def perplexity_texts(self) -> tuple[str, ...]:
+        """The ``text`` lines, else the task lines written out (prompt + correct choice)."""
+        return self.texts or tuple(t.prompt + t.choices[t.label] for t in self.tasks)
 
 
 @dataclass(frozen=True)
 class EvalResult:
-    """Scores of one model on the held-out examples."""
+    """Accuracy and perplexity of one model on one :class:`EvalSet`."""
+
+    accuracy: float | None
+    """Fraction of task lines answered correctly (``None`` without task lines)."""
+    answers: tuple[int, ...]
+    """The chosen index of every task line, in file order."""
+    perplexity: float
+    num_tokens: int
+    """Next-token predictions the perplexity averages over."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"accuracy": self.accuracy, "examples": len(self.answers), "perplexity": self.perplexity,
+                "tokens": self.num_tokens}
+
+
+@dataclass(frozen=True)
+class HeldOutResult:
+    """Held-out loss and choice accuracy of one model on the job's held-out examples."""
 
     loss: float
     """Mean negative log-likelihood per label token (nats)."""
@@ -102,20 +189,212 @@ def choice_tokens(records: Sequence[Mapping[str, Any]], choices: Sequence[str], 
     return firsts
 
 
-def _left_pad(rows: Sequence[Sequence[int]], fill: int) -> np.ndarray:
-    longest = max(len(r) for r in rows)
-    out = np.full((len(rows), longest), fill, dtype=np.int64)
+def read_eval_file(path: str | Path) -> EvalSet:
+    """Parse an eval file (format in the module docstring).
+
+    Raises:
+        DataError: a missing file or a malformed line (the message names the line).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"eval file not found: {path}")
+    tasks: list[TaskExample] = []
+    texts: list[str] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: each line must be a JSON object")
+        if "prompt" in record:
+            prompt, choices, label = record.get("prompt"), record.get("choices"), record.get("label")
+            if not isinstance(prompt, str) or not isinstance(choices, list) or len(choices) < 2 \
+                    or not all(isinstance(c, str) and c for c in choices):
+                raise DataError(f'{where}: a task line needs "prompt" (string) and "choices" (two or more '
+                                'non-empty strings)')
+            if not isinstance(label, int) or isinstance(label, bool) or not 0 <= label < len(choices):
+                raise DataError(f'{where}: "label" must be the index of the correct choice (0..{len(choices) - 1})')
+            tasks.append(TaskExample(prompt, tuple(choices), label))
+        elif isinstance(record.get("text"), str):
+            texts.append(record["text"])
+        else:
+            raise DataError(f'{where}: expected a task line ("prompt", "choices", "label") or a "text" line')
+    if not tasks and not texts:
+        raise DataError(f"{path} holds no task or text line")
+    return EvalSet(tasks=tuple(tasks), texts=tuple(texts), source=str(path))
+
+
+def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """int64 ``input_ids`` and ``attention_mask`` ``[len(rows), longest]``, rows aligned to the right."""
+    width = max(len(row) for row in rows)
+    ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), width), dtype=np.int64)
     for i, row in enumerate(rows):
-        out[i, longest - len(row):] = row
-    return out
+        if row:
+            ids[i, width - len(row):] = row
+            mask[i, width - len(row):] = 1
+    return ids, mask
 
 
-def evaluate(scorer: Scorer, examples: Sequence[Any], *, choices: Sequence[int] | None = None, pad_id: int = 0,
-             batch_size: int = 8) -> EvalResult:
+def torch_logits(model: Any) -> LogitsFn:
+    """The logits function of a transformers causal LM (no cache; position ids from the mask)."""
+    import torch
+
+    def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        device = next(model.parameters()).device
+        ids = torch.from_numpy(np.asarray(input_ids, dtype=np.int64)).to(device)
+        mask = torch.from_numpy(np.asarray(attention_mask, dtype=np.int64)).to(device)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        finally:
+            model.train(training)
+        return out.logits.float().cpu().numpy()
+
+    return run
+
+
+def graph_logits(decoder: Any, adapter: dict[str, np.ndarray] | None = None) -> LogitsFn:
+    """The logits function of an exported graph (a :class:`adalora_deploy.export.runtime.DecoderSession`)."""
+
+    def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        return np.asarray(decoder.step(input_ids, attention_mask, None, adapter).logits, dtype=np.float32)
+
+    return run
+
+
+def batched_logits(logits: LogitsFn, input_ids: np.ndarray, attention_mask: np.ndarray | None = None,
+                   batch_size: int = 4) -> np.ndarray:
+    """``logits`` over rows in batches of ``batch_size`` (bounds activation memory), concatenated."""
+    if attention_mask is None:
+        attention_mask = np.ones_like(input_ids)
+    parts = [logits(input_ids[i:i + batch_size], attention_mask[i:i + batch_size])
+             for i in range(0, len(input_ids), batch_size)]
+    return np.concatenate(parts, axis=0)
+
+
+def _pad_id(tokenizer: Any) -> int:
+    for value in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if value is not None:
+            return int(value)
+    return 0
+
+
+def _choice_token(tokenizer: Any, choice: str) -> int:
+    ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DataError(f"choice {choice!r} tokenizes to nothing")
+    return int(ids[0])
+
+
+def _log_softmax_at(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """``log softmax(logits)[..., target]`` in float64, rows ``[n, vocab]``."""
+    x = logits.astype(np.float64)
+    top = x.max(-1, keepdims=True)
+    log_z = np.log(np.exp(x - top).sum(-1)) + top[:, 0]
+    return x[np.arange(len(x)), targets] - log_z
+
+
+def evaluate(logits: LogitsFn, tokenizer: Any, eval_set: EvalSet, *, batch_size: int = 8) -> EvalResult:
+    """Task accuracy and perplexity of one model (scoring rules in the module docstring).
+
+    Each task line costs one forward pass over ``prompt + choices[label]`` (tokenized separately, then
+    joined): the logits at the prompt's last token answer the question, and the whole row's next-token
+    log-likelihoods feed the perplexity when the file has no ``text`` lines.
+
+    Raises:
+        DataError: two choices of a task line share their first token.
+    """
+    pad = _pad_id(tokenizer)
+    answers: list[int] = []
+    nll, count = 0.0, 0
+    tasks = eval_set.tasks
+    for start in range(0, len(tasks), batch_size):
+        chunk = tasks[start:start + batch_size]
+        prompts = [tokenizer(t.prompt, add_special_tokens=False)["input_ids"][-MAX_TEXT_TOKENS:] for t in chunk]
+        golds = [tokenizer(t.choices[t.label], add_special_tokens=False)["input_ids"] for t in chunk]
+        ids, mask = left_pad([p + g for p, g in zip(prompts, golds)], pad)
+        out = logits(ids, mask)
+        for row, (task, gold) in enumerate(zip(chunk, golds)):
+            tokens = [_choice_token(tokenizer, c) for c in task.choices]
+            if len(set(tokens)) != len(tokens):
+                raise DataError(f"the choices {list(task.choices)} share a first token; make them start differently")
+            answers.append(int(np.argmax(out[row, ids.shape[1] - len(gold) - 1, tokens])))
+        if not eval_set.texts:
+            step_nll, step_count = _nll(out, ids, mask)
+            nll, count = nll + step_nll, count + step_count
+    accuracy = (sum(a == t.label for a, t in zip(answers, tasks)) / len(tasks)) if tasks else None
+
+    for start in range(0, len(eval_set.texts), batch_size):
+        rows = [tokenizer(text, add_special_tokens=False)["input_ids"][:MAX_TEXT_TOKENS]
+                for text in eval_set.texts[start:start + batch_size]]
+        rows = [row for row in rows if len(row) >= 2]
+        if rows:
+            ids, mask = left_pad(rows, pad)
+            step_nll, step_count = _nll(logits(ids, mask), ids, mask)
+            nll, count = nll + step_nll, count + step_count
+    perplexity = math.exp(nll / count) if count else math.nan
+    return EvalResult(accuracy=accuracy, answers=tuple(answers), perplexity=perplexity, num_tokens=count)
+
+
+def _nll(out: np.ndarray, ids: np.ndarray, mask: np.ndarray) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood over the non-pad positions of a left-padded batch."""
+    predict = mask[:, :-1].astype(bool) & mask[:, 1:].astype(bool)
+    return -float(_log_softmax_at(out[:, :-1][predict], ids[:, 1:][predict]).sum()), int(predict.sum())
+
+
+def agreement_ids(tokenizer: Any, text: str | Path | None = None, *, positions: int = AGREEMENT_POSITIONS,
+                  seq_len: int = AGREEMENT_SEQ_LEN) -> np.ndarray:
+    """int64 ``[rows, seq_len]`` windows of real text, about ``positions`` tokens in all.
+
+    Args:
+        tokenizer: the model's tokenizer.
+        text: a ``.txt``/``.jsonl`` file (``text`` lines) or an eval file (its texts, else its task lines
+            written out); ``None``: the packaged held-out passage.
+        positions: token positions wanted (fewer when the text is shorter).
+        seq_len: tokens per row (shorter rows when the text is short).
+
+    Raises:
+        DataError: an unreadable file, or fewer than 2 tokens of text.
+    """
+    from adalora_deploy.data import read_texts
+
+    if text is None:
+        documents = [HELDOUT_TEXT.read_text(encoding="utf-8")]
+    else:
+        try:
+            documents = list(read_texts(text))
+        except DataError:
+            documents = list(read_eval_file(text).perplexity_texts)
+    ids: list[int] = []
+    eos = tokenizer.eos_token_id
+    for document in documents:
+        ids.extend(tokenizer(document, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(int(eos))
+        if len(ids) >= positions:
+            break
+    ids = ids[:positions]
+    if len(ids) < 2:
+        raise DataError(f"{text or HELDOUT_TEXT} has fewer than 2 tokens")
+    seq_len = min(seq_len, len(ids))
+    rows = len(ids) // seq_len
+    return np.asarray(ids[: rows * seq_len], dtype=np.int64).reshape(rows, seq_len)
+
+
+def evaluate_examples(logits: LogitsFn, examples: Sequence[Any], *, choices: Sequence[int] | None = None,
+                      pad_id: int = 0, batch_size: int = 8) -> HeldOutResult:
     """Held-out loss and, with ``choices`` (first tokens, from :func:`choice_tokens`), choice accuracy.
 
     Args:
-        scorer: the model.
+        logits: the model (:func:`torch_logits`, :func:`graph_logits`).
         examples: :class:`adalora_deploy.data.Example` s (ids and labels as training made them).
         choices: token id of each choice; an example's true choice is the one its first label token is.
         pad_id: left-padding id (masked out).
@@ -127,16 +406,11 @@ def evaluate(scorer: Scorer, examples: Sequence[Any], *, choices: Sequence[int] 
     total, count, correct = 0.0, 0, 0
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
-        ids = _left_pad([e.input_ids for e in chunk], pad_id)
-        mask = _left_pad([[1] * len(e.input_ids) for e in chunk], 0)
-        labels = _left_pad([e.labels for e in chunk], IGNORE)
-        logits = scorer.logits(ids, mask).astype(np.float32)
+        ids, mask = left_pad([e.input_ids for e in chunk], pad_id)
+        labels, _ = left_pad([e.labels for e in chunk], IGNORE)
+        shifted = np.asarray(logits(ids, mask), dtype=np.float32)[:, :-1]
         target, keep = labels[:, 1:], labels[:, 1:] != IGNORE
-        shifted = logits[:, :-1]
-        peak = shifted.max(-1, keepdims=True)
-        log_norm = np.log(np.exp(shifted - peak).sum(-1)) + peak[..., 0]
-        picked = np.take_along_axis(shifted, np.where(keep, target, 0)[..., None], -1)[..., 0]
-        total += float((log_norm - picked)[keep].astype(np.float64).sum())
+        total -= float(_log_softmax_at(shifted[keep], target[keep]).sum())
         count += int(keep.sum())
         if tokens is not None:
             first = keep.argmax(-1)  # position predicting each row's first label token
@@ -144,34 +418,4 @@ def evaluate(scorer: Scorer, examples: Sequence[Any], *, choices: Sequence[int] 
             predicted = tokens[shifted[rows, first][:, tokens].argmax(-1)]
             correct += int((predicted == target[rows, first]).sum())
     accuracy = None if tokens is None else correct / len(examples)
-    return EvalResult(loss=total / max(count, 1), accuracy=accuracy, examples=len(examples), tokens=count)
-
-
-class TorchScorer:
-    """A transformers causal LM as a :class:`Scorer` (no grad, eval mode, positions from the mask)."""
-
-    def __init__(self, model) -> None:
-        self.model = model
-
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        import torch
-
-        self.model.eval()
-        device = next(self.model.parameters()).device
-        ids = torch.from_numpy(input_ids).to(device)
-        mask = torch.from_numpy(attention_mask).to(device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        with torch.no_grad():
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions)
-        return out.logits.float().cpu().numpy()
-
-
-class GraphScorer:
-    """An exported decoding graph as a :class:`Scorer`: one prompt step with an empty KV cache."""
-
-    def __init__(self, decoder, adapter: Mapping[str, np.ndarray] | None = None) -> None:
-        self.decoder = decoder
-        self.adapter = adapter
-
-    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        return self.decoder.step(input_ids, attention_mask, None, self.adapter).logits
+    return HeldOutResult(loss=total / max(count, 1), accuracy=accuracy, examples=len(examples), tokens=count)

@@ -38,7 +38,7 @@ from adalora_deploy.config import AdaLoraConfig, ConfigError, RunConfig
 from adalora_deploy.data import ExampleBatches, build_training_data
 from adalora_deploy.distributed import process_group, refuse_sharding
 from adalora_deploy.errors import TrainingError
-from adalora_deploy.evaluation import TorchScorer, evaluate
+from adalora_deploy.evaluation import evaluate_examples, torch_logits
 from adalora_deploy.model_sources import materialize
 from adalora_deploy.models import load_base_model, load_tokenizer, resolve_device
 from adalora_deploy.peft_format import save_adapter
@@ -230,10 +230,9 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
                       "lr": optimizer.param_groups[0]["lr"], "skipped_importance": allocation.skipped_update}
             done = step + 1
             if group.main and data.eval and (done == t.steps or (t.eval_every and done % t.eval_every == 0)):
-                held_out = evaluate(TorchScorer(model), data.eval[: t.eval_examples], pad_id=pad_id,
-                                    batch_size=t.batch_size)
+                held_out = evaluate_examples(torch_logits(model), data.eval[: t.eval_examples], pad_id=pad_id,
+                                             batch_size=t.batch_size)
                 record["eval_loss"] = held_out.loss
-                model.train()
             losses.append(task_loss)
             bar.update(1)
             bar.set_postfix(loss=f"{task_loss:.4f}", budget=allocation.budget)

@@ -9,8 +9,10 @@
                     from its plug-in in export.kinds (which also says what the graph computes and its tier)
                          │
     export_decoder (onnx.checker + shape inference) in a temporary folder + config.json, tokenizer
-    files, genai_config.json (onnxruntime-genai), export.json (export.manifest); the folder is swapped
-    into ``--output`` whole
+    files, genai_config.json (onnxruntime-genai); then the source model is loaded again and the graph's
+    next-token agreement with it measured on held-out text (export.check.source_agreement): export.json
+    (export.manifest) records it, so no lossy graph ships without its numbers; the folder is swapped into
+    ``--output`` whole
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ from pathlib import Path
 
 from torch import nn
 
+from adalora_deploy.errors import ExportError
+
 from .adapter_file import ADAPTER_FILE, add_default_adapter_inputs, write_onnx_adapter
-from .convert import Mode, Weights, convert_for_export, validate_options
+from .convert import Mode, Requantize, Weights, convert_for_export, validate_options
 from .genai import write_genai_config
 from .graph import DEFAULT_OPSET
 from .manifest import MANIFEST_FILE, ExportManifest, package_versions, sha256_file
 from .source import load_source_model
 
-__all__ = ["EXTERNAL_DATA_MIN_BYTES", "export_model"]
+__all__ = ["CALIBRATION_SAMPLES", "CALIBRATION_SEQ_LEN", "EXTERNAL_DATA_MIN_BYTES", "export_model"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,6 +47,11 @@ BUILDERS = ("auto", "fast", "dynamo")
 QUANTIZED_OPS = ("com.microsoft::MatMulNBits", "com.microsoft::MatMulBnb4", "com.microsoft::GatherBlockQuantized",
                  "MatMulInteger")
 """Ops that compute with quantized weights (the manifest counts them; fused float ops are not among them)."""
+CALIBRATION_SAMPLES = 32
+"""GPTQ re-quantization: calibration sequences (at most; fewer when the text is short)."""
+CALIBRATION_SEQ_LEN = 128
+"""GPTQ re-quantization: tokens per calibration sequence. 32 x 128 = 4096 tokens, more than the widest
+SmolLM2 input (1536), so every Hessian is full rank before damping."""
 
 
 def _build(model: nn.Module, folder: Path, *, builder: str, opset: int, external_data: bool):
@@ -58,6 +67,8 @@ def _build(model: nn.Module, folder: Path, *, builder: str, opset: int, external
                 raise
             logger.info("fast path unavailable (%s); tracing with torch.onnx.export", error)
     return export_decoder(model, folder, opset=opset, external_data=external_data), "dynamo"
+
+
 
 
 def _adapter_matmuls(model_path: Path, branch_modules: list[str]) -> int:
@@ -98,6 +109,12 @@ def export_model(
     external_data: bool | None = None,
     force: bool = False,
     builder: str = "auto",
+    requantize: Requantize = "gptq",
+    calibration: str | os.PathLike | None = None,
+    calibration_samples: int = CALIBRATION_SAMPLES,
+    calibration_seq_len: int = CALIBRATION_SEQ_LEN,
+    agreement_text: str | os.PathLike | None = None,
+    measure_agreement: bool = True,
 ) -> ExportManifest:
     """Export ``base`` + ``adapter`` as one KV-cache ONNX decoding graph with its manifest.
 
@@ -118,6 +135,13 @@ def export_model(
         builder: ``fast`` (:mod:`.fastpath`: the graph built node by node with onnxruntime's fused ops, Llama
             family), ``dynamo`` (``torch.onnx.export``, any architecture transformers can trace), or ``auto``
             (fast when the architecture allows, else dynamo). The manifest records which one built the graph.
+        requantize: merged int4/int8: ``gptq`` (error-compensating, on ``calibration``; default) or ``rtn``.
+        calibration: text file (.txt/.jsonl) for GPTQ re-quantization (``None``: the packaged sample text;
+            use text like the task's).
+        calibration_samples, calibration_seq_len: calibration sequences and their length in tokens.
+        agreement_text: held-out text for the agreement measured with the source (``None``: the packaged
+            held-out passage).
+        measure_agreement: measure it (loads the source model once more after the export).
 
     Returns:
         The manifest written to ``output/export.json``.
@@ -130,15 +154,21 @@ def export_model(
     from adalora_deploy.artifacts import atomic_dir, copy_tokenizer_files, write_json
     from adalora_deploy.models import resolve_quantization
 
-    validate_options(mode, weights, serving, adapter_inputs)
+    validate_options(mode, weights, serving, adapter_inputs, requantize)
     if builder not in BUILDERS:
         raise ExportError(f"--builder {builder!r}: choose one of {', '.join(BUILDERS)}")
     base, adapter, output = Path(base), Path(adapter), Path(output)
     quantization, double_quant = resolve_quantization(base, adapter, quantization, double_quant, force=force)
     logger.info("exporting %s base %s + adapter %s (%s, %s)", quantization, base, adapter, mode, weights)
+    blocks = None
+    if mode == "merged" and weights in ("int4", "int8") and requantize == "gptq":
+        blocks = _calibration_blocks(base, calibration, calibration_samples, calibration_seq_len)
     model = load_source_model(base, adapter, quantization=quantization, double_quant=double_quant)
     conversion = convert_for_export(model, quantization=quantization, mode=mode, weights=weights, serving=serving,
-                                    adapter_inputs=adapter_inputs)
+                                    adapter_inputs=adapter_inputs, requantize=requantize, calibration=blocks)
+    requantization = conversion.requantization
+    if requantization is not None and requantization["method"] == "gptq":
+        requantization = {**requantization, "calibration": str(calibration or "builtin:sample")}
     if external_data is None:
         size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         external_data = size > EXTERNAL_DATA_MIN_BYTES
@@ -154,6 +184,10 @@ def export_model(
             write_onnx_adapter(temp / ADAPTER_FILE, conversion.factors)
         branches = [n for n, r in conversion.ranks.items() if mode == "separate" and (r > 0 or adapter_inputs)]
         del model
+        agreement = None
+        if measure_agreement:
+            agreement = _measure_agreement(temp, base, adapter, quantization, double_quant, conversion,
+                                           agreement_text, adapter_inputs)
         files = sorted(p.name for p in temp.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
         manifest = ExportManifest(
             mode=mode, weights=weights, serving=serving, adapter_inputs=adapter_inputs, quantization=quantization,
@@ -167,8 +201,54 @@ def export_model(
             files={name: sha256_file(temp / name) for name in files},
             sizes={name: (temp / name).stat().st_size for name in files}, versions=package_versions(),
             builder=used,
+            requantization=requantization, agreement=agreement,
         )
         write_json(temp / MANIFEST_FILE, manifest.to_dict())
     logger.info("wrote %s: %s, %d adapter MatMuls, %s", output, conversion.arithmetic.text, manifest.adapter_matmuls,
                 manifest.quantized_ops or "no quantized ops")
+    if agreement is not None and not agreement["passed"]:
+        from .check import keeping_exports
+
+        logger.warning("%s changes what the trained model computes (%s); %s", output, "; ".join(agreement["failures"]),
+                       keeping_exports(quantization, mode, weights, serving))
     return dataclasses.replace(manifest, output_dir=str(output))
+
+
+def _calibration_blocks(base: Path, calibration: str | os.PathLike | None, samples: int, seq_len: int):
+    """Token blocks ``(n <= samples, seq_len)`` of the calibration text, with the base's tokenizer."""
+    from adalora_deploy.data import BUILTIN_SAMPLE, token_blocks
+    from adalora_deploy.models import load_tokenizer
+
+    if samples < 1 or seq_len < 2:
+        raise ExportError(f"--calibration-samples must be >= 1 and --calibration-seq-len >= 2, got {samples}, {seq_len}")
+    blocks = token_blocks(calibration or BUILTIN_SAMPLE, load_tokenizer(str(base)), seq_len)[:samples]
+    if len(blocks) < samples:
+        logger.warning("calibration text %s gives %d of %d sequences of %d tokens; pass --calibration FILE with more "
+                       "text like the task's", calibration or BUILTIN_SAMPLE, len(blocks), samples, seq_len)
+    return blocks
+
+
+def _measure_agreement(folder: Path, base: Path, adapter: Path, quantization: str, double_quant: bool,
+                       conversion, text: str | os.PathLike | None, adapter_inputs: bool) -> dict:
+    """Graph in ``folder`` vs a freshly loaded source model on held-out text: the manifest's ``agreement``."""
+    from adalora_deploy.evaluation import AGREEMENT_POSITIONS
+
+    from .check import agreement_record, graph_held_out_logits, held_out_ids, source_agreement, source_logits
+    from .parity import ExactScale
+    from .runtime import DecoderSession, adapter_feeds, create_session
+
+    source = load_source_model(base, adapter, quantization=quantization, double_quant=double_quant)
+    ids = held_out_ids(folder, source.config, text, AGREEMENT_POSITIONS)
+    scale = ExactScale.of(source.config)
+    reference = source_logits(source, ids)
+    del source
+    feeds = adapter_feeds(conversion.factors) if adapter_inputs else None
+    decoder = DecoderSession(create_session(folder / "model.onnx"))
+    candidate = graph_held_out_logits(decoder, ids, feeds)
+    report = source_agreement(reference, candidate, tier=conversion.source_tier, scale=scale)
+    record = agreement_record(report, int(ids.size), text)
+    logger.info("agreement with the source on %d held-out positions: top-1 %.4f, mean KL %.3g, max abs %.3g (%s tier: %s)",
+                ids.size, record["top1"], record["mean_kl"], record["max_abs"], report.tier,
+                "pass" if report.passed else "FAIL")
+    return record
+

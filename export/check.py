@@ -1,19 +1,23 @@
-"""``adalora-deploy check``: an exported graph under onnxruntime against the torch model it came from.
+"""``adalora-deploy check``: an exported graph under onnxruntime against the model that was trained.
 
 ::
 
-    export.json ──► load_source_model (base as exported + adapter) ──► source model  (the base's own kernels)
-                └─► load_source_model + convert_for_export ─────────► twin model    (the graph's arithmetic)
-    held-out prompts (batch 2, left padded)
+    export.json ──► load_source_model (base as trained + adapter) ──► source model (what the user trained)
+                └─► load_source_model + convert_for_export ────────► twin model   (the graph's arithmetic)
         0. refuse a vacuous check: the adapter must change the source model's logits
-        1. "graph":  graph vs twin, prompt + incremental steps + greedy generation, tier = manifest.tier
-        2. "source": graph vs source, prompt logits + greedy tokens, tier = manifest.source_tier (only
-           reported, not judged, when the export re-quantizes weights: merged int4/int8, bnb 4-bit serving)
-        3. "zero-adapter" (adapter-inputs graphs): graph fed rank-0 factors vs the twin without adapter
+        1. "source" (the verdict): graph vs source on held-out text (AGREEMENT_POSITIONS token positions of
+           real text, from the export's tokenizer) + greedy generation of two held-out prompts (batch 2,
+           left padded); tier = manifest.source_tier
+        2. "twin" (diagnosis of the graph itself): graph vs twin, prompt + incremental KV-cache steps +
+           greedy generation; tier = manifest.tier
+        3. "eval" (with --eval FILE): task accuracy and perplexity of the graph beside the source's
+        4. "zero-adapter" (adapter-inputs graphs): graph fed rank-0 factors vs the twin without adapter
     ──► parity.json (every metric, every failure) + a short table
 
-Tiers (``export.parity``): exact = max abs <= 1e-4 on every output and identical greedy tokens; lossy =
-per-token cosine, top-1 agreement and mean KL on logits.
+Tiers (:mod:`adalora_deploy.export.parity`): exact = every output within the fp32 reassociation bound
+``u sqrt(K) sqrt(2L) max|ref|`` and identical greedy tokens; lossy = top-1 agreement and mean KL of the
+next-token distribution (and the eval file's accuracy and perplexity). A lossy graph that changes the
+trained model's decisions fails, and the report names the exports that keep them.
 """
 
 from __future__ import annotations
@@ -25,14 +29,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from adalora_deploy.errors import VacuousCheckError
 
-from .parity import ParityReport
+from .parity import EvalComparison, ParityReport
 
-__all__ = ["ADAPTER_EFFECT_MIN", "CheckReport", "Comparison", "PARITY_FILE", "VacuousCheckError", "check_export"]
+__all__ = [
+    "ADAPTER_EFFECT_MIN",
+    "CheckReport",
+    "Comparison",
+    "PARITY_FILE",
+    "VacuousCheckError",
+    "check_export",
+    "keeping_exports",
+    "source_agreement",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +58,33 @@ HELD_OUT_PROMPTS = (
     "Winter light fell across the harbour while the ferry",
     "A quiet index of",
 )
-"""Held-out prompts (not in the packaged training text); the second is shorter, so the batch is left padded."""
+"""Prompts for the greedy generations (not in the packaged training text); the second is shorter, so the
+batch is left padded."""
+_SOURCE_BATCH = 4
+"""Rows of held-out text per forward pass (bounds activation memory on real models)."""
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One comparison of the graph with a torch model."""
+    """One comparison of the graph with a reference."""
 
     name: str
-    """``graph`` (vs the twin), ``source`` (vs the source model) or ``zero-adapter``."""
+    """``source`` (the verdict), ``twin`` (diagnosis), ``eval`` or ``zero-adapter``."""
     reference: str
-    """The torch model, in words."""
-    report: ParityReport
-    judged: bool = True
-    """False for comparisons that are only reported (re-quantization error against the source)."""
+    """The reference, in words."""
+    report: ParityReport | None = None
+    evaluation: EvalComparison | None = None
+    """The eval-file comparison (``eval`` only)."""
 
     @property
     def passed(self) -> bool:
-        return self.report.passed or not self.judged
+        return (self.report.passed if self.report is not None else True) and \
+            (self.evaluation.passed if self.evaluation is not None else True)
+
+    @property
+    def failures(self) -> tuple[str, ...]:
+        return ((self.report.failures if self.report is not None else ()) +
+                (self.evaluation.failures if self.evaluation is not None else ()))
 
 
 @dataclass(frozen=True)
@@ -75,6 +98,10 @@ class CheckReport:
     adapter_effect: float
     """max |logits(adapted) - logits(base)| of the source model on the held-out prompts."""
     comparisons: tuple[Comparison, ...]
+    positions: int = 0
+    """Held-out token positions of the source comparison."""
+    advice: str = ""
+    """When the graph fails against the source: the exports that keep the trained model's decisions."""
 
     @property
     def passed(self) -> bool:
@@ -82,7 +109,7 @@ class CheckReport:
 
     @property
     def failures(self) -> tuple[str, ...]:
-        return tuple(f"{c.name}: {f}" for c in self.comparisons if c.judged for f in c.report.failures)
+        return tuple(f"{c.name}: {f}" for c in self.comparisons for f in c.failures)
 
     def __getitem__(self, name: str) -> Comparison:
         for comparison in self.comparisons:
@@ -91,48 +118,82 @@ class CheckReport:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "export_dir": str(self.export_dir), "passed": self.passed, "mode": self.mode,
-            "quantization": self.quantization, "weights": self.weights, "adapter_effect": self.adapter_effect,
-            "failures": list(self.failures),
-            "comparisons": [
-                {"name": c.name, "reference": c.reference, "tier": c.report.tier if c.judged else "report",
-                 "judged": c.judged, "passed": c.passed,
-                 "tokens_equal": c.report.tokens_equal, "failures": list(c.report.failures),
-                 "summary": _summary(c.report),
-                 "outputs": [dataclasses.asdict(o) for o in c.report.outputs]}
-                for c in self.comparisons
-            ],
-        }
+        comparisons = []
+        for c in self.comparisons:
+            entry: dict[str, Any] = {"name": c.name, "reference": c.reference, "passed": c.passed,
+                                     "failures": list(c.failures)}
+            if c.report is not None:
+                entry.update(tier=c.report.tier, tokens_equal=c.report.tokens_equal, summary=_summary(c.report),
+                             outputs=[dataclasses.asdict(o) for o in c.report.outputs])
+            if c.evaluation is not None:
+                entry["evaluation"] = c.evaluation.to_dict()
+            comparisons.append(entry)
+        return {"export_dir": str(self.export_dir), "passed": self.passed, "mode": self.mode,
+                "quantization": self.quantization, "weights": self.weights, "adapter_effect": self.adapter_effect,
+                "positions": self.positions, "failures": list(self.failures), "advice": self.advice,
+                "comparisons": comparisons}
 
     def format_table(self) -> str:
-        """One row per comparison: worst logits metrics over all steps, greedy equality, verdict."""
-        header = (f"{'comparison':<13} {'tier':<6} {'max abs':>9} {'min cos':>9} {'top-1':>6} {'mean KL':>9} "
+        """One row per comparison: worst logits metrics, greedy equality, verdict; then the eval row."""
+        header = (f"{'comparison':<12} {'tier':<6} {'max abs':>9} {'bound':>9} {'top-1':>6} {'mean KL':>9} "
                   f"{'greedy':>6}  result")
         lines = [f"{self.export_dir}: {self.mode} {self.weights}, base {self.quantization}, adapter effect "
-                 f"{self.adapter_effect:.3g}", header]
+                 f"{self.adapter_effect:.3g}, {self.positions} held-out positions", header]
         for c in self.comparisons:
+            if c.report is None:
+                continue
             s = _summary(c.report)
             greedy = "-" if c.report.tokens_equal is None else "same" if c.report.tokens_equal else "DIFF"
-            tier = c.report.tier if c.judged else "report"
-            lines.append(f"{c.name:<13} {tier:<6} {s['logits_max_abs']:>9.3g} {s['logits_min_cosine']:>9.6f} "
+            bound = f"{s['logits_tolerance']:>9.3g}" if s["logits_tolerance"] is not None else f"{'-':>9}"
+            lines.append(f"{c.name:<12} {c.report.tier:<6} {s['logits_max_abs']:>9.3g} {bound} "
                          f"{s['logits_top1']:>6.3f} {s['logits_mean_kl']:>9.2g} {greedy:>6}  "
-                         f"{'INFO' if not c.judged else 'PASS' if c.passed else 'FAIL'}")
+                         f"{'PASS' if c.passed else 'FAIL'}")
+        for c in self.comparisons:
+            if c.evaluation is not None:
+                ref, got = c.evaluation.reference, c.evaluation.candidate
+                accuracy = ("" if ref.accuracy is None else
+                            f"accuracy {got.accuracy:.3f} (source {ref.accuracy:.3f}, same answer on "
+                            f"{c.evaluation.answer_agreement:.3f} of {len(ref.answers)}), ")
+                lines.append(f"{'eval':<12} {accuracy}perplexity {got.perplexity:.4g} (source {ref.perplexity:.4g}) "
+                             f" {'PASS' if c.passed else 'FAIL'}")
         for failure in self.failures:
             lines.append(f"  {failure}")
+        if self.advice:
+            lines.append(f"  {self.advice}")
         lines.append("PASSED" if self.passed else "FAILED")
         return "\n".join(lines)
 
 
-def _summary(report: ParityReport) -> dict[str, float]:
+def _summary(report: ParityReport) -> dict[str, Any]:
     logits = [o for o in report.outputs if o.name.split("/")[-1] == "logits"]
+    tolerances = [o.tolerance for o in logits if o.tolerance is not None]
     return {
         "max_abs": max((o.max_abs for o in report.outputs), default=0.0),
         "logits_max_abs": max((o.max_abs for o in logits), default=0.0),
+        "logits_tolerance": min(tolerances) if tolerances else None,
         "logits_min_cosine": min((o.cosine_min for o in logits), default=1.0),
         "logits_top1": min((o.top1_agreement for o in logits if o.top1_agreement is not None), default=1.0),
         "logits_mean_kl": max((o.mean_kl for o in logits if o.mean_kl is not None), default=0.0),
     }
+
+
+def keeping_exports(quantization: str, mode: str, weights: str, serving: bool) -> str:
+    """Which exports keep what a model trained on this base computes (for a graph that changed it)."""
+    exact = {
+        "gptq": "`--mode separate` (the trained int4 GPTQ weights, exactly, in MatMulNBits; add `--serving` for "
+                "int8-activation kernels, checked lossy)",
+        "bnb-nf4": "`--mode separate` (MatMulBnb4: the trained NF4 bytes, exactly) or `--mode merged` (fp32, exact)",
+        "bnb-fp4": "`--mode separate` (MatMulBnb4: the trained FP4 bytes, exactly) or `--mode merged` (fp32, exact)",
+        "bnb-int8": "`--mode separate` (exact LLM.int8 emulation)",
+        "none": "`--mode merged` (fp32, exact) or `--mode separate`",
+    }.get(quantization, "`--mode merged` (fp32, exact)")
+    int4 = ("for int4 that keeps the task, train on a GPTQ base (`adalora-deploy quantize --method gptq`, then "
+            "`model.quantization: gptq`) and export `--mode separate`")
+    if quantization == "gptq":
+        return f"exports that keep the trained model's decisions: {exact}"
+    if mode == "merged" and weights in ("int4", "int8"):
+        int4 = (f"re-quantize with `--requantize gptq --calibration FILE` on text like the task's, or {int4}")
+    return f"exports that keep the trained model's decisions: {exact}; {int4}"
 
 
 def held_out_batch(export_dir: Path, config: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -140,24 +201,41 @@ def held_out_batch(export_dir: Path, config: Any) -> tuple[torch.Tensor, torch.T
 
     Falls back to fixed random ids when the folder has no tokenizer.
     """
+    from adalora_deploy.evaluation import left_pad
+
     pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0)
+    tokenizer = _tokenizer(export_dir)
+    if tokenizer is not None:
+        rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in HELD_OUT_PROMPTS]
+    else:
+        generator = torch.Generator().manual_seed(0)
+        rows = [torch.randint(0, config.vocab_size, (n,), generator=generator).tolist() for n in (20, 9)]
+    ids, mask = left_pad(rows, int(pad))
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def _tokenizer(folder: Path) -> Any | None:
     from adalora_deploy.artifacts import ArtifactError
     from adalora_deploy.models import load_tokenizer
 
     try:
-        tokenizer = load_tokenizer(str(export_dir))
-        rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in HELD_OUT_PROMPTS]
+        return load_tokenizer(str(folder))
     except ArtifactError as error:  # no or unreadable tokenizer: the check still runs on fixed ids
-        logger.info("no usable tokenizer in %s (%s); checking on fixed random ids", export_dir, error)
-        generator = torch.Generator().manual_seed(0)
-        rows = [torch.randint(0, config.vocab_size, (n,), generator=generator).tolist() for n in (20, 9)]
-    length = max(len(r) for r in rows)
-    ids = torch.full((len(rows), length), int(pad), dtype=torch.int64)
-    mask = torch.zeros((len(rows), length), dtype=torch.int64)
-    for i, row in enumerate(rows):
-        ids[i, length - len(row):] = torch.tensor(row, dtype=torch.int64)
-        mask[i, length - len(row):] = 1
-    return ids, mask
+        logger.info("no usable tokenizer in %s (%s); checking on fixed random ids", folder, error)
+        return None
+
+
+def held_out_ids(folder: Path, config: Any, text: str | os.PathLike | None, positions: int) -> np.ndarray:
+    """int64 ``[rows, seq]`` of real text (:func:`adalora_deploy.evaluation.agreement_ids`), or fixed random
+    ids when the folder has no tokenizer."""
+    from adalora_deploy.evaluation import AGREEMENT_SEQ_LEN, agreement_ids
+
+    tokenizer = _tokenizer(folder)
+    if tokenizer is not None:
+        return agreement_ids(tokenizer, text, positions=positions)
+    generator = np.random.default_rng(0)
+    seq = min(AGREEMENT_SEQ_LEN, positions)
+    return generator.integers(0, config.vocab_size, (max(positions // seq, 1), seq), dtype=np.int64)
 
 
 def _prompt_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -171,22 +249,62 @@ def _prompt_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> t
         return wrapper(ids, mask, past)[0].float()
 
 
+def source_logits(model: nn.Module, ids: np.ndarray) -> np.ndarray:
+    """The model's logits ``[rows, seq, vocab]`` on unpadded rows of held-out text, a few rows at a time."""
+    parts = []
+    for start in range(0, len(ids), _SOURCE_BATCH):
+        rows = torch.from_numpy(ids[start:start + _SOURCE_BATCH])
+        parts.append(_prompt_logits(model, rows, torch.ones_like(rows)).numpy())
+    return np.concatenate(parts, axis=0)
+
+
+def graph_held_out_logits(decoder: Any, ids: np.ndarray, feeds: dict[str, np.ndarray] | None = None) -> np.ndarray:
+    """The graph's logits on the same rows as :func:`source_logits`."""
+    from adalora_deploy.evaluation import batched_logits, graph_logits
+
+    return batched_logits(graph_logits(decoder, feeds), ids, batch_size=_SOURCE_BATCH)
+
+
+def source_agreement(reference: np.ndarray, candidate: np.ndarray, *, tier: str, scale: Any) -> ParityReport:
+    """Graph vs source logits on held-out text, judged at ``tier`` (``tier`` exact: the fp32 bound)."""
+    from .parity import compare_outputs
+
+    return compare_outputs({"logits": reference}, {"logits": candidate}, tier=tier, scale=scale)
+
+
+def agreement_record(report: ParityReport, positions: int, text: str | os.PathLike | None) -> dict[str, Any]:
+    """The ``agreement`` entry of ``export.json`` from a :func:`source_agreement` report."""
+    logits = report["logits"]
+    return {"text": str(text) if text is not None else "packaged held-out passage", "positions": positions,
+            "tier": report.tier, "top1": logits.top1_agreement, "mean_kl": logits.mean_kl,
+            "max_abs": logits.max_abs, "tolerance": logits.tolerance, "passed": report.passed,
+            "failures": list(report.failures)}
+
+
 def check_export(
     export_dir: str | os.PathLike,
     *,
     base: str | os.PathLike | None = None,
     adapter: str | os.PathLike | None = None,
+    text: str | os.PathLike | None = None,
+    eval_file: str | os.PathLike | None = None,
+    positions: int | None = None,
     decode_steps: int = 3,
     max_new_tokens: int = 12,
     provider: str = "cpu",
     write: bool = True,
 ) -> CheckReport:
-    """Check an export folder's graph against the torch model it came from and write ``parity.json``.
+    """Check an export folder's graph against the trained source model and write ``parity.json``.
 
     Args:
-        export_dir: a folder written by :func:`export.api.export_model`.
-        base, adapter: override the folders recorded in ``export.json``.
-        decode_steps: incremental (KV-cache) steps compared output by output after the prompt.
+        export_dir: a folder written by :func:`adalora_deploy.export.api.export_model`.
+        base, adapter: override the folders recorded in ``export.json`` (the adapter's training run record
+            must agree with the graph's base quantization).
+        text: held-out text (``.txt``/``.jsonl``, or an eval file) for the agreement; ``None``: the eval file's
+            texts when given, else the packaged held-out passage.
+        eval_file: an eval file (:mod:`adalora_deploy.evaluation`): task accuracy and perplexity, judged.
+        positions: held-out token positions (default :data:`adalora_deploy.evaluation.AGREEMENT_POSITIONS`).
+        decode_steps: incremental (KV-cache) steps of the twin comparison.
         max_new_tokens: greedy generation length (batch 2, left padded).
         provider: onnxruntime provider (``cpu``, ``cuda``, ``auto``).
         write: write ``parity.json`` into ``export_dir``.
@@ -197,13 +315,17 @@ def check_export(
     Raises:
         VacuousCheckError: the adapter does not change the source model's output.
         ArtifactError: a missing or malformed export folder.
+        ConfigError: an ``adapter`` whose training run record contradicts the graph's base quantization.
+        DataError: an unreadable text or eval file.
     """
-    from adalora_deploy.artifacts import write_json
+    from adalora_deploy.artifacts import ArtifactError, write_json
+    from adalora_deploy.evaluation import AGREEMENT_POSITIONS, evaluate, graph_logits, read_eval_file, torch_logits
+    from adalora_deploy.models import resolve_quantization
 
     from .convert import convert_for_export
     from .manifest import read_manifest, verify_files
-    from .parity import compare_outputs, decoder_parity, torch_greedy
-    from .runtime import DecoderSession, create_session, execution_providers
+    from .parity import ExactScale, compare_evaluations, compare_outputs, decoder_parity, torch_greedy
+    from .runtime import DecoderSession, adapter_feeds, create_session, execution_providers
     from .source import adapters_bypassed, load_source_model
 
     execution_providers(provider)  # fail before loading any model
@@ -211,11 +333,20 @@ def check_export(
     manifest = read_manifest(export_dir)
     verify_files(manifest)
     model_path = export_dir / "model.onnx"
+    if not model_path.is_file():
+        raise ArtifactError(f"{model_path} not found")
+    overridden = base is not None or adapter is not None
     base = Path(base) if base is not None else Path(manifest.base_path)
     adapter = Path(adapter) if adapter is not None else Path(manifest.adapter_path)
+    if overridden:  # the graph was built for one base kind: an adapter trained on another cannot be judged by it
+        resolve_quantization(base, adapter, manifest.quantization, manifest.double_quant)
+    eval_set = read_eval_file(eval_file) if eval_file is not None else None
+    positions = positions or AGREEMENT_POSITIONS
+    text = text if text is not None else eval_file
 
     source = load_source_model(base, adapter, quantization=manifest.quantization, double_quant=manifest.double_quant)
     config = source.config
+    scale = ExactScale.of(config)
     ids, mask = held_out_batch(export_dir, config)
     valid = mask.bool().numpy()
     adapted_logits = _prompt_logits(source, ids, mask)
@@ -228,49 +359,64 @@ def check_export(
             "it is untrained or zero, so parity would prove nothing; check an export of a trained adapter"
         )
     eos, pad = config.eos_token_id, config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    text_ids = held_out_ids(export_dir, config, text, positions)
+    reference = source_logits(source, text_ids)
+    with torch.no_grad():
+        ref_tokens = torch_greedy(source, ids, mask, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    tokenizer = _tokenizer(export_dir) if eval_set is not None else None
+    if eval_set is not None and tokenizer is None:
+        raise ArtifactError(f"--eval needs the tokenizer files in {export_dir}")
+    source_eval = evaluate(torch_logits(source), tokenizer, eval_set) if eval_set is not None else None
+    del source
 
     twin = load_source_model(base, adapter, quantization=manifest.quantization, double_quant=manifest.double_quant)
+    merged_nbits = manifest.mode == "merged" and manifest.weights in ("int4", "int8")
     conversion = convert_for_export(twin, quantization=manifest.quantization, mode=manifest.mode,
                                     weights=manifest.weights, serving=manifest.serving,
-                                    adapter_inputs=manifest.adapter_inputs)
+                                    adapter_inputs=manifest.adapter_inputs,
+                                    requantize=(manifest.requantization or {}).get("method", "rtn"),
+                                    nbits_from=model_path if merged_nbits else None)
     if conversion.ranks != manifest.ranks:
         logger.warning("the adapter's ranks %s differ from the exported ones %s", conversion.ranks, manifest.ranks)
     factors = conversion.factors if manifest.adapter_inputs else None
-    decoder = DecoderSession(create_session(model_path, provider=provider))
-    comparisons = []
-    graph = decoder_parity(twin, decoder, ids, mask, tier=manifest.tier, decode_steps=decode_steps,
-                           max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, factors=factors)
-    comparisons.append(Comparison("graph", "the torch twin (same conversion as the export)", graph))
-
-    from .runtime import adapter_feeds
-
     feeds = adapter_feeds(factors) if factors else None
-    got = decoder.step(ids.numpy(), mask.numpy(), None, feeds)
-    judged = manifest.source_tier != "report"
-    source_tier = manifest.source_tier if judged else "lossy"
-    source_report = compare_outputs({"logits": adapted_logits}, {"logits": got.logits}, tier=source_tier,
-                                    valid={"logits": valid})
-    with torch.no_grad():
-        ref_tokens = torch_greedy(source, ids, mask, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
+    decoder = DecoderSession(create_session(model_path, provider=provider))
+
+    got = graph_held_out_logits(decoder, text_ids, feeds)
+    source_report = compare_outputs({"logits": reference}, {"logits": got}, tier=manifest.source_tier, scale=scale)
+    del reference, got
     got_tokens = decoder.generate_greedy(ids.numpy(), mask.numpy(), max_new_tokens, eos_token_id=eos,
                                          pad_token_id=pad, adapter=feeds)
-    tokens = compare_outputs({}, {}, tier=source_tier, reference_tokens=ref_tokens, candidate_tokens=got_tokens)
+    tokens = compare_outputs({}, {}, tier=manifest.source_tier, reference_tokens=ref_tokens, candidate_tokens=got_tokens)
     source_report = dataclasses.replace(source_report, tokens_equal=tokens.tokens_equal,
                                         failures=source_report.failures + tokens.failures)
-    comparisons.append(Comparison("source", f"{manifest.quantization} base + adapter with its own torch kernels",
-                                  source_report, judged=judged))
+    comparisons = [Comparison("source", f"the trained model: {manifest.quantization} base + adapter with its own "
+                                        "torch kernels", source_report)]
+
+    twin_report = decoder_parity(twin, decoder, ids, mask, tier=manifest.tier, decode_steps=decode_steps,
+                                 max_new_tokens=max_new_tokens, eos_token_id=eos, pad_token_id=pad, factors=factors,
+                                 scale=scale)
+    comparisons.append(Comparison("twin", "the torch twin (the graph's own arithmetic in torch)", twin_report))
+
+    if source_eval is not None:
+        graph_eval = evaluate(graph_logits(decoder, feeds), tokenizer, eval_set)
+        comparisons.append(Comparison("eval", f"the trained model on {eval_file}",
+                                      evaluation=compare_evaluations(source_eval, graph_eval)))
 
     if factors:
         zeros = {name: (A[:0], B[:, :0]) for name, (A, B) in factors.items()}
         zero = decoder_parity(twin, decoder, ids, mask, tier=manifest.tier, decode_steps=0, max_new_tokens=0,
-                              factors=zeros)
+                              factors=zeros, scale=scale)
         comparisons.append(Comparison("zero-adapter", "the torch twin with rank-0 factors (the base)", zero))
-    del source, twin
+    del twin
 
+    kept = all(c.passed for c in comparisons if c.name in ("source", "eval"))
     report = CheckReport(export_dir=export_dir, mode=manifest.mode, quantization=manifest.quantization,
                          weights=manifest.weights if manifest.mode == "merged" else
                          ("serving" if manifest.serving else "exact"),
-                         adapter_effect=effect, comparisons=tuple(comparisons))
+                         adapter_effect=effect, comparisons=tuple(comparisons), positions=int(text_ids.size),
+                         advice="" if kept else keeping_exports(manifest.quantization, manifest.mode,
+                                                                manifest.weights, manifest.serving))
     if write:
         write_json(export_dir / PARITY_FILE, report.to_dict())
     logger.info("check %s: %s", export_dir, "passed" if report.passed else f"{len(report.failures)} failure(s)")

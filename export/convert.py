@@ -9,7 +9,10 @@
       fp32       plain MatMul (exact)              rank r > 0: LowRankBranch, A = Λ'Q' [r, in],
       fp16       whole model in fp16 (lossy)       B = P' scale [out, r]; rank 0: no branch, no node
       int4/int8  MatMulNBits, accuracy 4           --adapter-inputs: A/B graph inputs with a symbolic
-                 (smallest, fastest on CPU)        rank (rank-0 defaults) + adapter.onnx_adapter
+                 (smallest, fastest on CPU),       rank (rank-0 defaults) + adapter.onnx_adapter
+                 re-quantized by GPTQ on
+                 calibration text (default) or
+                 round-to-nearest
 
 What each base kind's graph computes is written once, in its :mod:`adalora_deploy.export.kinds` file.
 """
@@ -17,8 +20,9 @@ What each base kind's graph computes is written once, in its :mod:`adalora_deplo
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass
-from typing import Literal, get_args
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -42,6 +46,7 @@ __all__ = [
     "MERGED_NBITS_BLOCK",
     "Conversion",
     "Mode",
+    "Requantize",
     "Weights",
     "adapter_factors",
     "base_kind",
@@ -52,20 +57,21 @@ __all__ = [
 
 Mode = Literal["merged", "separate"]
 Weights = Literal["fp32", "fp16", "int4", "int8"]
+Requantize = Literal["gptq", "rtn"]
 
 MERGED_NBITS_BLOCK = 32
 """Block size of ``merged --weights int4/int8`` (onnxruntime's own quantizer default; 1.32 CPU accepts 16..256)."""
 
 MERGED_WEIGHTS: dict[str, Arithmetic] = {
     "fp16": Arithmetic("fp16 graph of dequant(W0) + ΔW (lossy)", "lossy", "lossy"),
-    "int4": Arithmetic(f"MatMulNBits int4 round-to-nearest of dequant(W0) + ΔW (block {MERGED_NBITS_BLOCK}), "
-                       f"accuracy_level {SERVING_ACCURACY_LEVEL} (lossy; re-quantization error vs the source is "
-                       "reported, not judged)", "lossy", "report"),
-    "int8": Arithmetic(f"MatMulNBits int8 round-to-nearest of dequant(W0) + ΔW (block {MERGED_NBITS_BLOCK}), "
-                       f"accuracy_level {SERVING_ACCURACY_LEVEL} (lossy; re-quantization error vs the source is "
-                       "reported, not judged)", "lossy", "report"),
 }
-"""Merged graphs whose weights are re-encoded, whatever the base kind was."""
+"""Merged graphs whose weights are re-encoded without re-quantization, whatever the base kind was."""
+
+
+def _merged_nbits(weights: str, requantize: str) -> Arithmetic:
+    how = ("GPTQ on calibration text (error-compensating)" if requantize == "gptq" else "round-to-nearest")
+    return Arithmetic(f"MatMulNBits {weights} of dequant(W0) + ΔW re-quantized by {how}, asymmetric, block "
+                      f"{MERGED_NBITS_BLOCK}, accuracy_level {SERVING_ACCURACY_LEVEL} (lossy)", "lossy", "lossy")
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ class Conversion:
     """The quantized base kinds as the backends describe them (``dense`` when none)."""
     arithmetic: Arithmetic
     """What the graph computes and how it is judged."""
+    requantization: dict[str, Any] | None = None
+    """Merged int4/int8: method, bits, block, calibration sequences and the worst layer output SQNR."""
 
     @property
     def tier(self) -> Tier:
@@ -90,10 +98,13 @@ class Conversion:
         return self.arithmetic.source_tier
 
 
-def describe(quantization: str, mode: str, weights: str = "fp32", serving: bool = False) -> Arithmetic:
-    """The arithmetic of one export configuration (from the base kind's plug-in or :data:`MERGED_WEIGHTS`)."""
+def describe(quantization: str, mode: str, weights: str = "fp32", serving: bool = False,
+             requantize: str = "gptq") -> Arithmetic:
+    """The arithmetic of one export configuration (from the base kind's plug-in or the merged weights')."""
     kind = kind_for_quantization(quantization)
     if mode == "merged":
+        if weights in ("int4", "int8"):
+            return _merged_nbits(weights, requantize)
         return MERGED_WEIGHTS[weights] if weights in MERGED_WEIGHTS else kind.merged()
     base = kind.separate(serving=serving)
     return dataclasses.replace(base, text=base.text + BRANCH)
@@ -127,23 +138,33 @@ def adapter_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Ten
 
 @torch.no_grad()
 def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "separate", weights: Weights = "fp32",
-                       serving: bool = False, adapter_inputs: bool = False) -> Conversion:
+                       serving: bool = False, adapter_inputs: bool = False, requantize: Requantize = "gptq",
+                       calibration: torch.Tensor | None = None, nbits_from: str | os.PathLike | None = None,
+                       ) -> Conversion:
     """Turn a source model (from :func:`~adalora_deploy.export.source.load_source_model`) into the torch twin of its ONNX graph, in place.
 
-    No forward pass runs here (bnb 4-bit statistics must be read before any eval forward). Old layers are
-    dropped as their replacements go in, so peak memory stays near one model.
+    No forward pass runs here before the base layers are read (bnb 4-bit statistics must be read before any
+    eval forward); GPTQ re-quantization runs forwards on the merged fp32 model only. Old layers are dropped
+    as their replacements go in, so peak memory stays near one model.
+
+    Args:
+        requantize: merged int4/int8: ``gptq`` (error-compensating, needs ``calibration``) or ``rtn``.
+        calibration: int64 token ids ``(n, seq_len)`` for GPTQ's Hessians.
+        nbits_from: merged int4/int8: take the MatMulNBits integers from this exported graph instead of
+            quantizing (the twin ``check`` rebuilds without re-running GPTQ).
 
     Raises:
         ExportError: an unsupported combination (see :func:`export_model`).
     """
-    validate_options(mode, weights, serving, adapter_inputs)
+    validate_options(mode, weights, serving, adapter_inputs, requantize)
     adapters = find_adapters(model)
     if not adapters:
         raise ExportError("the adapter injected no AdaLoRA layer into the base")
     kinds_found = base_kind(model)
     ranks = {name: layer.live_rank for name, layer in adapters.items()}
     factors = adapter_factors(model)
-    arithmetic = describe(quantization, mode, weights, serving)
+    arithmetic = describe(quantization, mode, weights, serving, requantize)
+    requantization = None
     if mode == "merged":
         from adalora_deploy.merge import merge_into_dense
 
@@ -153,11 +174,17 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
             nn.Module.to(model, torch.float16)
         elif weights in ("int4", "int8"):
             bits = 4 if weights == "int4" else 8
-            for name, module in list(model.named_modules()):
-                if type(module) is nn.Linear and name != "lm_head" and not name.endswith(".lm_head"):
-                    swap_module(model, name, NBitsLinear.from_float(
-                        module.weight, module.bias, bits=bits, block_size=MERGED_NBITS_BLOCK,
-                        accuracy_level=SERVING_ACCURACY_LEVEL))
+            if nbits_from is not None:
+                nbits_from_graph(model, nbits_from)
+            elif requantize == "gptq":
+                requantization = _gptq_requantize(model, calibration, bits)
+            else:
+                for name, module in list(model.named_modules()):
+                    if type(module) is nn.Linear and name != "lm_head" and not name.endswith(".lm_head"):
+                        swap_module(model, name, NBitsLinear.from_float(
+                            module.weight, module.bias, bits=bits, block_size=MERGED_NBITS_BLOCK,
+                            accuracy_level=SERVING_ACCURACY_LEVEL))
+                requantization = {"method": "rtn", "bits": bits, "block_size": MERGED_NBITS_BLOCK}
     else:
         for name, layer in adapters.items():
             base = twin_of(layer.base_layer, serving=serving)
@@ -175,10 +202,70 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
             if twin is not module:
                 swap_module(model, name, twin)
     model.eval()
-    return Conversion(ranks=ranks, factors=factors, base_kind=kinds_found, arithmetic=arithmetic)
+    return Conversion(ranks=ranks, factors=factors, base_kind=kinds_found, arithmetic=arithmetic,
+                      requantization=requantization)
 
 
-def validate_options(mode: str, weights: str, serving: bool, adapter_inputs: bool) -> None:
+def _gptq_requantize(model: nn.Module, calibration: torch.Tensor | None, bits: int) -> dict[str, Any]:
+    """GPTQ (asymmetric, groups of :data:`MERGED_NBITS_BLOCK`) of every decoder linear of a merged fp32 model,
+    each packed exactly into an :class:`NBitsLinear` at the serving accuracy level."""
+    from adalora_deploy.backends.gptq import QuantLinear
+    from adalora_deploy.gptq.driver import quantize_model
+
+    if calibration is None:
+        raise ExportError("GPTQ re-quantization needs calibration text (--calibration FILE)")
+    report = quantize_model(model, calibration, method="gptq", bits=bits, group_size=MERGED_NBITS_BLOCK, sym=False,
+                            checkpoint_format="gptq_v2")
+    for name, module in list(model.named_modules()):
+        if isinstance(module, QuantLinear):
+            swap_module(model, name, NBitsLinear.from_gptq(module, accuracy_level=SERVING_ACCURACY_LEVEL))
+    return {"method": "gptq", "bits": bits, "block_size": MERGED_NBITS_BLOCK, "samples": int(calibration.shape[0]),
+            "seq_len": int(calibration.shape[1]), "worst_output_sqnr_db": round(report.worst_sqnr_db, 3),
+            "seconds": round(report.seconds, 1)}
+
+
+@torch.no_grad()
+def nbits_from_graph(model: nn.Module, model_path: str | os.PathLike) -> int:
+    """Swap each ``nn.Linear`` that the graph computes with a MatMulNBits node for an :class:`NBitsLinear`
+    holding that node's own integers, scales and zero points (bias and input order from the model).
+
+    The graph's initializers are named ``model.<module>.qweight`` (the export wrapper's ``model.`` prefix).
+
+    Returns:
+        The number of layers swapped.
+
+    Raises:
+        ExportError: a MatMulNBits node whose module is not a linear of ``model``.
+    """
+    import onnx
+    from onnx import numpy_helper
+
+    graph = onnx.load(str(model_path)).graph
+    initializers = {init.name: init for init in graph.initializer}
+    swapped = 0
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) < 4:
+            continue
+        qweight_name = node.input[1]
+        module_name = qweight_name.removeprefix("model.").removesuffix(".qweight")
+        try:
+            linear = model.get_submodule(module_name)
+        except AttributeError:
+            linear = None
+        if type(linear) is not nn.Linear or qweight_name not in initializers:
+            raise ExportError(f"{model_path}: MatMulNBits node {node.name} ({qweight_name}) has no matching linear "
+                              "in the merged model; was this graph exported from this base and adapter?")
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        tensors = [torch.from_numpy(numpy_helper.to_array(initializers[name]).copy()) for name in node.input[1:4]]
+        swap_module(model, module_name, NBitsLinear(
+            tensors[0], tensors[1], tensors[2], in_features=int(attributes["K"]), out_features=int(attributes["N"]),
+            bits=int(attributes.get("bits", 4)), block_size=int(attributes["block_size"]), bias=linear.bias,
+            accuracy_level=int(attributes.get("accuracy_level", 0))))
+        swapped += 1
+    return swapped
+
+
+def validate_options(mode: str, weights: str, serving: bool, adapter_inputs: bool, requantize: str = "gptq") -> None:
     if mode not in get_args(Mode):
         raise ExportError(f"--mode {mode!r}: choose merged or separate")
     if weights not in get_args(Weights):
@@ -188,5 +275,7 @@ def validate_options(mode: str, weights: str, serving: bool, adapter_inputs: boo
                           "quantized weights (add --serving for the fast int8-activation kernels)")
     if mode == "merged" and serving:
         raise ExportError("--serving applies to --mode separate; for a fast merged graph use --weights int4 or int8")
+    if requantize not in get_args(Requantize):
+        raise ExportError(f"--requantize {requantize!r}: choose gptq or rtn")
     if mode == "merged" and adapter_inputs:
         raise ExportError("--adapter-inputs needs --mode separate (a merged graph has no adapter branch to feed)")

@@ -50,9 +50,8 @@ class ExportManifest:
     tier: str
     """Parity tier of the graph against the torch model rebuilt with the same conversion."""
     source_tier: str
-    """Parity tier of the graph against the source model (adapter on the base with its own torch kernel);
-    ``report`` when the export re-quantizes weights (merged int4/int8, bnb 4-bit serving): the error is
-    measured and written, but judged only against the twin (``tier``), as ``merge --requantize`` reports it."""
+    """Parity tier of the graph against the source model (adapter on the base with its own torch kernel):
+    the tier ``check`` judges the export by, since the source is what was trained."""
     ranks: dict[str, int]
     """Surviving rank of every adapted module (0: no branch in separate mode)."""
     adapter_matmuls: int
@@ -73,6 +72,11 @@ class ExportManifest:
     """torch, transformers, onnx, onnxruntime, adalora_deploy (and bitsandbytes when installed)."""
     builder: str = "dynamo"
     """What built the graph: ``fast`` (the direct builder, fused contrib ops) or ``dynamo`` (torch.onnx.export)."""
+    requantization: dict[str, Any] | None = None
+    """Merged int4/int8: how the merged weights were re-quantized (method, bits, block, calibration)."""
+    agreement: dict[str, Any] | None = None
+    """Measured at export time, graph vs source on held-out text: positions, top-1 agreement, mean KL,
+    max abs, and the tier's verdict on them (``passed``), so no graph ships without its numbers."""
     format_version: int = MANIFEST_VERSION
     output_dir: str = field(default="", compare=False)
     """Where the folder was read from or written to (not stored)."""
@@ -91,8 +95,9 @@ class ExportManifest:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], output_dir: str | os.PathLike = "") -> ExportManifest:
-        names = {f.name for f in dataclasses.fields(cls)} - {"output_dir"}
-        optional = {f.name for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING}
+        fields = [f for f in dataclasses.fields(cls) if f.name != "output_dir"]
+        names = {f.name for f in fields}
+        optional = {f.name for f in fields if f.default is not dataclasses.MISSING}
         missing = sorted(names - set(data) - optional)
         if missing:
             raise ArtifactError(f"{Path(output_dir) / MANIFEST_FILE}: missing keys {missing}; re-export the folder")

@@ -31,6 +31,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--weights", choices=("fp32", "fp16", "int4", "int8"), default="fp32",
                         help="merged graph weights: fp32 (exact), fp16, int4/int8 MatMulNBits at accuracy_level 4 "
                              "(smallest, fastest on CPU); separate mode keeps the base's own (default: fp32)")
+    export.add_argument("--requantize", choices=("gptq", "rtn"), default=None,
+                        help="--weights int4/int8: how the merged weights are re-quantized: gptq (error-compensating "
+                             "on --calibration text; default) or rtn (round-to-nearest)")
+    export.add_argument("--calibration", default=None, metavar="FILE",
+                        help="--requantize gptq: calibration text (.txt/.jsonl), ideally like the task's "
+                             "(default: the packaged sample text)")
+    export.add_argument("--calibration-samples", type=int, default=None,
+                        help="calibration sequences (default: 32)")
+    export.add_argument("--calibration-seq-len", type=int, default=None,
+                        help="tokens per calibration sequence (default: 128)")
+    export.add_argument("--text", default=None, metavar="FILE",
+                        help="held-out text (.txt/.jsonl) for the agreement with the trained model measured after "
+                             "the export (default: a packaged held-out passage)")
     export.add_argument("--serving", action="store_true",
                         help="separate mode: fast lossy kernels (MatMulNBits accuracy_level 4 for GPTQ, NF4/FP4 as "
                              "int4, LLM.int8 as 8-bit) instead of the exact MatMulBnb4 / LLM.int8 emulation")
@@ -48,14 +61,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
     check = subparsers.add_parser(
         "check",
-        help="check an exported graph under onnxruntime against its torch model; writes parity.json",
-        description="Run the exported graph under onnxruntime and the torch model it came from on held-out "
-                    "prompts and a greedy generation (batch 2, left padded); exit 1 when a parity tier is missed.",
+        help="judge an exported graph under onnxruntime against the trained model; writes parity.json",
+        description="Run the exported graph under onnxruntime against the trained model (base as trained + "
+                    "adapter) on held-out text and greedy generations, and against its own torch twin; with "
+                    "--eval, task accuracy and perplexity too. Exit 1 when the graph misses its tier.",
     )
     check.add_argument("export_dir", metavar="EXPORT_DIR", help="folder written by `adalora-deploy export`")
     check.add_argument("--base", default=None, metavar="MODEL_DIR", help="base folder (default: from export.json)")
     check.add_argument("--adapter", default=None, metavar="ADAPTER_DIR",
                        help="adapter folder (default: from export.json)")
+    check.add_argument("--eval", dest="eval_file", default=None, metavar="FILE",
+                       help="eval file (JSONL: {\"prompt\", \"choices\", \"label\"} task lines and/or {\"text\"} "
+                            "lines): task accuracy and perplexity of the graph beside the trained model's, judged")
+    check.add_argument("--text", default=None, metavar="FILE",
+                       help="held-out text (.txt/.jsonl) for the next-token agreement (default: the eval file's "
+                            "text, else a packaged held-out passage)")
+    check.add_argument("--positions", type=int, default=None,
+                       help="held-out token positions compared with the trained model (default: 512)")
     check.add_argument("--max-new-tokens", type=int, default=12, help="greedy generation length (default: 12)")
     check.add_argument("--decode-steps", type=int, default=3, help="incremental steps compared (default: 3)")
     check.add_argument("--provider", choices=("cpu", "cuda", "auto"), default="cpu", help="onnxruntime provider")
@@ -90,11 +112,23 @@ def run_export(args: argparse.Namespace) -> int:
     from adalora_deploy.export.api import export_model
     from adalora_deploy.export.graph import DEFAULT_OPSET
 
+    from adalora_deploy.errors import ExportError
+    from adalora_deploy.export.api import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
+
+    requantizing = args.mode == "merged" and args.weights in ("int4", "int8")
+    if not requantizing and args.requantize is not None:
+        raise ExportError("--requantize applies to --mode merged --weights int4/int8")
+    calibration_options = (args.calibration, args.calibration_samples, args.calibration_seq_len)
+    if (not requantizing or args.requantize == "rtn") and any(v is not None for v in calibration_options):
+        raise ExportError("--calibration* options apply to --mode merged --weights int4/int8 with --requantize gptq")
     check_output_dir(args.output, args.overwrite)
     manifest = export_model(
         args.base, args.adapter, output=args.output, mode=args.mode, weights=args.weights,
         quantization=args.quantization, double_quant=args.double_quant, adapter_inputs=args.adapter_inputs,
         serving=args.serving, opset=args.opset or DEFAULT_OPSET, force=args.force, builder=args.builder,
+        requantize=args.requantize or "gptq", calibration=args.calibration,
+        calibration_samples=args.calibration_samples or CALIBRATION_SAMPLES,
+        calibration_seq_len=args.calibration_seq_len or CALIBRATION_SEQ_LEN, agreement_text=args.text,
     )
     ranks = ", ".join(f"{name}={rank}" for name, rank in manifest.ranks.items())
     print(f"wrote {args.output}: {manifest.mode} {manifest.weights}{' serving' if manifest.serving else ''}, "
@@ -103,6 +137,22 @@ def run_export(args: argparse.Namespace) -> int:
           f"{sum(manifest.op_counts.values())} nodes")
     print(f"quantized ops: {manifest.quantized_ops or 'none'}; adapter MatMuls: {manifest.adapter_matmuls}")
     print(f"ranks: {ranks}")
+    if manifest.requantization is not None:
+        r = manifest.requantization
+        extra = (f" on {r['samples']} x {r['seq_len']} tokens of {r['calibration']}, worst layer output SQNR "
+                 f"{r['worst_output_sqnr_db']:.1f} dB" if r["method"] == "gptq" else "")
+        print(f"re-quantized: {r['method']} {r['bits']}-bit, block {r['block_size']}{extra}")
+    a = manifest.agreement
+    if a is not None:
+        print(f"agreement with the trained model on {a['positions']} held-out positions: top-1 {a['top1']:.4f}, "
+              f"mean KL {a['mean_kl']:.3g}, max abs {a['max_abs']:.3g} -> {a['tier']} tier "
+              f"{'met' if a['passed'] else 'MISSED'}")
+        if not a["passed"]:
+            from adalora_deploy.export.check import keeping_exports
+
+            print(f"warning: this graph changes what the trained model computes; "
+                  f"{keeping_exports(manifest.quantization, manifest.mode, manifest.weights, manifest.serving)}",
+                  file=sys.stderr)
     return 0
 
 
@@ -114,7 +164,12 @@ def run_check(args: argparse.Namespace) -> int:
         from adalora_deploy.errors import ExportError
 
         raise ExportError("--max-new-tokens must be >= 1 and --decode-steps >= 0")
-    report = check_export(args.export_dir, base=args.base, adapter=args.adapter, decode_steps=args.decode_steps,
+    if args.positions is not None and args.positions < 2:
+        from adalora_deploy.errors import ExportError
+
+        raise ExportError("--positions must be >= 2")
+    report = check_export(args.export_dir, base=args.base, adapter=args.adapter, text=args.text,
+                          eval_file=args.eval_file, positions=args.positions, decode_steps=args.decode_steps,
                           max_new_tokens=args.max_new_tokens, provider=args.provider)
     print(report.format_table())
     if not report.passed:

@@ -92,12 +92,12 @@ class _Job:
         examples = self.data().eval
         return examples[: self.run.task.max_examples] if self.run.task.max_examples else examples
 
-    def evaluate(self, scorer) -> dict[str, Any]:
-        from adalora_deploy.evaluation import evaluate
+    def evaluate(self, logits) -> dict[str, Any]:
+        from adalora_deploy.evaluation import evaluate_examples
 
         started = time.perf_counter()
-        result = evaluate(scorer, self.held_out(), choices=self.choices(), pad_id=self.pad_id,
-                          batch_size=self.run.train.batch_size)
+        result = evaluate_examples(logits, self.held_out(), choices=self.choices(), pad_id=self.pad_id,
+                                   batch_size=self.run.train.batch_size)
         return result.to_dict() | {"seconds": time.perf_counter() - started}
 
     def adapter(self) -> Path:
@@ -178,10 +178,10 @@ def _quantize(job: _Job, model_folder: str, folder: Path) -> dict[str, Any]:
 
 
 def _evaluate_base(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.evaluation import TorchScorer
+    from adalora_deploy.evaluation import torch_logits
     from adalora_deploy.models import load_base_model
 
-    return job.evaluate(TorchScorer(load_base_model(dataclasses.replace(job.run.model, path=job.base))))
+    return job.evaluate(torch_logits(load_base_model(dataclasses.replace(job.run.model, path=job.base))))
 
 
 def _train(job: _Job) -> dict[str, Any]:
@@ -199,13 +199,13 @@ def _train(job: _Job) -> dict[str, Any]:
 
 
 def _evaluate_trained(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.evaluation import TorchScorer
+    from adalora_deploy.evaluation import torch_logits
     from adalora_deploy.export.source import load_source_model
     from adalora_deploy.models import resolve_quantization
 
     quantization, double_quant = resolve_quantization(job.base, job.adapter())
-    return job.evaluate(TorchScorer(load_source_model(job.base, job.adapter(), quantization=quantization,
-                                                      double_quant=double_quant)))
+    return job.evaluate(torch_logits(load_source_model(job.base, job.adapter(), quantization=quantization,
+                                                       double_quant=double_quant)))
 
 
 def _compact(job: _Job) -> dict[str, Any]:
@@ -253,14 +253,14 @@ def _check(job: _Job) -> dict[str, Any]:
 
 
 def _evaluate_exports(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.evaluation import GraphScorer
+    from adalora_deploy.evaluation import graph_logits
     from adalora_deploy.export.runtime import DecoderSession, create_session
 
     result = {}
     for name, export in job.stages["export"]["exports"].items():
         folder = Path(export["folder"])
         decoder = DecoderSession(create_session(folder / "model.onnx"))
-        result[name] = job.evaluate(GraphScorer(decoder, _adapter_feeds(folder)))
+        result[name] = job.evaluate(graph_logits(decoder, _adapter_feeds(folder)))
     return {"scores": result}
 
 

@@ -40,7 +40,7 @@ __all__ = [
 ]
 
 Tier = Literal["exact", "lossy"]
-SourceTier = Literal["exact", "lossy", "report"]
+SourceTier = Literal["exact", "lossy"]
 
 SERVING_ACCURACY_LEVEL = 4
 """MatMulNBits accuracy_level of serving graphs: int8 activations (5-8x faster on CPU than level 0, lossy)."""
@@ -57,7 +57,8 @@ class Arithmetic:
     tier: Tier
     """Parity tier against the torch twin (the same conversion in torch)."""
     source_tier: SourceTier
-    """Parity tier against the source model (base with its own kernels + adapter)."""
+    """Parity tier against the source model (base with its own kernels + adapter): the verdict ``check``
+    gives, since the source is what was trained."""
 
 
 class ExportKind(abc.ABC):

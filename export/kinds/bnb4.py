@@ -23,8 +23,7 @@ class Bnb4Kind(ExportKind):
     def separate(self, *, serving: bool) -> Arithmetic:
         if serving:
             return Arithmetic("MatMulNBits int4, round-to-nearest of the dequantized bnb weight, accuracy_level 4 "
-                              "(lossy; re-quantization error vs the source is reported, not judged)",
-                              "lossy", "report")
+                              "(lossy: re-quantizes the base the adapter was trained on)", "lossy", "lossy")
         return Arithmetic("MatMulBnb4 (bnb's bytes, fp32 dequantize + matmul = bnb training arithmetic)",
                           "exact", "exact")
 

