@@ -224,12 +224,31 @@ def _gptq_requantize(model: nn.Module, calibration: torch.Tensor | None, bits: i
             "seconds": round(report.seconds, 1)}
 
 
+FUSED_LINEARS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+"""Node scopes of the fast path's fused projections and the linears they concatenate along N, in order."""
+
+
+def _graph_linears(model: nn.Module, scope: str) -> list[tuple[str, nn.Linear]] | None:
+    """The ``nn.Linear`` s of ``model`` a MatMulNBits node computes: its own module (dynamo graphs name
+    initializers ``model.<module>``; the fast path ``<module>``) or, for a fused node, its parts."""
+    for name in (scope, scope.removeprefix("model.")):
+        parent, _, leaf = name.rpartition(".")
+        names = [f"{parent}.{part}" for part in FUSED_LINEARS[leaf]] if leaf in FUSED_LINEARS else [name]
+        try:
+            linears = [(n, model.get_submodule(n)) for n in names]
+        except AttributeError:
+            continue
+        if all(type(linear) is nn.Linear for _, linear in linears):
+            return linears
+    return None
+
+
 @torch.no_grad()
 def nbits_from_graph(model: nn.Module, model_path: str | os.PathLike) -> int:
     """Swap each ``nn.Linear`` that the graph computes with a MatMulNBits node for an :class:`NBitsLinear`
-    holding that node's own integers, scales and zero points (bias and input order from the model).
-
-    The graph's initializers are named ``model.<module>.qweight`` (the export wrapper's ``model.`` prefix).
+    holding that node's own integers, scales and zero points (bias and input order from the model). A fused
+    node (the fast path's q/k/v and gate/up) is split back along N into its linears; left-out zero points
+    are MatMulNBits' default.
 
     Returns:
         The number of layers swapped.
@@ -240,28 +259,33 @@ def nbits_from_graph(model: nn.Module, model_path: str | os.PathLike) -> int:
     import onnx
     from onnx import numpy_helper
 
+    from .modules import default_zero_points
+
     graph = onnx.load(str(model_path)).graph
     initializers = {init.name: init for init in graph.initializer}
     swapped = 0
     for node in graph.node:
-        if node.op_type != "MatMulNBits" or len(node.input) < 4:
+        if node.op_type != "MatMulNBits":
             continue
         qweight_name = node.input[1]
-        module_name = qweight_name.removeprefix("model.").removesuffix(".qweight")
-        try:
-            linear = model.get_submodule(module_name)
-        except AttributeError:
-            linear = None
-        if type(linear) is not nn.Linear or qweight_name not in initializers:
+        linears = _graph_linears(model, qweight_name.removesuffix(".qweight"))
+        if linears is None or qweight_name not in initializers:
             raise ExportError(f"{model_path}: MatMulNBits node {node.name} ({qweight_name}) has no matching linear "
                               "in the merged model; was this graph exported from this base and adapter?")
         attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-        tensors = [torch.from_numpy(numpy_helper.to_array(initializers[name]).copy()) for name in node.input[1:4]]
-        swap_module(model, module_name, NBitsLinear(
-            tensors[0], tensors[1], tensors[2], in_features=int(attributes["K"]), out_features=int(attributes["N"]),
-            bits=int(attributes.get("bits", 4)), block_size=int(attributes["block_size"]), bias=linear.bias,
-            accuracy_level=int(attributes.get("accuracy_level", 0))))
-        swapped += 1
+        bits, n = int(attributes.get("bits", 4)), int(attributes["N"])
+        qweight = torch.from_numpy(numpy_helper.to_array(initializers[qweight_name]).copy())
+        scales = torch.from_numpy(numpy_helper.to_array(initializers[node.input[2]]).copy()).reshape(n, -1)
+        has_zeros = len(node.input) > 3 and node.input[3]
+        zeros = (torch.from_numpy(numpy_helper.to_array(initializers[node.input[3]]).copy()).reshape(n, -1)
+                 if has_zeros else default_zero_points(n, qweight.shape[1], bits))
+        sizes = [linear.out_features for _, linear in linears]
+        for (name, linear), q, s, z in zip(linears, qweight.split(sizes), scales.split(sizes), zeros.split(sizes)):
+            swap_module(model, name, NBitsLinear(
+                q.clone(), s.clone(), z.clone(), in_features=int(attributes["K"]), out_features=linear.out_features,
+                bits=bits, block_size=int(attributes["block_size"]), bias=linear.bias,
+                accuracy_level=int(attributes.get("accuracy_level", 0))))
+            swapped += 1
     return swapped
 
 

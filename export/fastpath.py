@@ -68,7 +68,7 @@ from adalora_deploy.errors import ExportError
 
 from . import contrib
 from .graph import DEFAULT_OPSET, ExportResult, adapter_input_names
-from .modules import Bnb4Linear, Int8EmulationLinear, LowRankBranch, NBitsLinear
+from .modules import Bnb4Linear, Int8EmulationLinear, LowRankBranch, NBitsLinear, default_zero_points
 
 __all__ = [
     "KV_SHARE_BUFFER_METADATA",
@@ -387,18 +387,8 @@ class _Emitter:
 
 def _default_zero_points(module: NBitsLinear) -> bool:
     """Every zero point equals MatMulNBits' default ``2**(bits-1)``: the input can be left out (same result)."""
-    bits = int(module.bits)
-    k_blocks = int(module.qweight.shape[1])
-    per_byte = 8 // bits
-    default = sum((1 << (bits - 1)) << (i * bits) for i in range(per_byte))
     zp = module.zero_points
-    full, rest = divmod(k_blocks, per_byte)
-    if not bool((zp[:, :full] == default).all()):
-        return False
-    if rest:  # the last byte holds ``rest`` real zero points and padding (0) above them
-        last = sum((1 << (bits - 1)) << (i * bits) for i in range(rest))
-        return bool((zp[:, full] == last).all())
-    return True
+    return bool(torch.equal(zp, default_zero_points(zp.shape[0], int(module.qweight.shape[1]), int(module.bits))))
 
 
 def _fusable(bases: Sequence[nn.Module]) -> bool:

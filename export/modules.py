@@ -178,6 +178,16 @@ _RTN_ROWS = 4096
 49152 x 576 would otherwise need several fp32 copies of itself)."""
 
 
+def default_zero_points(out_features: int, k_blocks: int, bits: int) -> torch.Tensor:
+    """MatMulNBits' zero points when the input is left out: ``2**(bits-1)`` per block, packed
+    ``8 // bits`` to a byte (low bits first; the last byte's unused slots are 0). uint8 ``[N, ceil(k_blocks * bits / 8)]``."""
+    per_byte = 8 // bits
+    full, rest = divmod(k_blocks, per_byte)
+    value = lambda count: sum((1 << (bits - 1)) << (i * bits) for i in range(count))  # noqa: E731
+    row = [value(per_byte)] * full + ([value(rest)] if rest else [])
+    return torch.tensor(row, dtype=torch.uint8).expand(out_features, len(row)).contiguous()
+
+
 class NBitsLinear(nn.Module):
     """``y = x @ W.T + bias`` with W stored as onnxruntime MatMulNBits blocks; exports to one MatMulNBits.
 

@@ -227,13 +227,31 @@ def _export(job: _Job) -> dict[str, Any]:
     for spec in job.run.exports:
         started = time.perf_counter()
         manifest = export_model(job.base, job.adapter(), output=job.output / "exports" / spec.name, mode=spec.mode,
-                                weights=spec.weights, serving=spec.serving, adapter_inputs=spec.adapter_inputs)
+                                weights=spec.weights, serving=spec.serving, adapter_inputs=spec.adapter_inputs,
+                                calibration=_calibration_file(job) if spec.weights in ("int4", "int8") else None,
+                                measure_agreement=False)  # the check stage measures it
         result[spec.name] = {"folder": manifest.output_dir, "mode": manifest.mode, "weights": manifest.weights,
                              "serving": manifest.serving, "graph_bytes": manifest.graph_bytes,
                              "arithmetic": manifest.arithmetic, "tier": manifest.tier,
                              "quantized_ops": manifest.quantized_ops, "adapter_matmuls": manifest.adapter_matmuls,
                              "nodes": sum(manifest.op_counts.values()), "seconds": time.perf_counter() - started}
     return {"exports": result}
+
+
+def _calibration_file(job: _Job) -> str | None:
+    """GPTQ re-quantization of a merged int4/int8 export calibrates on the quantize section's text, else on
+    the training records (written once as text), as the base's quantization does."""
+    if job.run.quantize.calibration is not None:
+        return job.run.quantize.calibration
+    from adalora_deploy.artifacts import atomic_file
+
+    path = job.output / "calibration.jsonl"
+    if not path.is_file():
+        tokenizer = job.tokenizer()
+        with atomic_file(path) as temp:
+            temp.write_text("".join(json.dumps({"text": tokenizer.decode(e.input_ids)}, ensure_ascii=False) + "\n"
+                                    for e in job.data().train[: 4 * job.run.quantize.samples]), encoding="utf-8")
+    return str(path)
 
 
 def _check(job: _Job) -> dict[str, Any]:

@@ -101,7 +101,9 @@ def test_template_errors_and_missing_templates_are_user_errors(tmp_path):
     tokenizer.save_pretrained(tmp_path / "strict")
     with pytest.raises(ChatTemplateError, match="first must be user"):
         TextTokenizer.from_folder(tmp_path / "strict").render_chat([{"role": "system", "content": "x"}])
-    byte_tokenizer().save_pretrained(tmp_path / "plain")
+    plain = byte_tokenizer()
+    plain.chat_template = None  # the demo tokenizer ships a template; a user's may not
+    plain.save_pretrained(tmp_path / "plain")
     with pytest.raises(ChatTemplateError, match="no chat template"):
         TextTokenizer.from_folder(tmp_path / "plain").render_chat(MESSAGES[0])
 
