@@ -9,10 +9,12 @@ Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}
 
 =====  =============================================================================================
 400    malformed JSON, unknown or invalid fields, a prompt longer than the context, max_tokens over the
-       limit or beyond the context, a chat the template rejects
+       limit or beyond the context, a chat the template rejects, more completions (prompts x n) than
+       ``max_completions_per_request``
 401    missing or wrong API key (when the server has one)
 404    unknown model id, unknown path
 405    wrong method
+408    body not received within ``body_timeout_s`` (a client trickling its body)
 413    body larger than ``max_body_bytes``
 500    a failed graph run (the message says so; other requests go on)
 =====  =============================================================================================
@@ -73,6 +75,11 @@ class ServerSettings:
     """Requests decoded together per model (more wait for a free row)."""
     max_body_bytes: int = 1 << 20
     """Request bodies above this are refused with 413."""
+    body_timeout_s: float = 30.0
+    """A request body not received in full within this many seconds is refused with 408."""
+    max_completions_per_request: int = MAX_CHOICES
+    """Largest number of rows (prompts x ``n``) one request may ask for: a request joins the engine whole, so
+    without it one body listing thousands of prompts fills memory and holds every other request back."""
     max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS
     """Prompt tokens per prefill run (see :data:`~.engine.DEFAULT_MAX_PREFILL_TOKENS`)."""
     model_name: str | None = None
@@ -239,6 +246,11 @@ class Service:
                default_max: bool) -> list[SamplingParams]:
         """One SamplingParams per row (prompt x n), after the OpenAI limits are checked."""
         body.check_unsupported()
+        rows_asked, most = len(prompts) * body.n, self.settings.max_completions_per_request
+        if rows_asked > most:
+            raise APIError(400, f"this request asks for {rows_asked} completions ({len(prompts)} prompt(s) x n="
+                                f"{body.n}); this server allows at most {most} per request; send fewer prompts per "
+                                "request", param="prompt" if len(prompts) > 1 else "n", code="too_many_completions")
         context, limit = self.limits.context_length, self.settings.max_tokens_limit
         longest = max(len(p) for p in prompts)
         if longest >= context:
@@ -307,10 +319,11 @@ def _sse(data: dict[str, Any]) -> str:
 
 class _BodyLimit:
     """ASGI middleware: refuses bodies above ``max_bytes`` with 413 (by Content-Length, or while reading a
-    chunked body, which it buffers up to the limit and replays)."""
+    chunked body, which it buffers up to the limit and replays), and bodies not received in full within
+    ``timeout_s`` with 408 (a client trickling its body gets its connection closed)."""
 
-    def __init__(self, app, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float) -> None:
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -321,8 +334,14 @@ class _BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
             return await too_large(scope, receive, send)
         chunks, size = [], 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - loop.time(), 0.0))
+            except asyncio.TimeoutError:
+                return await APIError(408, f"the request body did not arrive within {self.timeout_s:g} s",
+                                      code="request_timeout").response()(scope, receive, send)
             if message["type"] != "http.request":
                 break
             chunks.append(message.get("body", b""))
@@ -422,7 +441,7 @@ def create_app(service: Service):
         params = service.params(body, max_tokens, [prompt], default_max=max_tokens is None)
         return await _respond(service, body, [prompt], params, chat=True)
 
-    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     return app
 
 

@@ -71,6 +71,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     serve.add_argument("--max-tokens-limit", type=int, default=2048,
                        help="largest max_tokens a request may ask for (default: 2048)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body (default: 1 MiB)")
+    serve.add_argument("--max-completions", type=int, default=16,
+                       help="prompts x n of one request at most (default: 16); more is refused with 400")
+    serve.add_argument("--body-timeout", type=float, default=30.0,
+                       help="seconds a client may take to send its body (default: 30); slower gets 408")
     _add_runtime(serve)
     serve.set_defaults(run=run_serve)
 
@@ -175,7 +179,8 @@ def run_serve(args: argparse.Namespace) -> int:
     settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
                               max_tokens_limit=args.max_tokens_limit, max_batch_size=args.max_batch_size,
                               max_body_bytes=args.max_body_bytes, model_name=args.model_name,
-                              max_prefill_tokens=args.max_prefill_tokens)
+                              max_prefill_tokens=args.max_prefill_tokens,
+                              max_completions_per_request=args.max_completions, body_timeout_s=args.body_timeout)
     try:
         serve(args.export_dir, settings, adapters_dir=args.adapters, intra_op_threads=args.threads,
               provider=args.provider)
