@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 from pathlib import Path
 
 from adalora_deploy.gptq import SUPPORTED_BITS
@@ -33,11 +34,42 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--desc-act", action="store_true", help="act-order: quantize columns by decreasing Hessian diagonal"
     )
-    parser.add_argument("--calibration", required=True, metavar="FILE", help="calibration text (.txt or .jsonl)")
+    parser.add_argument(
+        "--calibration",
+        metavar="FILE",
+        help="calibration text (.txt or .jsonl); required by gptq; rtn uses it only with --measure-error",
+    )
+    parser.add_argument(
+        "--measure-error",
+        action="store_true",
+        help="rtn: measure each layer's output error on --calibration (runs calibration forwards; "
+        "without it rtn runs no forward and reports weight errors)",
+    )
     parser.add_argument("--seq-len", type=int, default=128, help="tokens per calibration sample (default: 128)")
     parser.add_argument("--samples", type=int, default=128, help="calibration samples, at most (default: 128)")
     parser.add_argument(
         "--percdamp", type=float, default=0.01, help="GPTQ damping, fraction of mean diag(H) (default: 0.01)"
+    )
+    parser.add_argument(
+        "--no-true-sequential",
+        dest="true_sequential",
+        action="store_false",
+        help="gptq: take all Hessians of a decoder layer from one pass of the float layer "
+        "(default: each group of linears sees the already-quantized ones before it)",
+    )
+    parser.add_argument(
+        "--act-group-aware",
+        action="store_true",
+        help="gptq: group-aware reordering (GAR): visit groups and their columns by decreasing diag(H), "
+        "keeping natural groups (an ordinary desc_act=False checkpoint)",
+    )
+    parser.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward (default: 8)")
+    parser.add_argument(
+        "--calibration-dtype",
+        choices=("float32", "bfloat16"),
+        default=None,
+        help="run calibration forwards under autocast to this dtype (bfloat16: faster on CPUs with AMX; "
+        "default: the model's float32)",
     )
     parser.add_argument("--output", required=True, metavar="DIR", help="output GPTQ model folder")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -69,22 +101,36 @@ def run_quantize(args: argparse.Namespace) -> int:
         raise QuantizationError(f"--group-size must be -1 or >= 1, got {args.group_size}")
     if args.desc_act and args.method == "rtn":
         raise QuantizationError("--desc-act only applies to --method gptq")
+    if args.batch_size < 1:
+        raise QuantizationError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.method == "gptq" and not args.calibration:
+        raise QuantizationError("--method gptq needs --calibration FILE")
+    if args.measure_error and not args.calibration:
+        raise QuantizationError("--measure-error needs --calibration FILE")
+    use_calibration = args.method == "gptq" or args.measure_error
+    if args.calibration and not use_calibration:
+        logger.info("rtn needs no calibration: %s is not read (add --measure-error to measure errors on it)",
+                    args.calibration)
     check_output_dir(output, args.overwrite)
+    started = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError) as error:
         raise QuantizationError(f"MODEL_DIR {model_dir}: cannot load model/tokenizer ({error})") from None
-    blocks = token_blocks(args.calibration, tokenizer, args.seq_len)
-    if blocks.shape[0] < args.samples:
-        logger.warning(
-            "%s gives %d samples of %d tokens, fewer than --samples %d; using all",
-            args.calibration,
-            blocks.shape[0],
-            args.seq_len,
-            args.samples,
-        )
-    blocks = blocks[: args.samples]
+    load_seconds = time.perf_counter() - started
+    blocks = None
+    if use_calibration:
+        blocks = token_blocks(args.calibration, tokenizer, args.seq_len)
+        if blocks.shape[0] < args.samples:
+            logger.warning(
+                "%s gives %d samples of %d tokens, fewer than --samples %d; using all",
+                args.calibration,
+                blocks.shape[0],
+                args.seq_len,
+                args.samples,
+            )
+        blocks = blocks[: args.samples]
     report = quantize_model(
         model,
         blocks,
@@ -94,18 +140,28 @@ def run_quantize(args: argparse.Namespace) -> int:
         sym=args.sym,
         desc_act=args.desc_act,
         percdamp=args.percdamp,
+        batch_size=args.batch_size,
+        true_sequential=args.true_sequential,
+        act_group_aware=args.act_group_aware,
+        calibration_dtype=None if args.calibration_dtype is None else getattr(torch, args.calibration_dtype),
         progress=sys.stderr.isatty(),
     )
+    started = time.perf_counter()
     try:
         save_gptq_model(model, output, tokenizer_source=model_dir, overwrite=args.overwrite)
     except GPTQFormatError as error:
         raise QuantizationError(str(error)) from None
+    save_seconds = time.perf_counter() - started
     group = "all" if args.group_size == -1 else args.group_size
+    calibration = (
+        f"{report.num_samples} samples x {report.seq_len} tokens" if report.num_samples else "no calibration"
+    )
     print(
         f"{args.method} {args.bits}-bit, group {group}, {'sym' if args.sym else 'asym'}"
-        f"{', act-order' if args.desc_act else ''}; {report.num_samples} samples x {report.seq_len} tokens; "
-        f"{report.seconds:.1f} s"
+        f"{', act-order' if args.desc_act else ''}{', group-aware order' if args.act_group_aware else ''}; "
+        f"{calibration}; {report.seconds:.1f} s"
     )
     print(report.format_table())
     print(f"worst SQNR {report.worst_sqnr_db:.2f} dB; wrote {output}")
+    print(f"time: load {load_seconds:.1f} s, quantize {report.timings.format()}, save {save_seconds:.1f} s")
     return 0
