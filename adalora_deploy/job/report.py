@@ -82,7 +82,7 @@ def _plot(run: RunConfig, stages: dict[str, dict[str, Any]], folder: Path) -> No
     axis.text(adapter.tinit, axis.get_ylim()[1], " warm-up ends", va="top", fontsize=8)
     axis.text(final, axis.get_ylim()[1], " rank pattern frozen", va="top", fontsize=8)
     axis.set(xlabel="optimizer step", ylabel="rank triplets (all layers)",
-             title=f"Rank budget: {adapter.init_r} -> {adapter.target_r} per layer on average")
+             title=f"Rank budget: {adapter.init_r} -> {adapter.target_r} per adapted module on average")
     axis.legend(loc="center right")
     save(figure, "budget.png")
 
