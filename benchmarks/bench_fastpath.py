@@ -298,31 +298,41 @@ def cmd_quality(args) -> None:
                           "max_abs": round(max(o.max_abs for o in outputs), 4)}))
 
 
-def cmd_size(args) -> None:
+def graph_size(folder: str | Path) -> dict:
+    """Bytes (model.onnx + its external data) and node counts of the graph in ``folder``."""
     import collections
 
     import onnx
 
+    folder = Path(folder)
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
+    ops = collections.Counter(n.op_type for n in proto.graph.node)
+    return {"folder": str(folder), "bytes": size, "MB": round(size / 1e6, 1), "nodes": len(proto.graph.node),
+            "ops": dict(ops.most_common())}
+
+
+def cmd_size(args) -> None:
     for folder in args.folders:
-        folder = Path(folder)
-        proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
-        size = sum(p.stat().st_size for p in folder.glob("model.onnx*"))
-        ops = collections.Counter(n.op_type for n in proto.graph.node)
-        print(json.dumps({"folder": str(folder), "bytes": size, "MB": round(size / 1e6, 1),
-                          "nodes": len(proto.graph.node), "ops": dict(ops.most_common())}))
+        print(json.dumps(graph_size(folder)))
 
 
-def cmd_genai_config(args) -> None:
-    """genai_config.json for a graph folder built outside ``export`` (exports write their own)."""
+def add_genai_config(graph: str | Path, model_dir: str | Path) -> None:
+    """genai_config.json (and the model's config and tokenizer files) for a graph folder built outside ``export``."""
     import shutil
 
     from adalora_deploy.export.genai import write_genai_config
 
-    folder = Path(args.graph)
+    folder = Path(graph)
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
-        if (Path(args.model) / name).exists() and not (folder / name).exists():
-            shutil.copy(Path(args.model) / name, folder / name)
+        if (Path(model_dir) / name).exists() and not (folder / name).exists():
+            shutil.copy(Path(model_dir) / name, folder / name)
     write_genai_config(folder)
+
+
+def cmd_genai_config(args) -> None:
+    """genai_config.json for a graph folder built outside ``export`` (exports write their own)."""
+    add_genai_config(args.graph, args.model)
 
 
 def main() -> None:
