@@ -33,7 +33,6 @@ next-token distributions of two models position by position. Default: the packag
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from importlib import resources
@@ -195,21 +194,15 @@ def read_eval_file(path: str | Path) -> EvalSet:
     Raises:
         DataError: a missing file or a malformed line (the message names the line).
     """
+    from adalora_deploy.data.sources import jsonl_lines
+
     path = Path(path)
     if not path.is_file():
         raise DataError(f"eval file not found: {path}")
     tasks: list[TaskExample] = []
     texts: list[str] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for number, record in jsonl_lines(path):
         where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{where}: not valid JSON ({error.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: each line must be a JSON object")
         if "prompt" in record:
             prompt, choices, label = record.get("prompt"), record.get("choices"), record.get("label")
             if not isinstance(prompt, str) or not isinstance(choices, list) or len(choices) < 2 \

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import importlib.metadata
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +81,13 @@ def _read_text(path: Path) -> str:
         raise DataError(f"{path}: not UTF-8 text (byte {error.start}: {error.reason}); re-encode the file as UTF-8") from None
 
 
-def _read_jsonl(path: Path) -> list[dict[str, Any]]:
-    records = []
+def jsonl_lines(path: str | Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """``(line number, object)`` of every non-blank line of a JSON Lines file.
+
+    Raises:
+        DataError: not UTF-8, a line that is not JSON or not an object (the message names the line).
+    """
+    path = Path(path)
     for number, line in enumerate(_read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
@@ -91,8 +97,11 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
             raise DataError(f"{path}:{number}: not valid JSON ({error.msg})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}:{number}: each line must be a JSON object")
-        records.append(record)
-    return records
+        yield number, record
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    return [record for _, record in jsonl_lines(path)]
 
 
 def _read_csv(path: Path) -> list[dict[str, Any]]:
