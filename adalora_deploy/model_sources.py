@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from adalora_deploy.errors import ArtifactError
@@ -59,6 +61,25 @@ def _gguf_file(reference: str) -> tuple[Path, str, str]:
     return files[0], dist_name, dist.version
 
 
+@contextlib.contextmanager
+def _building(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``folder``'s lock file while it is checked and built, so processes that start
+    together (the ranks of a torchrun job, parallel runs) build a cached model once and never swap it under a
+    reader. Without ``fcntl`` (Windows) there is no lock."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - POSIX here
+        yield
+        return
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.parent / f".{folder.name}.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def package_model(reference: str) -> Path:
     """The cached Hugging Face folder converted from the GGUF of ``package:DIST[/FILE]`` (converted on first use).
 
@@ -69,11 +90,12 @@ def package_model(reference: str) -> Path:
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.name}:{stat.st_size}".encode()).hexdigest()[:8]
     folder = cache_dir() / "models" / f"{dist_name}-{version}-{gguf.stem}-{key}"
-    if (folder / SOURCE_FILE).is_file():
-        return folder
-    logger.info("converting %s (%s %s) into %s, once", gguf.name, dist_name, version, folder)
-    _convert_gguf(gguf, folder, source={"package": dist_name, "version": version, "file": gguf.name,
-                                        "bytes": stat.st_size})
+    with _building(folder):
+        if (folder / SOURCE_FILE).is_file():
+            return folder
+        logger.info("converting %s (%s %s) into %s, once", gguf.name, dist_name, version, folder)
+        _convert_gguf(gguf, folder, source={"package": dist_name, "version": version, "file": gguf.name,
+                                            "bytes": stat.st_size})
     return folder
 
 
@@ -115,9 +137,10 @@ def materialize(path: str) -> str:
     from adalora_deploy.demo import write_tiny_llama
 
     folder = cache_dir() / "models" / path.replace(":", "-")
-    if not (folder / "config.json").is_file():
-        from adalora_deploy.artifacts import atomic_dir
+    with _building(folder):
+        if not (folder / "config.json").is_file():
+            from adalora_deploy.artifacts import atomic_dir
 
-        with atomic_dir(folder) as temp:
-            write_tiny_llama(temp)
+            with atomic_dir(folder) as temp:
+                write_tiny_llama(temp)
     return str(folder)

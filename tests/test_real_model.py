@@ -68,7 +68,7 @@ def smollm2(tmp_path_factory):
             "train": {"data": BUILTIN_SAMPLE, "steps": 4, "batch_size": 2, "seq_len": 32, "lr": 1e-2, "seed": 0},
         })
         adapters[name] = train(run, root / f"run-{name}", progress=False).adapter_dir
-    return {"root": root, "base": base, "gptq": gptq, **adapters}
+    return {"root": root, "base": base, "gptq_base": gptq, **adapters}  # adapters: "nf4", "gptq"
 
 
 def _exact_passes(report) -> None:
@@ -84,7 +84,7 @@ def test_exact_separate_graphs_of_the_real_model_pass(smollm2):
     from adalora_deploy.export.api import export_model
     from adalora_deploy.export.check import check_export
 
-    for name, base in (("gptq", smollm2["gptq"]), ("nf4", smollm2["base"])):
+    for name, base in (("gptq", smollm2["gptq_base"]), ("nf4", smollm2["base"])):
         out = smollm2["root"] / f"separate-{name}"
         export_model(base, smollm2[name], output=out, mode="separate", measure_agreement=False)  # check measures it
         _exact_passes(check_export(out, decode_steps=1, max_new_tokens=4))
