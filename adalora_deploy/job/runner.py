@@ -88,6 +88,11 @@ class _Job:
 
         return choice_tokens(self.data().eval_records, self.run.task.choices, self.tokenizer())
 
+    def training_texts(self, limit: int | None = None) -> list[str]:
+        """The training examples decoded back to text, as the model sees them (GPTQ calibration text)."""
+        tokenizer = self.tokenizer()
+        return [tokenizer.decode(example.input_ids) for example in self.data().train[:limit]]
+
     def held_out(self):
         examples = self.data().eval
         return examples[: self.run.task.max_examples] if self.run.task.max_examples else examples
@@ -165,7 +170,7 @@ def _quantize(job: _Job, model_folder: str, folder: Path) -> dict[str, Any]:
     if q.calibration is not None:
         texts = read_texts(q.calibration)
     else:  # the training data itself, as the model will see it
-        texts = [tokenizer.decode(example.input_ids) for example in job.data().train]
+        texts = job.training_texts()
     blocks = blocks_from_texts(texts, tokenizer, q.seq_len, where="the calibration text")[: q.samples]
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32, local_files_only=True)
     report = quantize_model(model, blocks, method=q.method, bits=q.bits, group_size=q.group_size, sym=q.sym,
@@ -248,10 +253,9 @@ def _calibration_file(job: _Job) -> str | None:
 
     path = job.output / "calibration.jsonl"
     if not path.is_file():
-        tokenizer = job.tokenizer()
         with atomic_file(path) as temp:
-            temp.write_text("".join(json.dumps({"text": tokenizer.decode(e.input_ids)}, ensure_ascii=False) + "\n"
-                                    for e in job.data().train[: 4 * job.run.quantize.samples]), encoding="utf-8")
+            temp.write_text("".join(json.dumps({"text": text}, ensure_ascii=False) + "\n"
+                                    for text in job.training_texts(4 * job.run.quantize.samples)), encoding="utf-8")
     return str(path)
 
 
