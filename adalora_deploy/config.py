@@ -211,6 +211,11 @@ class ModelConfig:
     """bnb LLM.int8: outlier threshold (llm_int8_threshold)."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    activations: Literal["fp32", "int8"] = "fp32"
+    """How the GPTQ linears (and a quantized lm_head) multiply in training: fp32 (the dequantized weight times
+    fp32 activations = MatMulNBits accuracy_level 0) or int8 (activations quantized per block as onnxruntime's
+    fast CPU kernels do at accuracy_level 4, straight-through gradients): the exported graph then runs those
+    kernels and still computes exactly what was trained."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
@@ -219,6 +224,10 @@ class ModelConfig:
         _check_choice("model", "dtype", self.dtype, get_args(DtypeName))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             _fail("model", "device", self.device, "must be auto, cpu, cuda or cuda:N", "use 'auto'")
+        _check_choice("model", "activations", self.activations, ("fp32", "int8"))
+        if self.activations == "int8" and self.quantization != "gptq":
+            _fail("model", "activations", self.activations, "int8 activations emulate MatMulNBits on GPTQ weights",
+                  "use quantization: gptq, or activations: fp32")
         if not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
             _fail("model", "int8_threshold", self.int8_threshold, "must be >= 0", "use 6.0 (transformers' default)")
 
@@ -353,6 +362,9 @@ class QuantizeConfig:
     """Calibration text (a data reference); None: the training data's texts."""
     percdamp: float = 0.01
     """GPTQ damping as a fraction of the mean Hessian diagonal."""
+    tables: bool = False
+    """Quantize the lm_head too (and a tied embedding with it, one table), so training sees the int4 table
+    the exported graph holds (GatherBlockQuantized + MatMulNBits) instead of a 4x larger fp32 one."""
 
     def __post_init__(self) -> None:
         from adalora_deploy.gptq import SUPPORTED_BITS

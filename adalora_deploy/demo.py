@@ -47,12 +47,15 @@ def tiny_llama(
     num_key_value_heads: int = 2,
     intermediate_size: int = 128,
     dtype: torch.dtype = torch.float32,
+    tie_word_embeddings: bool = False,
+    vocab_size: int = 259,
 ):
-    """A randomly initialised ``LlamaForCausalLM`` sized for tests (about 80k parameters at the defaults)."""
+    """A randomly initialised ``LlamaForCausalLM`` sized for tests (about 80k parameters at the defaults);
+    ``tie_word_embeddings`` shares the embedding with the lm_head, as SmolLM2 and most small models do."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
-        vocab_size=259,
+        vocab_size=vocab_size,
         hidden_size=hidden_size,
         intermediate_size=intermediate_size,
         num_hidden_layers=num_hidden_layers,
@@ -62,7 +65,7 @@ def tiny_llama(
         bos_token_id=256,
         eos_token_id=257,
         pad_token_id=258,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tie_word_embeddings,
     )
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -88,9 +88,15 @@ def load_base_model(config: ModelConfig) -> torch.nn.Module:
         from adalora_deploy.backends.bnb import pin_bnb4_arithmetic
 
         pin_bnb4_arithmetic(model)
+    if config.activations == "int8":
+        from adalora_deploy.backends.gptq import quant_linears
+
+        for layer in quant_linears(model).values():
+            layer.use_int8_activations()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    logger.info("loaded %s base from %s on %s", config.quantization, folder, device)
+    logger.info("loaded %s base from %s on %s (%s activations)", config.quantization, folder, device,
+                config.activations)
     return model.eval()
 
 

@@ -16,6 +16,7 @@ from torch import nn
 
 from adalora_deploy.backends import LinearBackend, register_backend
 from adalora_deploy.errors import GPTQFormatError
+from adalora_deploy.gptq.int8_compute import fake_quantize_activations, nbits_block_size
 from adalora_deploy.gptq.packing import (
     CHECKPOINT_FORMATS,
     CheckpointFormat,
@@ -78,6 +79,8 @@ class QuantLinear(nn.Module):
         self.group_size = group_size
         self.sym = sym
         self.desc_act = desc_act
+        self.activation_block: int | None = None
+        """Block length of int8 activations (:meth:`use_int8_activations`); None: fp32 activations."""
         self.checkpoint_format: CheckpointFormat = checkpoint_format
         groups = num_groups(in_features, group_size)
         self.register_buffer(
@@ -148,8 +151,22 @@ class QuantLinear(nn.Module):
         """The dequantized weight ``(out, in)``: exact in float32; ``torch.float16`` gives gptqmodel's values."""
         return self._dequantize_exact().t().to(dtype)
 
+    def use_int8_activations(self, enabled: bool = True) -> None:
+        """Compute as onnxruntime's MatMulNBits does at accuracy_level 4 (int8 activation blocks of the
+        exported block size, in the exported channel order; see :mod:`adalora_deploy.gptq.int8_compute`),
+        or again with fp32 activations."""
+        self.activation_block = nbits_block_size(self.group_size, self.in_features) if enabled else None
+
+    def _activation_order(self) -> torch.Tensor | None:
+        """The exported input-channel order (act-order weights are sorted by group), or None when natural."""
+        if self._contiguous_groups():
+            return None
+        return torch.argsort(self.g_idx, stable=True)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., in)`` of any float dtype -> ``(..., out)`` of the same dtype (weight rounded once to it)."""
+        if self.activation_block is not None:
+            x = fake_quantize_activations(x, self.activation_block, self._activation_order())
         weight = self._dequantize_exact().t().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)

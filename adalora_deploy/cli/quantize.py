@@ -63,6 +63,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="gptq: group-aware reordering (GAR): visit groups and their columns by decreasing diag(H), "
         "keeping natural groups (an ordinary desc_act=False checkpoint)",
     )
+    parser.add_argument(
+        "--tables",
+        action="store_true",
+        help="quantize the lm_head too (same bits and groups; GPTQ on the final hidden states), and a tied "
+        "embedding with it as one table: the export then holds it as int4/int8 blocks the adapter trained on",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="calibration sequences per forward (default: 8)")
     parser.add_argument(
         "--calibration-dtype",
@@ -143,6 +149,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         true_sequential=args.true_sequential,
         act_group_aware=args.act_group_aware,
+        tables=args.tables,
         calibration_dtype=None if args.calibration_dtype is None else getattr(torch, args.calibration_dtype),
         progress=sys.stderr.isatty(),
     )

@@ -55,6 +55,8 @@ class GPTQQuantConfig:
     """Symmetric quantization (zero fixed at ``2**(bits-1)``)."""
     checkpoint_format: CheckpointFormat = "gptq"
     """``"gptq"`` (v1, zeros stored minus one; the default when the key is missing) or ``"gptq_v2"``."""
+    lm_head: bool = False
+    """The lm_head is quantized too (gptqmodel's key; a tied embedding then holds its dequantized table)."""
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -85,6 +87,7 @@ class GPTQQuantConfig:
                 sym=bool(data.get("sym", True)),
                 # gptqmodel also spells the key "format"; absent means v1.
                 checkpoint_format=data.get("checkpoint_format", data.get("format", "gptq")),
+                lm_head=bool(data.get("lm_head", False)),
             )
         except KeyError as error:
             raise GPTQFormatError(f"{where}: missing key {error.args[0]!r}") from None
@@ -102,10 +105,12 @@ class GPTQQuantConfig:
             "checkpoint_format": self.checkpoint_format,
             "true_sequential": True,
             "static_groups": False,
+            "lm_head": self.lm_head,
         }
 
 
-def _shared_config(layers: dict[str, QuantLinear], checkpoint_format: CheckpointFormat | None) -> GPTQQuantConfig:
+def _shared_config(layers: dict[str, QuantLinear], checkpoint_format: CheckpointFormat | None,
+                   lm_head: bool = False) -> GPTQQuantConfig:
     first_name, first = next(iter(layers.items()))
     for name, layer in layers.items():
         for attr in ("bits", "group_size", "sym", "desc_act"):
@@ -120,7 +125,8 @@ def _shared_config(layers: dict[str, QuantLinear], checkpoint_format: Checkpoint
         raise GPTQFormatError(
             "asymmetric GPTQ checkpoints must be written as 'gptq_v2': v1 ('gptq') cannot store a zero point of 0"
         )
-    return GPTQQuantConfig(first.bits, first.group_size, first.desc_act, first.sym, checkpoint_format)
+    return GPTQQuantConfig(first.bits, first.group_size, first.desc_act, first.sym, checkpoint_format,
+                           lm_head=lm_head)
 
 
 def save_gptq_model(
@@ -159,7 +165,8 @@ def save_gptq_model(
         raise GPTQFormatError("the model has no QuantLinear layers; quantize it first")
     if not hasattr(model, "config"):
         raise GPTQFormatError("save_gptq_model needs a transformers model (with .config)")
-    quant_config = _shared_config(layers, checkpoint_format)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    quant_config = _shared_config(layers, checkpoint_format, lm_head=isinstance(head, QuantLinear))
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not overwrite:
         raise GPTQFormatError(f"output folder {folder} exists and is not empty (pass overwrite=True to replace it)")
 

@@ -36,6 +36,7 @@ from torch import nn
 from adalora_deploy.backends.gptq import QuantLinear
 from adalora_deploy.errors import QuantizationError
 from adalora_deploy.gptq.packing import CHECKPOINT_FORMATS
+from adalora_deploy.gptq.tables import quantize_lm_head
 from adalora_deploy.gptq.solver import (
     HessianAccumulator,
     QuantizedWeight,
@@ -328,11 +329,12 @@ def quantize_model(
     act_group_aware: bool = False,
     calibration_dtype: torch.dtype | None = None,
     checkpoint_format: str | None = None,
+    tables: bool = False,
     progress: bool = False,
 ) -> QuantizationReport:
     """Quantize every ``nn.Linear`` inside ``model.model.layers`` in place, one decoder layer at a time.
 
-    Embeddings and ``lm_head`` stay float. Each linear becomes a :class:`QuantLinear`.
+    Each linear becomes a :class:`QuantLinear`. Embeddings and ``lm_head`` stay float unless ``tables``.
 
     Args:
         model: a transformers causal LM with ``model.model.layers`` (Llama family).
@@ -357,6 +359,8 @@ def quantize_model(
             does by default on CPU); None keeps the model's dtype. Weights, Hessians and the solver stay
             float32 either way.
         checkpoint_format: in-memory qzeros format; None picks ``"gptq"`` (v1) for sym and ``"gptq_v2"`` for asym.
+        tables: quantize the lm_head too, with the same settings, on the last layer's normalized outputs
+            (a tied embedding becomes the same dequantized table; see :mod:`adalora_deploy.gptq.tables`).
         progress: show a tqdm bar over decoder layers.
 
     Returns:
@@ -397,6 +401,14 @@ def quantize_model(
                     QuantLinear(module.in_features, module.out_features, bits, group_size)
                 except ValueError as error:
                     raise QuantizationError(f"model.layers.{index}.{name}: {error}") from None
+    if tables:
+        head = model.get_output_embeddings()
+        if type(head) is not nn.Linear:
+            raise QuantizationError(f"tables: the lm_head is {type(head).__name__}, not nn.Linear")
+        try:
+            QuantLinear(head.in_features, head.out_features, bits, group_size)
+        except ValueError as error:
+            raise QuantizationError(f"tables: lm_head: {error}") from None
     settings = _Settings(
         method=method,
         bits=bits,
@@ -422,6 +434,8 @@ def quantize_model(
         with torch.no_grad(), one_intra_op_thread():
             for index in iterator:
                 results.extend(_round_decoder_layer(layers[index], f"model.layers.{index}", settings, clock))
+            if tables:
+                results.append(_quantize_table(model, None, settings, clock))
     else:
         device = next(model.parameters()).device
         was_training = model.training
@@ -449,6 +463,9 @@ def quantize_model(
                         layer, f"model.layers.{index}", inputs, plans[key], settings, clock, additive[key]
                     )
                     results.extend(layer_results)
+                if tables:
+                    last_hidden = [args[0] if args else kwargs["hidden_states"] for args, kwargs in inputs]
+                    results.append(_quantize_table(model, last_hidden, settings, clock))
         finally:
             if use_cache is not None:
                 model.config.use_cache = use_cache
@@ -501,6 +518,27 @@ def _capture_first_layer_inputs(
     if not captured:
         raise QuantizationError("the model's forward never reached model.model.layers[0]; cannot capture its inputs")
     return captured
+
+
+def _quantize_table(model: nn.Module, last_hidden: list[torch.Tensor] | None, settings: _Settings,
+                    clock: _Clock) -> LayerQuantization:
+    """The lm_head (and a tied embedding) through :func:`quantize_lm_head`, with its error like any layer's."""
+    started = time.perf_counter()
+    weight = model.get_output_embeddings().weight.detach().float().clone()
+    with clock("solve"):
+        quantized, hessian = quantize_lm_head(
+            model, last_hidden, method=settings.method, bits=settings.bits, group_size=settings.group_size,
+            sym=settings.sym, desc_act=settings.desc_act, percdamp=settings.percdamp,
+            block_size=settings.block_size, checkpoint_format=settings.checkpoint_format,
+        )
+    with clock("error"):
+        if hessian is not None:
+            rel = relative_output_error(weight, quantized.dequantize(), hessian)
+        else:
+            signal = float((weight**2).sum())
+            rel = 0.0 if signal <= 0 else float(((weight - quantized.dequantize()) ** 2).sum()) / signal
+    return LayerQuantization(name="lm_head", shape=tuple(weight.shape), relative_mse=rel,
+                             sqnr_db=db_from_relative(rel), seconds=time.perf_counter() - started)
 
 
 def _round_decoder_layer(layer: nn.Module, prefix: str, settings: _Settings, clock: _Clock) -> list[LayerQuantization]:

@@ -174,8 +174,9 @@ def _quantize(job: _Job, model_folder: str, folder: Path) -> dict[str, Any]:
     blocks = blocks_from_texts(texts, tokenizer, q.seq_len, where="the calibration text")[: q.samples]
     model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32, local_files_only=True)
     report = quantize_model(model, blocks, method=q.method, bits=q.bits, group_size=q.group_size, sym=q.sym,
-                            desc_act=q.desc_act, percdamp=q.percdamp, progress=sys.stderr.isatty())
-    summary = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "samples": int(blocks.shape[0]),
+                            desc_act=q.desc_act, percdamp=q.percdamp, tables=q.tables, progress=sys.stderr.isatty())
+    summary = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "tables": q.tables,
+               "samples": int(blocks.shape[0]),
                "seq_len": q.seq_len, "seconds": report.seconds, "worst_sqnr_db": report.worst_sqnr_db,
                "timings": dataclasses.asdict(report.timings)}
     save_gptq_model(model, folder, tokenizer_source=model_folder, overwrite=True)
