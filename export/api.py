@@ -223,8 +223,11 @@ def _calibration_blocks(base: Path, calibration: str | os.PathLike | None, sampl
         raise ExportError(f"--calibration-samples must be >= 1 and --calibration-seq-len >= 2, got {samples}, {seq_len}")
     blocks = token_blocks(calibration or BUILTIN_SAMPLE, load_tokenizer(str(base)), seq_len)[:samples]
     if len(blocks) < samples:
-        logger.warning("calibration text %s gives %d of %d sequences of %d tokens; pass --calibration FILE with more "
-                       "text like the task's", calibration or BUILTIN_SAMPLE, len(blocks), samples, seq_len)
+        # too few Hessian samples wrote graphs that missed their tier (a generation task fell from 0.57 to 0.05)
+        raise ExportError(
+            f"calibration text {calibration or BUILTIN_SAMPLE} gives {len(blocks)} of the {samples} sequences of "
+            f"{seq_len} tokens GPTQ re-quantization needs; pass --calibration FILE with more text like the task's, "
+            f"lower --calibration-samples to {len(blocks)} knowingly, or use --requantize rtn")
     return blocks
 
 

@@ -21,6 +21,7 @@ from onnxscript import opset18 as _op
 from onnxscript import values as _values
 
 from adalora_deploy.backends.bnb import dequantize_bnb4
+from adalora_deploy.gptq.int8_compute import fake_quantize_activations
 
 __all__ = [
     "CUSTOM_TRANSLATION_TABLE",
@@ -106,6 +107,12 @@ def dequantize_nbits(
     return w.reshape(N, k_blocks * block_size)[:, :K]
 
 
+INT8_ACCURACY_LEVEL = 4
+"""MatMulNBits ``accuracy_level`` of onnxruntime's int8 compute path on CPU."""
+INT8_COMPUTE_BITS = (4, 8)
+"""Weight widths whose accuracy_level-4 arithmetic the torch op reproduces (tests/test_int8_compute.py)."""
+
+
 @torch.library.custom_op("adalora_export::matmul_nbits", mutates_args=())
 def matmul_nbits(
     x: torch.Tensor,
@@ -118,8 +125,12 @@ def matmul_nbits(
     block_size: int,
     accuracy_level: int,
 ) -> torch.Tensor:
-    """``x @ W.T`` with W from :func:`dequantize_nbits` (onnxruntime's arithmetic at accuracy_level 0)."""
+    """``x @ W.T`` with W from :func:`dequantize_nbits`: onnxruntime's CPU arithmetic at ``accuracy_level`` 0
+    (fp32 activations) and, for 4- and 8-bit weights at 4, its int8 activation blocks
+    (:func:`adalora_deploy.gptq.int8_compute.fake_quantize_activations`, proven op by op)."""
     weight = dequantize_nbits(qweight, scales, zero_points, K, N, bits, block_size).to(x.dtype)
+    if accuracy_level == INT8_ACCURACY_LEVEL and bits in INT8_COMPUTE_BITS:
+        x = fake_quantize_activations(x, block_size)
     return torch.matmul(x, weight.T)
 
 

@@ -99,15 +99,26 @@ class Conversion:
 
 
 def describe(quantization: str, mode: str, weights: str = "fp32", serving: bool = False,
-             requantize: str = "gptq") -> Arithmetic:
-    """The arithmetic of one export configuration (from the base kind's plug-in or the merged weights')."""
+             requantize: str = "gptq", activations: str = "fp32") -> Arithmetic:
+    """The arithmetic of one export configuration (from the base kind's plug-in or the merged weights').
+
+    ``activations``: how the base's quantized linears computed in training (``int8``: the GPTQ kind's
+    accuracy_level-4 arithmetic, see :func:`trained_activations`)."""
     kind = kind_for_quantization(quantization)
+    if activations == "int8" and not (mode == "merged" and weights in ("int4", "int8", "fp16")):
+        base = kind.int8_trained(mode=mode)
+        return dataclasses.replace(base, text=base.text + BRANCH) if mode == "separate" else base
     if mode == "merged":
         if weights in ("int4", "int8"):
             return _merged_nbits(weights, requantize)
         return MERGED_WEIGHTS[weights] if weights in MERGED_WEIGHTS else kind.merged()
     base = kind.separate(serving=serving)
     return dataclasses.replace(base, text=base.text + BRANCH)
+
+
+def trained_activations(model: nn.Module) -> str:
+    """``int8`` when the source model's GPTQ linears compute with int8 activations (``model.activations``)."""
+    return "int8" if any(getattr(m, "activation_block", None) is not None for m in model.modules()) else "fp32"
 
 
 def base_kind(model: nn.Module) -> str:
@@ -163,7 +174,7 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
     kinds_found = base_kind(model)
     ranks = {name: layer.live_rank for name, layer in adapters.items()}
     factors = adapter_factors(model)
-    arithmetic = describe(quantization, mode, weights, serving, requantize)
+    arithmetic = describe(quantization, mode, weights, serving, requantize, trained_activations(model))
     requantization = None
     if mode == "merged":
         from adalora_deploy.merge import merge_into_dense

@@ -727,6 +727,13 @@ def build_decoder(
 
     tables: dict[str, NBitsLinear] = {}
     embed_weight = model.model.embed_tokens.weight
+    head = model.lm_head
+    if isinstance(head, NBitsLinear) and head.perm is None and head.bias is None:
+        # a table quantized in the base (quantize --tables): the lm_head's blocks are the graph's table, and an
+        # embedding holding exactly their dequantized rows (a tied one) reads the same bytes
+        tables["lm_head"] = head
+        if embed_weight.dtype == torch.float32 and torch.equal(embed_weight, head.dequantized_weight()):
+            tables["embed"] = head
     if quantize_lm_head is not None:
         if type(model.lm_head) is not nn.Linear:
             raise ExportError(f"fast path: quantize_lm_head needs an nn.Linear lm_head, got {type(model.lm_head).__name__}")

@@ -28,6 +28,8 @@ from torch import nn
 
 from adalora_deploy.adapters import replace_module as swap_module
 from adalora_deploy.backends.bnb import dequantize_bnb4, dequantize_int8
+from adalora_deploy.errors import ConfigError
+from adalora_deploy.gptq.int8_compute import nbits_block_size
 
 from . import contrib  # noqa: F401  (registers the custom ops and schemas)
 
@@ -37,8 +39,6 @@ logger = logging.getLogger(__name__)
 
 _NBITS_CPU_BITS = (2, 4, 8)
 """Bit widths onnxruntime's CPU MatMulNBits kernel implements."""
-_MAX_BLOCK = 256
-"""Largest block size every onnxruntime >= 1.20 CPU MatMulNBits accepts for all of 2/4/8 bits."""
 
 
 class LowRankBranch(nn.Module):
@@ -141,17 +141,6 @@ def runtime_factors(model: nn.Module, factors: Mapping[str, tuple[torch.Tensor, 
     finally:
         for branch in branches.values():
             branch.set_factors(None, None)
-
-
-def _pick_block_size(group: int, bits: int) -> int:
-    """Largest power of two in [16, 256] that divides ``group`` (each block then lies inside one group)."""
-    for block in (256, 128, 64, 32, 16):
-        if group % block == 0:
-            return block
-    raise ValueError(
-        f"NBitsLinear: group size {group} is not a multiple of 16; MatMulNBits needs blocks that are powers "
-        f"of two >= 16 inside one group. Re-quantize with group_size a multiple of 16."
-    )
 
 
 def _pack_along_last(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -413,10 +402,10 @@ class NBitsLinear(nn.Module):
                     "cannot map it onto MatMulNBits blocks"
                 )
             perm, q = order.to(torch.int64), q[order]
-        if group >= k:  # one group: every block shares its scale, so any legal block size is exact
-            block = min(_MAX_BLOCK // 2, max(16, 1 << math.ceil(math.log2(k))))
-        else:
-            block = _pick_block_size(group, bits)
+        try:  # one home for the block rule: training's int8 activation blocks follow it too
+            block = nbits_block_size(group, k)
+        except ConfigError as error:
+            raise ValueError(f"NBitsLinear: {error}") from None
         k_blocks = math.ceil(k / block)
         block_group = (torch.arange(k_blocks) * block) // group  # group of each block
         s = scales.float()[block_group].T.contiguous()  # [N, k_blocks]

@@ -18,11 +18,13 @@ def load_source_model(base: str | os.PathLike, adapter: str | os.PathLike, *, qu
     bnb 4-bit layers compute as in training (see :func:`adalora_deploy.backends.bnb.pin_bnb4_arithmetic`).
     """
     from adalora_deploy.config import ModelConfig
-    from adalora_deploy.models import load_base_model
+    from adalora_deploy.models import load_base_model, read_run_record
     from adalora_deploy.peft_format import load_adapter
 
+    # int8 activations (model.activations) are part of what was trained on a GPTQ base: the run record says
+    activations = read_run_record(adapter).get("activations", "fp32") if quantization == "gptq" else "fp32"
     model = load_base_model(ModelConfig(path=str(base), quantization=quantization, double_quant=double_quant,
-                                        device="cpu"))
+                                        device="cpu", activations=activations))
     load_adapter(model, adapter)
     return model.eval()
 

@@ -85,6 +85,10 @@ class ExportKind(abc.ABC):
         """The separate-mode graph's arithmetic for the base layer (kept in its own format; the adapter's
         branch, :data:`BRANCH`, is added beside it)."""
 
+    def int8_trained(self, *, mode: str) -> Arithmetic:
+        """The arithmetic when training computed with int8 activations (only GPTQ bases can)."""
+        raise ExportError(f"{self.label}: int8 activations (model.activations: int8) exist only on GPTQ bases")
+
     def merged(self) -> Arithmetic:
         """The fp32 merged graph's arithmetic: ``dequant(W0) + ΔW`` in one fp32 MatMul."""
         return Arithmetic("fp32 MatMul of dequant(W0) + ΔW", "exact", "exact")

@@ -18,8 +18,10 @@ class GPTQKind(ExportKind):
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
         from ..modules import NBitsLinear
 
+        # a layer trained with int8 activations (model.activations: int8) is exported at the level it trained on
+        int8 = serving or getattr(module, "activation_block", None) is not None
         try:
-            return NBitsLinear.from_gptq(module, accuracy_level=SERVING_ACCURACY_LEVEL if serving else 0)
+            return NBitsLinear.from_gptq(module, accuracy_level=SERVING_ACCURACY_LEVEL if int8 else 0)
         except ValueError as error:
             raise ExportError(f"{error}; export with --mode merged instead") from None
 
@@ -27,7 +29,17 @@ class GPTQKind(ExportKind):
         if serving:
             return Arithmetic("MatMulNBits (GPTQ repacked), accuracy_level 4 (lossy)", "lossy", "lossy")
         return Arithmetic("MatMulNBits (GPTQ repacked exactly, act-order as a K permutation), accuracy_level 0: the "
-                          "exact fp32 product s·(q - z) that QuantLinear computes with", "exact", "exact")
+                          "exact fp32 product s·(q - z) that QuantLinear computes with; trained with "
+                          "`model.activations: int8`, accuracy_level 4 (int8 activation blocks, as trained)",
+                          "exact", "exact")
+
+    def int8_trained(self, *, mode: str) -> Arithmetic:
+        """The arithmetic when the adapter was trained with int8 activations (``model.activations: int8``)."""
+        if mode == "separate":
+            return Arithmetic("MatMulNBits (GPTQ repacked exactly), accuracy_level 4: the int8 activation blocks "
+                              "the adapter was trained with", "exact", "exact")
+        return Arithmetic("fp32 MatMul of dequant(W0) + ΔW; the int8 activations of training are not reproduced",
+                          "exact", "lossy")
 
     def merged(self) -> Arithmetic:
         return Arithmetic("fp32 MatMul of dequant(W0) + ΔW; reproduces QuantLinear's exact fp32 dequantized weight",

@@ -89,7 +89,7 @@ def test_one_weight_moved_by_one_quantization_step_fails_the_exact_tier(gptq_sep
 def merged_int4(export_workspace, tmp_path_factory):
     ws = export_workspace
     root = tmp_path_factory.mktemp("merged-int4")
-    gptq = export_model(ws.model, ws.adapter, output=root / "gptq", mode="merged", weights="int4")
+    gptq = export_model(ws.model, ws.adapter, output=root / "gptq", mode="merged", weights="int4", calibration_samples=16)
     rtn = export_model(ws.model, ws.adapter, output=root / "rtn", mode="merged", weights="int4", requantize="rtn")
     return root, gptq, rtn
 
@@ -173,3 +173,13 @@ def test_check_refuses_an_adapter_trained_on_another_base_kind(gptq_separate, ex
     code = main(["check", str(out), "--adapter", str(nf4_adapter), "--base", str(export_workspace.model)])
     assert code == 2
     assert "trained on a bnb-nf4 base" in capsys.readouterr().err
+
+
+def test_int4_requantization_without_enough_calibration_refuses(export_workspace, tmp_path, capsys):
+    """The packaged sample gives 27 of the 32 default sequences: no graph is written that might miss its tier."""
+    out = tmp_path / "out"
+    code = main(["export", "--base", str(export_workspace.model), "--adapter", str(export_workspace.adapter),
+                 "--mode", "merged", "--weights", "int4", "--output", str(out)])
+    assert code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip()
+    assert "27 of the 32 sequences" in err and "--requantize rtn" in err and len(err.splitlines()) == 1
