@@ -29,21 +29,20 @@ class GPTQKind(ExportKind):
         if serving:
             return Arithmetic("MatMulNBits (GPTQ repacked), accuracy_level 4 (lossy)", "lossy", "lossy")
         return Arithmetic("MatMulNBits (GPTQ repacked exactly, act-order as a K permutation), accuracy_level 0: the "
-                          "exact fp32 product s·(q - z) that QuantLinear computes with; trained with "
-                          "`model.activations: int8`, accuracy_level 4 (int8 activation blocks, as trained)",
-                          "exact", "exact")
+                          "exact fp32 product s·(q - z) that QuantLinear computes with", "exact", "exact")
 
     def int8_trained(self, *, mode: str) -> Arithmetic:
-        """The arithmetic when the adapter was trained with int8 activations (``model.activations: int8``)."""
+        """The arithmetic when the adapter was trained with int8 activations (``model.activations: int8``).
+
+        Lossy, although the graph runs the trained ops: int8 rounding turns the fp32 reassociation differences
+        between any two correct implementations into different activation codes, and the difference grows
+        through the layers (docs/ONNX.md, "int8 activations are not reproducible")."""
         if mode == "separate":
-            return Arithmetic("MatMulNBits (GPTQ repacked exactly), accuracy_level 4: the int8 activation blocks "
-                              "the adapter was trained with", "exact", "exact")
+            return Arithmetic("MatMulNBits (GPTQ repacked exactly), accuracy_level 4: the int8 activation blocks the "
+                              "adapter was trained with (int8 rounding does not reproduce across implementations)",
+                              "lossy", "lossy")
         return Arithmetic("fp32 MatMul of dequant(W0) + ΔW; the int8 activations of training are not reproduced",
                           "exact", "lossy")
-
-    def merged(self) -> Arithmetic:
-        return Arithmetic("fp32 MatMul of dequant(W0) + ΔW; reproduces QuantLinear's exact fp32 dequantized weight",
-                          "exact", "exact")
 
 
 register_kind(GPTQKind())
