@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from adalora_deploy.errors import ConfigError
+from adalora_deploy.quantization import GPTQ_METHODS, QUANTIZATIONS, GPTQMethod, QuantizationKind
 
 __all__ = [
     "AdaLoraConfig",
@@ -36,10 +37,7 @@ __all__ = [
     "load_run_config",
 ]
 
-QuantizationKind = Literal["none", "bnb-nf4", "bnb-fp4", "bnb-int8", "gptq"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
-QUANTIZATIONS: tuple[str, ...] = get_args(QuantizationKind)
-"""Every ``model.quantization`` a base can be loaded as."""
 
 # PEFT's defaults per model_type (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING) for the families we test.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -215,7 +213,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             _fail("model", "path", self.path, "must be a folder path", "point it at a local Hugging Face model folder")
-        _check_choice("model", "quantization", self.quantization, get_args(QuantizationKind))
+        _check_choice("model", "quantization", self.quantization, QUANTIZATIONS)
         _check_choice("model", "dtype", self.dtype, get_args(DtypeName))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             _fail("model", "device", self.device, "must be auto, cpu, cuda or cuda:N", "use 'auto'")
@@ -335,7 +333,7 @@ class DataConfig:
 class QuantizeConfig:
     """How ``adalora-deploy run`` quantizes a float base when ``model.quantization`` is ``gptq``."""
 
-    method: Literal["gptq", "rtn"] = "gptq"
+    method: GPTQMethod = "gptq"
     """gptq (error-compensating, needs calibration text) or rtn (round-to-nearest)."""
     bits: int = 4
     """Bits per weight: 2, 3, 4 or 8 (2, 4, 8 have onnxruntime kernels)."""
@@ -357,7 +355,7 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         from adalora_deploy.gptq import SUPPORTED_BITS
 
-        _check_choice("quantize", "method", self.method, ("gptq", "rtn"))
+        _check_choice("quantize", "method", self.method, GPTQ_METHODS)
         _check_choice("quantize", "bits", self.bits, SUPPORTED_BITS)
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
             _fail("quantize", "group_size", self.group_size, "must be -1 or >= 1", "use 128")

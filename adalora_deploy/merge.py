@@ -29,7 +29,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -39,6 +38,7 @@ from adalora_deploy.artifacts import ArtifactError, atomic_dir, copy_tokenizer_f
 from adalora_deploy.backends import backend_for, is_supported
 from adalora_deploy.layer import AdaLoraLinear
 from adalora_deploy.metrics import row_metrics, sqnr_db
+from adalora_deploy.quantization import GPTQ_METHODS, GPTQMethod
 
 __all__ = [
     "LayerMerge",
@@ -53,7 +53,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RequantizeMethod = Literal["gptq", "rtn"]
+RequantizeMethod = GPTQMethod
 
 
 _EVAL_SEQUENCES = 4
@@ -167,7 +167,7 @@ class MergeReport:
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    return backend_for(module).kind == "dense-conv1d"
+    return backend_for(module).name == "dense-conv1d"
 
 
 def _dense_from(base: nn.Module, weight: torch.Tensor, dtype: torch.dtype | None) -> nn.Module:
@@ -183,7 +183,7 @@ def _dense_from(base: nn.Module, weight: torch.Tensor, dtype: torch.dtype | None
         merged.requires_grad_(False)
         return merged
     if dtype is None:
-        dtype = base.weight.dtype if backend.kind == "dense" else torch.float32
+        dtype = base.weight.dtype if backend.name == "dense" else torch.float32
     out_features, in_features = weight.shape
     linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():
@@ -225,7 +225,7 @@ def merge_into_dense(model: nn.Module, dtype: torch.dtype | None = None) -> tupl
         if not name or not is_supported(module) or isinstance(module, AdaLoraLinear):
             continue
         backend = backend_for(module)
-        if backend.kind.startswith("dense"):
+        if backend.name.startswith("dense"):
             continue
         weight = backend.dequantize(module).float()
         replace_module(model, name, _dense_from(module, weight, dtype))
@@ -257,7 +257,7 @@ def save_merged_model(model: nn.Module, folder: str | Path, tokenizer_source: st
     if find_adapters(model):
         raise ArtifactError("the model still has AdaLoRA adapters; call merge_into_dense first")
     leftover = [name for name, m in model.named_modules()
-                if name and is_supported(m) and not backend_for(m).kind.startswith("dense")]
+                if name and is_supported(m) and not backend_for(m).name.startswith("dense")]
     if leftover:
         raise ArtifactError(f"the model still has quantized layers (e.g. {leftover[0]}); call merge_into_dense first")
     fresh = _plain_copy(model)
@@ -373,7 +373,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
     else:
         from adalora_deploy.gptq.checkpoint import save_gptq_model
 
-        if requantize not in ("gptq", "rtn"):
+        if requantize not in GPTQ_METHODS:
             raise ValueError(f"requantize must be 'gptq' or 'rtn', got {requantize!r}")
         model = _plain_copy(model)
         tokenizer = load_tokenizer(str(base))

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from adalora_deploy.artifacts import ArtifactError
-from adalora_deploy.backends.gptq import QuantLinear
+from adalora_deploy.gptq.linear import QuantLinear
 from adalora_deploy.cli.quantize import register
 from adalora_deploy.data import token_blocks
 from adalora_deploy.demo import (

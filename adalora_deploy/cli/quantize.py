@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from adalora_deploy.gptq import SUPPORTED_BITS
+from adalora_deploy.quantization import GPTQ_METHODS
 
 __all__ = ["register", "run_quantize"]
 
@@ -23,7 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Quantize the linears of a local Hugging Face causal-LM folder and write a GPTQ checkpoint.",
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder (float weights)")
-    parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="solver (default: gptq)")
+    parser.add_argument("--method", choices=GPTQ_METHODS, default="gptq", help="solver (default: gptq)")
     parser.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4, help="bits per weight (default: 4)")
     parser.add_argument(
         "--group-size", type=int, default=128, help="input channels per group, -1 for one (default: 128)"

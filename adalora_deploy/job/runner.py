@@ -15,13 +15,13 @@ from typing import Any, Callable
 from adalora_deploy.artifacts import read_json, write_json
 from adalora_deploy.config import RunConfig
 from adalora_deploy.errors import ConfigError
+from adalora_deploy.job.stages import STAGES
+from adalora_deploy.quantization import is_gptq_folder
 
 __all__ = ["JOB_FILE", "STAGES", "JobResult", "run_job"]
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("prepare", "evaluate-base", "train", "evaluate-trained", "compact", "export", "check", "evaluate-exports",
-          "report")
 JOB_FILE = "job.json"
 HELD_OUT_FILE = "data/heldout.jsonl"
 
@@ -119,7 +119,7 @@ def _prepare(job: _Job) -> dict[str, Any]:
     model_folder = materialize(job.run.model.path)
     result: dict[str, Any] = {"model_folder": model_folder, "base_folder": model_folder}
     job.stages["prepare"] = result  # the tokenizer and data are read from here (the same for a GPTQ base)
-    if job.quantization == "gptq" and not _is_gptq_folder(model_folder):
+    if job.quantization == "gptq" and not is_gptq_folder(model_folder):
         result.update(_quantized_base(job, model_folder))
     data = job.data()
     held_out = job.output / HELD_OUT_FILE
@@ -127,14 +127,6 @@ def _prepare(job: _Job) -> dict[str, Any]:
         temp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data.eval_records), encoding="utf-8")
     return result | {"format": data.format, "train_examples": len(data.train), "eval_examples": len(data.eval),
                      "dropped": data.dropped, "held_out_file": str(held_out)}
-
-
-def _is_gptq_folder(folder: str) -> bool:
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and (config.get("quantization_config") or {}).get("quant_method") == "gptq"
 
 
 def _quantized_base(job: _Job, model_folder: str) -> dict[str, Any]:
