@@ -352,7 +352,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
         QuantizationError: bad re-quantization settings.
     """
     from adalora_deploy.config import ModelConfig
-    from adalora_deploy.data import BUILTIN_SAMPLE, token_blocks
+    from adalora_deploy.data import BUILTIN_SAMPLE, calibration_blocks
     from adalora_deploy.models import (
         load_base_model,
         load_tokenizer,
@@ -377,7 +377,7 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
             raise ValueError(f"requantize must be 'gptq' or 'rtn', got {requantize!r}")
         model = _plain_copy(model)
         tokenizer = load_tokenizer(str(base))
-        blocks = token_blocks(calibration or BUILTIN_SAMPLE, tokenizer, calibration_seq_len)[:calibration_samples]
+        blocks = calibration_blocks(calibration or BUILTIN_SAMPLE, tokenizer, calibration_seq_len, calibration_samples)
         requant = requantize_merged(model, blocks, method=requantize, bits=bits, group_size=group_size)
         save_gptq_model(model, output, tokenizer_source=base, overwrite=True)
         report = MergeReport(output_dir=output, base_quantization=quantization, layers=rows, requantization=requant)

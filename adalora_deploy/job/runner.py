@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,30 +148,20 @@ def _quantized_base(job: _Job, model_folder: str) -> dict[str, Any]:
 
 
 def _quantize(job: _Job, model_folder: str, folder: Path) -> dict[str, Any]:
-    import sys
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from adalora_deploy.data import blocks_from_texts, read_texts
-    from adalora_deploy.gptq.checkpoint import save_gptq_model
-    from adalora_deploy.gptq.driver import quantize_model
-    from adalora_deploy.models import load_tokenizer
+    from adalora_deploy.data import calibration_blocks  # lazy: torch
+    from adalora_deploy.gptq.folder import quantize_folder  # lazy: torch
+    from adalora_deploy.models import load_tokenizer  # lazy: torch
 
     q = job.run.quantize
-    tokenizer = load_tokenizer(model_folder)
-    if q.calibration is not None:
-        texts = read_texts(q.calibration)
-    else:  # the training data itself, as the model will see it
-        texts = job.training_texts()
-    blocks = blocks_from_texts(texts, tokenizer, q.seq_len, where="the calibration text")[: q.samples]
-    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32, local_files_only=True)
-    report = quantize_model(model, blocks, method=q.method, bits=q.bits, group_size=q.group_size, sym=q.sym,
-                            desc_act=q.desc_act, percdamp=q.percdamp, progress=sys.stderr.isatty())
+    # the calibration text, else the training data itself, as the model will see it
+    source = q.calibration if q.calibration is not None else job.training_texts()
+    blocks = calibration_blocks(source, load_tokenizer(model_folder), q.seq_len, q.samples)
+    report = quantize_folder(model_folder, folder, blocks, overwrite=True, method=q.method, bits=q.bits,
+                             group_size=q.group_size, sym=q.sym, desc_act=q.desc_act, percdamp=q.percdamp,
+                             progress=sys.stderr.isatty()).report
     summary = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "samples": int(blocks.shape[0]),
                "seq_len": q.seq_len, "seconds": report.seconds, "worst_sqnr_db": report.worst_sqnr_db,
                "timings": dataclasses.asdict(report.timings)}
-    save_gptq_model(model, folder, tokenizer_source=model_folder, overwrite=True)
     write_json(folder / "quantization.json", summary)
     return summary
 
