@@ -351,21 +351,13 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
         AdapterMismatchError: the adapter was trained for another base.
         QuantizationError: bad re-quantization settings.
     """
-    from adalora_deploy.config import ModelConfig
     from adalora_deploy.data import BUILTIN_SAMPLE, calibration_blocks
-    from adalora_deploy.models import (
-        load_base_model,
-        load_tokenizer,
-        resolve_quantization,
-    )
-    from adalora_deploy.peft_format import load_adapter
+    from adalora_deploy.models import load_tokenizer, load_trained_model, resolve_quantization
 
     base = Path(base)
     output = Path(output)
     quantization, double_quant = resolve_quantization(base, adapter, quantization, double_quant, force=force)
-    model = load_base_model(ModelConfig(path=str(base), quantization=quantization, double_quant=double_quant,
-                                        device=device))
-    load_adapter(model, adapter)
+    model = load_trained_model(base, adapter, quantization=quantization, double_quant=double_quant, device=device)
     rows = merge_into_dense(model)
     if requantize is None:
         save_merged_model(model, output, tokenizer_source=base)

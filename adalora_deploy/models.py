@@ -16,10 +16,12 @@ import torch
 
 from adalora_deploy.config import ModelConfig
 from adalora_deploy.errors import ArtifactError, ConfigError
+from adalora_deploy.peft_format import load_adapter
 from adalora_deploy.quantization import QUANTIZATIONS, bnb_4bit_type, family, is_bnb, is_gptq_folder
 
 __all__ = [
     "load_base_model",
+    "load_trained_model",
     "load_tokenizer",
     "read_run_record",
     "resolve_device",
@@ -92,6 +94,23 @@ def load_base_model(config: ModelConfig) -> torch.nn.Module:
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     logger.info("loaded %s base from %s on %s", config.quantization, folder, device)
+    return model.eval()
+
+
+def load_trained_model(base: str | os.PathLike, adapter: str | os.PathLike, *, quantization: str,
+                       double_quant: bool = False, device: str = "cpu") -> torch.nn.Module:
+    """The base loaded as ``quantization`` with the trained adapter injected (compacted), frozen, eval.
+
+    bnb 4-bit layers compute as in training (see :func:`adalora_deploy.backends.bnb.pin_bnb4_arithmetic`).
+    ``quantization`` and ``double_quant`` usually come from :func:`resolve_quantization`.
+
+    Raises:
+        ArtifactError: unreadable folders.
+        AdapterMismatchError: the adapter was trained for another base.
+    """
+    model = load_base_model(ModelConfig(path=str(base), quantization=quantization, double_quant=double_quant,
+                                        device=device))
+    load_adapter(model, adapter)
     return model.eval()
 
 

@@ -189,12 +189,11 @@ def _train(job: _Job) -> dict[str, Any]:
 
 def _evaluate_trained(job: _Job) -> dict[str, Any]:
     from adalora_deploy.evaluation import torch_logits
-    from adalora_deploy.export.source import load_source_model
-    from adalora_deploy.models import resolve_quantization
+    from adalora_deploy.models import load_trained_model, resolve_quantization
 
     quantization, double_quant = resolve_quantization(job.base, job.adapter())
-    return job.evaluate(torch_logits(load_source_model(job.base, job.adapter(), quantization=quantization,
-                                                       double_quant=double_quant)))
+    return job.evaluate(torch_logits(load_trained_model(job.base, job.adapter(), quantization=quantization,
+                                                        double_quant=double_quant)))
 
 
 def _compact(job: _Job) -> dict[str, Any]:
