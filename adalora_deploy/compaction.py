@@ -1,4 +1,4 @@
-"""Compaction: slice adapters to the triplets that survived (ALGORITHM.md, Compaction).
+"""Compaction: slice adapters to the triplets that survived (docs/ALGORITHM.md, Compaction).
 
     Q' = Q[keep, :]    Λ' = Λ[keep]    P' = P[:, keep]    scale unchanged (alpha / (init_r + 1e-5))
 

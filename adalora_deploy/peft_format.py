@@ -1,4 +1,4 @@
-"""PEFT's on-disk adapter formats: the one place they are read and written (ALGORITHM.md, PEFT's format).
+"""PEFT's on-disk adapter formats: the one place they are read and written (docs/ALGORITHM.md, PEFT's format).
 
 AdaLoRA adapter folder (what ``peft.PeftModel.from_pretrained`` reads)::
 

@@ -64,7 +64,7 @@ def test_nbits_from_gptq_matches_dequantized_matmul(tmp_path, linear, x, bits, g
     model = export_module(module, x, tmp_path / "m.onnx")
     ops = op_types(model)
     assert ops.count("MatMulNBits") == 1
-    # act-order: K permuted offline + one Gather on the activations, never g_idx (PITFALL in ONNX.md)
+    # act-order: K permuted offline + one Gather on the activations, never g_idx (PITFALL in docs/ONNX.md)
     assert ("Gather" in ops) == (act_order and group_size not in (-1, IN_FEATURES))
     assert all(len(n.input) <= 4 for n in model.graph.node if n.op_type == "MatMulNBits")
     got = run_module(tmp_path / "m.onnx", x)
