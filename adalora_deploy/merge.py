@@ -36,8 +36,12 @@ from torch import nn
 from adalora_deploy.adapters import find_adapters, replace_module
 from adalora_deploy.artifacts import ArtifactError, atomic_dir, copy_tokenizer_files
 from adalora_deploy.backends import backend_for, is_supported
+from adalora_deploy.data import BUILTIN_SAMPLE, calibration_blocks
+from adalora_deploy.gptq.checkpoint import save_gptq_model
+from adalora_deploy.gptq.driver import quantize_model
 from adalora_deploy.layer import AdaLoraLinear
 from adalora_deploy.metrics import row_metrics, sqnr_db
+from adalora_deploy.models import load_tokenizer, load_trained_model, resolve_quantization
 from adalora_deploy.quantization import GPTQ_METHODS, GPTQMethod
 
 __all__ = [
@@ -288,8 +292,6 @@ def requantize_merged(model: nn.Module, calibration: torch.Tensor, *, method: Re
     Raises:
         QuantizationError: bad settings or an unsupported model (from :mod:`adalora_deploy.gptq`).
     """
-    from adalora_deploy.gptq.driver import quantize_model
-
     if evaluation is None:
         evaluation = calibration[:_EVAL_SEQUENCES]
     device = next(model.parameters()).device
@@ -351,9 +353,6 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
         AdapterMismatchError: the adapter was trained for another base.
         QuantizationError: bad re-quantization settings.
     """
-    from adalora_deploy.data import BUILTIN_SAMPLE, calibration_blocks
-    from adalora_deploy.models import load_tokenizer, load_trained_model, resolve_quantization
-
     base = Path(base)
     output = Path(output)
     quantization, double_quant = resolve_quantization(base, adapter, quantization, double_quant, force=force)
@@ -363,8 +362,6 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
         save_merged_model(model, output, tokenizer_source=base)
         report = MergeReport(output_dir=output, base_quantization=quantization, layers=rows)
     else:
-        from adalora_deploy.gptq.checkpoint import save_gptq_model
-
         if requantize not in GPTQ_METHODS:
             raise ValueError(f"requantize must be 'gptq' or 'rtn', got {requantize!r}")
         model = _plain_copy(model)

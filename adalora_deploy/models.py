@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
+from adalora_deploy.backends.bnb import pin_bnb4_arithmetic
 from adalora_deploy.config import ModelConfig
 from adalora_deploy.errors import ArtifactError, ConfigError
+from adalora_deploy.gptq.checkpoint import load_gptq_model
 from adalora_deploy.peft_format import load_adapter
 from adalora_deploy.quantization import QUANTIZATIONS, bnb_4bit_type, family, is_bnb, is_gptq_folder
 
@@ -68,8 +70,6 @@ def load_base_model(config: ModelConfig) -> torch.nn.Module:
     device = resolve_device(config.device)
     dtype = _DTYPES[config.dtype]
     if config.quantization == "gptq":
-        from adalora_deploy.gptq.checkpoint import load_gptq_model
-
         model = load_gptq_model(folder, dtype=dtype, device=device)
     else:
         kwargs: dict = {"dtype": dtype, "local_files_only": True}
@@ -88,8 +88,6 @@ def load_base_model(config: ModelConfig) -> torch.nn.Module:
         if not is_bnb(config.quantization):
             model = model.to(device)
     if family(config.quantization) == "bnb-4bit":
-        from adalora_deploy.backends.bnb import pin_bnb4_arithmetic
-
         pin_bnb4_arithmetic(model)
     for parameter in model.parameters():
         parameter.requires_grad_(False)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from adalora_deploy.backends import LinearBackend, register_backend
+from adalora_deploy.errors import require
 
 __all__ = [
     "BNB_INV_127",
@@ -55,8 +56,6 @@ BNB_INV_127 = 7.874015718698502e-3
 
 
 def _functional():
-    from adalora_deploy.errors import require
-
     return require("bitsandbytes.functional", "train", "reading bitsandbytes layers")
 
 
