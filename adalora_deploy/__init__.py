@@ -18,8 +18,9 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "adalora_deploy.adapters": ["AdapterSet", "find_adapters", "inject_adapters"],
     "adalora_deploy.allocator": ["AllocationStep", "RankAllocator"],
-    "adalora_deploy.peft_format": ["load_adapter", "read_adapter", "save_adapter"],
-    "adalora_deploy.compaction": ["CompactAdapter", "compact_adapter", "compact_in_place", "read_compact_adapter"],
+    "adalora_deploy.peft_format": ["load_adapter", "read_adapter", "read_compact_adapter", "save_adapter"],
+    "adalora_deploy.compacted": ["CompactAdapter"],
+    "adalora_deploy.compaction": ["compact_adapter", "compact_in_place"],
     "adalora_deploy.config": ["AdaLoraConfig", "RunConfig", "load_run_config"],
     "adalora_deploy.errors": ["AdapterMismatchError", "ConfigError", "UnsupportedLayerError", "UserError"],
     "adalora_deploy.layer": ["AdaLoraLinear"],

@@ -18,6 +18,15 @@ from typing import Any, Literal, get_args
 import yaml
 
 from adalora_deploy.errors import ConfigError
+from adalora_deploy.quantization import (
+    ACTIVATIONS,
+    GPTQ_METHODS,
+    QUANTIZATIONS,
+    Activations,
+    GPTQMethod,
+    QuantizationKind,
+    family,
+)
 
 __all__ = [
     "AdaLoraConfig",
@@ -36,10 +45,7 @@ __all__ = [
     "load_run_config",
 ]
 
-QuantizationKind = Literal["none", "bnb-nf4", "bnb-fp4", "bnb-int8", "gptq"]
 DtypeName = Literal["float32", "bfloat16", "float16"]
-QUANTIZATIONS: tuple[str, ...] = get_args(QuantizationKind)
-"""Every ``model.quantization`` a base can be loaded as."""
 
 # PEFT's defaults per model_type (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING) for the families we test.
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -211,7 +217,7 @@ class ModelConfig:
     """bnb LLM.int8: outlier threshold (llm_int8_threshold)."""
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
-    activations: Literal["fp32", "int8"] = "fp32"
+    activations: Activations = "fp32"
     """How the GPTQ linears (and a quantized lm_head) multiply in training: fp32 (the dequantized weight times
     fp32 activations = MatMulNBits accuracy_level 0) or int8 (activations quantized per block as onnxruntime's
     fast CPU kernels do at accuracy_level 4, straight-through gradients): the exported graph then runs those
@@ -220,12 +226,12 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.path, str) or not self.path:
             _fail("model", "path", self.path, "must be a folder path", "point it at a local Hugging Face model folder")
-        _check_choice("model", "quantization", self.quantization, get_args(QuantizationKind))
+        _check_choice("model", "quantization", self.quantization, QUANTIZATIONS)
         _check_choice("model", "dtype", self.dtype, get_args(DtypeName))
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(self.device)):
             _fail("model", "device", self.device, "must be auto, cpu, cuda or cuda:N", "use 'auto'")
-        _check_choice("model", "activations", self.activations, ("fp32", "int8"))
-        if self.activations == "int8" and self.quantization != "gptq":
+        _check_choice("model", "activations", self.activations, ACTIVATIONS)
+        if self.activations == "int8" and family(self.quantization) != "gptq":
             _fail("model", "activations", self.activations, "int8 activations emulate MatMulNBits on GPTQ weights",
                   "use quantization: gptq, or activations: fp32")
         if not isinstance(self.int8_threshold, (int, float)) or self.int8_threshold < 0:
@@ -344,7 +350,7 @@ class DataConfig:
 class QuantizeConfig:
     """How ``adalora-deploy run`` quantizes a float base when ``model.quantization`` is ``gptq``."""
 
-    method: Literal["gptq", "rtn"] = "gptq"
+    method: GPTQMethod = "gptq"
     """gptq (error-compensating, needs calibration text) or rtn (round-to-nearest)."""
     bits: int = 4
     """Bits per weight: 2, 3, 4 or 8 (2, 4, 8 have onnxruntime kernels)."""
@@ -369,7 +375,7 @@ class QuantizeConfig:
     def __post_init__(self) -> None:
         from adalora_deploy.gptq import SUPPORTED_BITS
 
-        _check_choice("quantize", "method", self.method, ("gptq", "rtn"))
+        _check_choice("quantize", "method", self.method, GPTQ_METHODS)
         _check_choice("quantize", "bits", self.bits, SUPPORTED_BITS)
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):
             _fail("quantize", "group_size", self.group_size, "must be -1 or >= 1", "use 128")

@@ -39,7 +39,7 @@ RANKNUM_EPS = 1e-5
 
 
 def adapter_scale(lora_alpha: float, init_r: int) -> float:
-    """``lora_alpha / (init_r + 1e-5)``: fixed for the whole run and after compaction (ALGORITHM.md)."""
+    """``lora_alpha / (init_r + 1e-5)``: fixed for the whole run and after compaction (docs/ALGORITHM.md)."""
     return lora_alpha / (init_r + RANKNUM_EPS)
 
 

@@ -29,7 +29,6 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import torch
 from torch import nn
@@ -37,8 +36,13 @@ from torch import nn
 from adalora_deploy.adapters import find_adapters, replace_module
 from adalora_deploy.artifacts import ArtifactError, atomic_dir, copy_tokenizer_files
 from adalora_deploy.backends import backend_for, is_supported
+from adalora_deploy.data import BUILTIN_SAMPLE, calibration_blocks
+from adalora_deploy.gptq.checkpoint import save_gptq_model
+from adalora_deploy.gptq.driver import quantize_model
 from adalora_deploy.layer import AdaLoraLinear
 from adalora_deploy.metrics import row_metrics, sqnr_db
+from adalora_deploy.models import load_tokenizer, load_trained_model, resolve_quantization
+from adalora_deploy.quantization import GPTQ_METHODS, GPTQMethod
 
 __all__ = [
     "LayerMerge",
@@ -53,7 +57,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-RequantizeMethod = Literal["gptq", "rtn"]
+RequantizeMethod = GPTQMethod
 
 
 _EVAL_SEQUENCES = 4
@@ -167,7 +171,7 @@ class MergeReport:
 
 
 def _is_conv1d(module: nn.Module) -> bool:
-    return backend_for(module).kind == "dense-conv1d"
+    return backend_for(module).name == "dense-conv1d"
 
 
 def _dense_from(base: nn.Module, weight: torch.Tensor, dtype: torch.dtype | None) -> nn.Module:
@@ -183,7 +187,7 @@ def _dense_from(base: nn.Module, weight: torch.Tensor, dtype: torch.dtype | None
         merged.requires_grad_(False)
         return merged
     if dtype is None:
-        dtype = base.weight.dtype if backend.kind == "dense" else torch.float32
+        dtype = base.weight.dtype if backend.name == "dense" else torch.float32
     out_features, in_features = weight.shape
     linear = nn.Linear(in_features, out_features, bias=bias is not None, device=weight.device, dtype=dtype)
     with torch.no_grad():
@@ -225,7 +229,7 @@ def merge_into_dense(model: nn.Module, dtype: torch.dtype | None = None) -> tupl
         if not name or not is_supported(module) or isinstance(module, AdaLoraLinear):
             continue
         backend = backend_for(module)
-        if backend.kind.startswith("dense"):
+        if backend.name.startswith("dense"):
             continue
         weight = backend.dequantize(module).float()
         replace_module(model, name, _dense_from(module, weight, dtype))
@@ -257,7 +261,7 @@ def save_merged_model(model: nn.Module, folder: str | Path, tokenizer_source: st
     if find_adapters(model):
         raise ArtifactError("the model still has AdaLoRA adapters; call merge_into_dense first")
     leftover = [name for name, m in model.named_modules()
-                if name and is_supported(m) and not backend_for(m).kind.startswith("dense")]
+                if name and is_supported(m) and not backend_for(m).name.startswith("dense")]
     if leftover:
         raise ArtifactError(f"the model still has quantized layers (e.g. {leftover[0]}); call merge_into_dense first")
     fresh = _plain_copy(model)
@@ -288,8 +292,6 @@ def requantize_merged(model: nn.Module, calibration: torch.Tensor, *, method: Re
     Raises:
         QuantizationError: bad settings or an unsupported model (from :mod:`adalora_deploy.gptq`).
     """
-    from adalora_deploy.gptq.driver import quantize_model
-
     if evaluation is None:
         evaluation = calibration[:_EVAL_SEQUENCES]
     device = next(model.parameters()).device
@@ -351,33 +353,20 @@ def merge_adapter(base: str | Path, adapter: str | Path, output: str | Path, *, 
         AdapterMismatchError: the adapter was trained for another base.
         QuantizationError: bad re-quantization settings.
     """
-    from adalora_deploy.config import ModelConfig
-    from adalora_deploy.data import BUILTIN_SAMPLE, token_blocks
-    from adalora_deploy.models import (
-        load_base_model,
-        load_tokenizer,
-        resolve_quantization,
-    )
-    from adalora_deploy.peft_format import load_adapter
-
     base = Path(base)
     output = Path(output)
     quantization, double_quant = resolve_quantization(base, adapter, quantization, double_quant, force=force)
-    model = load_base_model(ModelConfig(path=str(base), quantization=quantization, double_quant=double_quant,
-                                        device=device))
-    load_adapter(model, adapter)
+    model = load_trained_model(base, adapter, quantization=quantization, double_quant=double_quant, device=device)
     rows = merge_into_dense(model)
     if requantize is None:
         save_merged_model(model, output, tokenizer_source=base)
         report = MergeReport(output_dir=output, base_quantization=quantization, layers=rows)
     else:
-        from adalora_deploy.gptq.checkpoint import save_gptq_model
-
-        if requantize not in ("gptq", "rtn"):
+        if requantize not in GPTQ_METHODS:
             raise ValueError(f"requantize must be 'gptq' or 'rtn', got {requantize!r}")
         model = _plain_copy(model)
         tokenizer = load_tokenizer(str(base))
-        blocks = token_blocks(calibration or BUILTIN_SAMPLE, tokenizer, calibration_seq_len)[:calibration_samples]
+        blocks = calibration_blocks(calibration or BUILTIN_SAMPLE, tokenizer, calibration_seq_len, calibration_samples)
         requant = requantize_merged(model, blocks, method=requantize, bits=bits, group_size=group_size)
         save_gptq_model(model, output, tokenizer_source=base, overwrite=True)
         report = MergeReport(output_dir=output, base_quantization=quantization, layers=rows, requantization=requant)

@@ -1,7 +1,7 @@
 """Loading a base model in each supported kind: float, bitsandbytes NF4/FP4/LLM.int8, GPTQ.
 
 bitsandbytes goes through transformers' ``BitsAndBytesConfig`` (its CPU backend works on bitsandbytes
->= 0.45); GPTQ folders load through our own pure-torch layer (:mod:`adalora_deploy.backends.gptq`).
+>= 0.45); GPTQ folders load through our own pure-torch layer (:mod:`adalora_deploy.gptq.linear`).
 ``builtin:tiny-llama`` names the embedded default model, written to a folder on first use.
 """
 
@@ -14,11 +14,17 @@ from pathlib import Path
 
 import torch
 
-from adalora_deploy.config import QUANTIZATIONS, ModelConfig
+from adalora_deploy.backends.bnb import pin_bnb4_arithmetic
+from adalora_deploy.config import ModelConfig
 from adalora_deploy.errors import ArtifactError, ConfigError
+from adalora_deploy.gptq.checkpoint import load_gptq_model
+from adalora_deploy.gptq.linear import quant_linears
+from adalora_deploy.peft_format import load_adapter
+from adalora_deploy.quantization import QUANTIZATIONS, bnb_4bit_type, family, is_bnb, is_gptq_folder
 
 __all__ = [
     "load_base_model",
+    "load_trained_model",
     "load_tokenizer",
     "read_run_record",
     "resolve_device",
@@ -65,16 +71,14 @@ def load_base_model(config: ModelConfig) -> torch.nn.Module:
     device = resolve_device(config.device)
     dtype = _DTYPES[config.dtype]
     if config.quantization == "gptq":
-        from adalora_deploy.gptq.checkpoint import load_gptq_model
-
         model = load_gptq_model(folder, dtype=dtype, device=device)
     else:
         kwargs: dict = {"dtype": dtype, "local_files_only": True}
-        if config.quantization.startswith("bnb-"):
-            if config.quantization == "bnb-int8":
+        if is_bnb(config.quantization):
+            if family(config.quantization) == "bnb-8bit":
                 quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(config.int8_threshold))
             else:
-                quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=config.quantization[4:],
+                quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=bnb_4bit_type(config.quantization),
                                            bnb_4bit_use_double_quant=config.double_quant,
                                            bnb_4bit_compute_dtype=dtype)
             kwargs.update(quantization_config=quant, device_map={"": str(device)})
@@ -82,21 +86,36 @@ def load_base_model(config: ModelConfig) -> torch.nn.Module:
             model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
         except (OSError, ValueError) as error:
             raise ArtifactError(f"cannot load a causal LM from {folder} ({error})") from None
-        if not config.quantization.startswith("bnb-"):
+        if not is_bnb(config.quantization):
             model = model.to(device)
-    if config.quantization in ("bnb-nf4", "bnb-fp4"):
-        from adalora_deploy.backends.bnb import pin_bnb4_arithmetic
-
+    if family(config.quantization) == "bnb-4bit":
         pin_bnb4_arithmetic(model)
     if config.activations == "int8":
-        from adalora_deploy.backends.gptq import quant_linears
-
         for layer in quant_linears(model).values():
             layer.use_int8_activations()
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     logger.info("loaded %s base from %s on %s (%s activations)", config.quantization, folder, device,
                 config.activations)
+    return model.eval()
+
+
+def load_trained_model(base: str | os.PathLike, adapter: str | os.PathLike, *, quantization: str,
+                       double_quant: bool = False, device: str = "cpu") -> torch.nn.Module:
+    """The base loaded as ``quantization`` with the trained adapter injected (compacted), frozen, eval.
+
+    bnb 4-bit layers compute as in training (see :func:`adalora_deploy.backends.bnb.pin_bnb4_arithmetic`).
+    ``quantization`` and ``double_quant`` usually come from :func:`resolve_quantization`.
+
+    Raises:
+        ArtifactError: unreadable folders.
+        AdapterMismatchError: the adapter was trained for another base.
+    """
+    # int8 activations (model.activations) are part of what was trained on a GPTQ base: the run record says
+    activations = read_run_record(adapter).get("activations", "fp32") if quantization == "gptq" else "fp32"
+    model = load_base_model(ModelConfig(path=str(base), quantization=quantization, double_quant=double_quant,
+                                        device=device, activations=activations))
+    load_adapter(model, adapter)
     return model.eval()
 
 
@@ -117,14 +136,6 @@ def read_run_record(adapter: str | os.PathLike) -> dict:
     return data.get("model", {}) if isinstance(data, dict) and isinstance(data.get("model"), dict) else {}
 
 
-def _is_gptq_folder(base: str | os.PathLike) -> bool:
-    try:
-        config = json.loads((Path(base) / "config.json").read_text(encoding="utf-8"))
-        return config.get("quantization_config", {}).get("quant_method") == "gptq"
-    except (OSError, ValueError, AttributeError):
-        return False
-
-
 def resolve_quantization(base: str | os.PathLike, adapter: str | os.PathLike, quantization: str = "auto",
                          double_quant: bool | None = None, *, force: bool = False) -> tuple[str, bool]:
     """How to load ``base`` for ``adapter``: ``(quantization, double_quant)``, checked against the run record.
@@ -141,7 +152,7 @@ def resolve_quantization(base: str | os.PathLike, adapter: str | os.PathLike, qu
     if quantization not in choices:
         raise ConfigError(f"--quantization {quantization!r}: choose one of {', '.join(choices)}")
     record = read_run_record(adapter)
-    recorded = "gptq" if _is_gptq_folder(base) else record.get("quantization")
+    recorded = "gptq" if is_gptq_folder(base) else record.get("quantization")
     recorded = recorded if recorded in QUANTIZATIONS else None
     if quantization == "auto":
         quantization = recorded or "none"
@@ -151,7 +162,7 @@ def resolve_quantization(base: str | os.PathLike, adapter: str | os.PathLike, qu
             f"({'the base folder is a GPTQ checkpoint' if recorded == 'gptq' else RUN_RECORD + ' beside it'}); "
             f"drop --quantization (or pass {recorded}) to load the base as in training, or add --force"
         )
-    recorded_double = record.get("double_quant") if quantization.startswith("bnb-") else None
+    recorded_double = record.get("double_quant") if is_bnb(quantization) else None
     if double_quant is None:
         double_quant = bool(recorded_double) if recorded_double is not None else False
     elif recorded_double is not None and bool(double_quant) != bool(recorded_double) and not force:

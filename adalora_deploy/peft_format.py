@@ -1,4 +1,4 @@
-"""PEFT's on-disk adapter formats: the one place they are read and written (ALGORITHM.md, PEFT's format).
+"""PEFT's on-disk adapter formats: the one place they are read and written (docs/ALGORITHM.md, PEFT's format).
 
 AdaLoRA adapter folder (what ``peft.PeftModel.from_pretrained`` reads)::
 
@@ -31,7 +31,7 @@ from adalora_deploy.artifacts import (
     save_tensors,
     write_json,
 )
-from adalora_deploy.compaction import CompactAdapter, CompactLayer, from_adapters
+from adalora_deploy.compacted import CompactAdapter, CompactLayer, from_adapters
 from adalora_deploy.config import PEFT_COMMON_FIELDS, AdaLoraConfig
 from adalora_deploy.errors import AdapterMismatchError, ArtifactError, ConfigError
 
@@ -43,6 +43,7 @@ __all__ = [
     "lora_config_dict",
     "read_adapter",
     "read_compact_adapter",
+    "read_rank_pattern",
     "save_adapter",
     "write_adalora",
     "write_lora",
@@ -171,13 +172,18 @@ def write_lora(adapter: CompactAdapter, folder: str | Path) -> Path:
 # --- reading ----------------------------------------------------------------------------------------
 
 
-def _read(folder: Path) -> tuple[dict[str, Any], AdaLoraConfig, dict[str, list[bool]] | None, dict[str, torch.Tensor]]:
+def _read_config(folder: Path) -> tuple[dict[str, Any], AdaLoraConfig, dict[str, list[bool]] | None]:
     data = read_json_object(folder, ADAPTER_CONFIG, "adapter")
     extra = data.get("adalora_deploy", {}).get("config", {}) if isinstance(data.get("adalora_deploy"), dict) else {}
     config, rank_pattern = AdaLoraConfig.from_peft_dict(data)
     if extra:
         options = {k: extra[k] for k in ("regularizer", "schedule", "compact_in_training") if k in extra}
         config = dataclasses.replace(config, **options)
+    return data, config, rank_pattern
+
+
+def _read(folder: Path) -> tuple[dict[str, Any], AdaLoraConfig, dict[str, list[bool]] | None, dict[str, torch.Tensor]]:
+    data, config, rank_pattern = _read_config(folder)
     return data, config, rank_pattern, load_tensors(folder / ADAPTER_WEIGHTS)
 
 
@@ -185,6 +191,23 @@ def read_adapter(folder: str | Path) -> tuple[AdaLoraConfig, dict[str, list[bool
     """Read an AdaLoRA adapter folder (ours or PEFT's): config, rank_pattern and PEFT-keyed tensors."""
     _, config, rank_pattern, tensors = _read(Path(folder))
     return config, rank_pattern, tensors
+
+
+def read_rank_pattern(folder: str | Path) -> tuple[AdaLoraConfig, dict[str, tuple[bool, ...]]]:
+    """The adapter's config and which of its init_r triplets each module keeps, by module name.
+
+    Modules come in the order the folder lists them (the model's order, for adapters written by us or
+    PEFT). A folder saved without a rank_pattern (PEFT, before the final allocation step) keeps the
+    triplets with Λ != 0, as :func:`read_compact_adapter` reads it.
+
+    Raises:
+        ArtifactError: missing/corrupt files.
+    """
+    folder = Path(folder)
+    _, config, rank_pattern = _read_config(folder)
+    if rank_pattern is None:
+        return config, {layer.name: layer.rank_mask for layer in read_compact_adapter(folder).layers}
+    return config, {key.removesuffix(".lora_E"): tuple(bool(v) for v in mask) for key, mask in rank_pattern.items()}
 
 
 def _slice_with_mask(name: str, mask: torch.Tensor, lora_A: torch.Tensor, lora_E: torch.Tensor,

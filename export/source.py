@@ -15,18 +15,11 @@ def load_source_model(base: str | os.PathLike, adapter: str | os.PathLike, *, qu
                       double_quant: bool = False) -> nn.Module:
     """The base loaded as ``quantization`` with the adapter injected (compacted), frozen, eval, on CPU.
 
-    bnb 4-bit layers compute as in training (see :func:`adalora_deploy.backends.bnb.pin_bnb4_arithmetic`).
+    bnb 4-bit layers compute as in training (see :func:`adalora_deploy.models.load_trained_model`).
     """
-    from adalora_deploy.config import ModelConfig
-    from adalora_deploy.models import load_base_model, read_run_record
-    from adalora_deploy.peft_format import load_adapter
+    from adalora_deploy.models import load_trained_model
 
-    # int8 activations (model.activations) are part of what was trained on a GPTQ base: the run record says
-    activations = read_run_record(adapter).get("activations", "fp32") if quantization == "gptq" else "fp32"
-    model = load_base_model(ModelConfig(path=str(base), quantization=quantization, double_quant=double_quant,
-                                        device="cpu", activations=activations))
-    load_adapter(model, adapter)
-    return model.eval()
+    return load_trained_model(base, adapter, quantization=quantization, double_quant=double_quant, device="cpu")
 
 
 @contextlib.contextmanager

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from adalora_deploy import functional as F
 
 # Golden: PEFT 0.21.2's RankAllocator.budget_schedule, n = 4 layers, init_r 12, target_r 4, T 20, tinit 2,
-# tfinal 2 (ALGORITHM.md, "Worked example").
+# tfinal 2 (docs/ALGORITHM.md, "Worked example").
 PEFT_BUDGETS = [48, 48, 48, 42, 37, 33, 29, 26, 23, 21, 20, 18, 17, 16, 16, 16, 16, 16, 16, 16]
 
 

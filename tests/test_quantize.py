@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from adalora_deploy.artifacts import ArtifactError
-from adalora_deploy.backends.gptq import QuantLinear
+from adalora_deploy.gptq.linear import QuantLinear
 from adalora_deploy.cli.quantize import register
 from adalora_deploy.data import token_blocks
 from adalora_deploy.demo import (
@@ -26,7 +26,7 @@ from adalora_deploy.metrics import relative_output_error
 
 GPTQ_VS_RTN_MAX_RATIO = 0.3
 """GPTQ's output error over RTN's on correlated inputs (4-bit sym, group 32). Measured 0.14-0.18 over
-seeds 0-5 (QUANT.md reports ~4.7x lower error on real layers); a broken solver lands near or above 1."""
+seeds 0-5 (docs/QUANT.md reports ~4.7x lower error on real layers); a broken solver lands near or above 1."""
 
 ACT_ORDER_VS_RTN_MAX_RATIO = 0.1
 """Same with act-order, which quantizes the large-scale channels first: measured 0.032-0.036."""

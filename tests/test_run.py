@@ -86,3 +86,24 @@ def test_a_changed_config_is_not_mixed_into_an_existing_run(tmp_path):
 
     with pytest.raises(ConfigError, match="holds a job of another config"):
         run_job(load_run_config(CONFIG, [*SHORT, "train.lr=0.02"]), out)
+
+
+def test_report_rank_grid_reads_the_adapter_through_peft_format(tmp_path):
+    """The ranks plot's grid: layer from the module name, modules in target_modules' order, rank = kept triplets."""
+    from adalora_deploy.adapters import inject_adapters
+    from adalora_deploy.demo import tiny_llama
+    from adalora_deploy.job.report import _rank_grid
+    from adalora_deploy.peft_format import save_adapter
+    from tests.test_compaction import INIT_R, adalora_config, set_random_masked
+
+    model = tiny_llama(0)
+    config = adalora_config(["q_proj", "v_proj", "down_proj"])
+    adapters = inject_adapters(model, config)
+    set_random_masked(adapters, masks={0: [True, False] * (INIT_R // 2), 1: [True] * INIT_R})
+    save_adapter(adapters, config, tmp_path / "adapter")
+    layers, modules, ranks, init_r = _rank_grid(tmp_path / "adapter", ["q_proj", "v_proj", "down_proj"])
+    expected = {(int(name.split(".")[2]), name.rsplit(".", 1)[1]): int(layer.rank_mask.sum())
+                for name, layer in adapters.items() if layer.rank_mask.any()}
+    assert init_r == INIT_R and modules == ["q_proj", "v_proj", "down_proj"]
+    assert layers == sorted({layer for layer, _ in expected})
+    assert ranks == expected and ranks[(0, "q_proj")] == INIT_R // 2 and ranks[(0, "v_proj")] == INIT_R

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from adalora_deploy.backends.gptq import QuantLinear, quant_linears
+from adalora_deploy.gptq.linear import QuantLinear, quant_linears
 from adalora_deploy.config import ModelConfig
 from adalora_deploy.data import token_blocks
 from adalora_deploy.demo import SAMPLE_TEXT, byte_tokenizer, tiny_llama

@@ -27,13 +27,20 @@ __all__ = ["LinearBackend", "UnsupportedLayerError", "backend_for", "is_supporte
 
 
 class LinearBackend(abc.ABC):
-    """How to read one kind of base linear layer.
+    """How to read one type of base linear layer.
 
     Attributes:
-        kind: short name written to manifests and logs (``"dense"``, ``"bnb-nf4"``, ``"gptq"``...).
+        name: the backend's name, the layer type it reads (``"dense"``, ``"dense-conv1d"``, ``"bnb-4bit"``,
+            ``"bnb-int8"``, ``"gptq"``). Not the model's quantization (:mod:`adalora_deploy.quantization`)
+            and not the layer's exact base kind (:meth:`describe`).
     """
 
-    kind: ClassVar[str]
+    name: ClassVar[str]
+
+    @property
+    def kind(self) -> str:
+        """The former name of :attr:`name`, still read by the export package."""
+        return self.name
 
     @abc.abstractmethod
     def matches(self, module: nn.Module) -> bool:
@@ -53,8 +60,8 @@ class LinearBackend(abc.ABC):
         return None if bias is None else bias.detach()
 
     def describe(self, module: nn.Module) -> str:
-        """The base kind of this particular module (e.g. ``"bnb-nf4"`` vs ``"bnb-fp4"``)."""
-        return self.kind
+        """The base kind of this particular module (e.g. ``"bnb-nf4"`` vs ``"bnb-fp4"``): what manifests record."""
+        return self.name
 
 
 # Modules that hold backends, in lookup order. bnb is optional at import time: its module imports
@@ -85,7 +92,7 @@ def backend_for(module: nn.Module) -> LinearBackend:
     for backend in _registry:
         if backend.matches(module):
             return backend
-    kinds = ", ".join(sorted({b.kind for b in _registry}))
+    kinds = ", ".join(sorted({b.name for b in _registry}))
     raise UnsupportedLayerError(
         f"cannot adapt a {type(module).__module__}.{type(module).__name__}: supported base layers are {kinds} "
         "(nn.Linear, transformers Conv1D, bitsandbytes Linear4bit/Linear8bitLt, GPTQ QuantLinear)"

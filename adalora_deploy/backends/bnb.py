@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from adalora_deploy.backends import LinearBackend, register_backend
+from adalora_deploy.errors import require
 
 __all__ = [
     "BNB_INV_127",
@@ -55,8 +56,6 @@ BNB_INV_127 = 7.874015718698502e-3
 
 
 def _functional():
-    from adalora_deploy.errors import require
-
     return require("bitsandbytes.functional", "train", "reading bitsandbytes layers")
 
 
@@ -176,7 +175,7 @@ def pin_bnb4_arithmetic(model: nn.Module) -> None:
 class Bnb4bitBackend(LinearBackend):
     """``bnb.nn.Linear4bit``: weight packed two codes per byte, blockwise absmax in ``weight.quant_state``."""
 
-    kind = "bnb-4bit"
+    name = "bnb-4bit"
 
     def matches(self, module: nn.Module) -> bool:
         return _from_bnb(module, "Linear4bit")
@@ -196,7 +195,7 @@ class Bnb4bitBackend(LinearBackend):
 class Bnb8bitBackend(LinearBackend):
     """``bnb.nn.Linear8bitLt``: int8 rows ``CB`` with per-row absmax ``SCB``: ``W = CB * SCB / 127``."""
 
-    kind = "bnb-int8"
+    name = "bnb-int8"
 
     def matches(self, module: nn.Module) -> bool:
         return _from_bnb(module, "Linear8bitLt")

@@ -11,7 +11,7 @@ from adalora_deploy.backends import LinearBackend, register_backend
 class DenseBackend(LinearBackend):
     """``nn.Linear``: weight ``(out, in)``."""
 
-    kind = "dense"
+    name = "dense"
 
     def matches(self, module: nn.Module) -> bool:
         return type(module) is nn.Linear
@@ -26,7 +26,7 @@ class DenseBackend(LinearBackend):
 class Conv1DBackend(LinearBackend):
     """transformers ``Conv1D``: ``y = x @ W + b`` with weight stored ``(in, out)`` (fan_in_fan_out)."""
 
-    kind = "dense-conv1d"
+    name = "dense-conv1d"
 
     def matches(self, module: nn.Module) -> bool:
         from transformers.pytorch_utils import Conv1D

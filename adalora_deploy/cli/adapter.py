@@ -15,6 +15,7 @@ import argparse
 from pathlib import Path
 
 from adalora_deploy.cli.options import add_base_loading
+from adalora_deploy.quantization import GPTQ_METHODS
 
 __all__ = ["register", "run_compact", "run_merge"]
 
@@ -45,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     merge.add_argument("--adapter", required=True, metavar="ADAPTER_DIR", help="AdaLoRA adapter folder")
     merge.add_argument("--output", required=True, metavar="DIR", help="merged model folder")
     add_base_loading(merge)
-    merge.add_argument("--requantize", choices=("gptq", "rtn"), default=None,
+    merge.add_argument("--requantize", choices=GPTQ_METHODS, default=None,
                        help="re-quantize the merged weights and write a GPTQ checkpoint")
     merge.add_argument("--bits", type=int, default=4, help="re-quantization bits (default: 4)")
     merge.add_argument("--group-size", type=int, default=128, help="re-quantization group size, -1 for one (default: 128)")

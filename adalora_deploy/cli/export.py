@@ -11,6 +11,7 @@ import argparse
 import sys
 
 from adalora_deploy.cli.options import add_base_loading
+from adalora_deploy.quantization import GPTQ_METHODS
 
 __all__ = ["register", "run_adapter_file", "run_check", "run_export"]
 
@@ -31,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     export.add_argument("--weights", choices=("fp32", "fp16", "int4", "int8"), default="fp32",
                         help="merged graph weights: fp32 (exact), fp16, int4/int8 MatMulNBits at accuracy_level 4 "
                              "(smallest, fastest on CPU); separate mode keeps the base's own (default: fp32)")
-    export.add_argument("--requantize", choices=("gptq", "rtn"), default=None,
+    export.add_argument("--requantize", choices=GPTQ_METHODS, default=None,
                         help="--weights int4/int8: how the merged weights are re-quantized: gptq (error-compensating "
                              "on --calibration text; default) or rtn (round-to-nearest)")
     export.add_argument("--calibration", default=None, metavar="FILE",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from adalora_deploy.config import QUANTIZATIONS
+from adalora_deploy.quantization import QUANTIZATIONS
 
 __all__ = ["add_base_loading"]
 

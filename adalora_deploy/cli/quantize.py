@@ -8,7 +8,10 @@ import sys
 import time
 from pathlib import Path
 
+from adalora_deploy.artifacts import check_output_dir
+from adalora_deploy.errors import QuantizationError
 from adalora_deploy.gptq import SUPPORTED_BITS
+from adalora_deploy.quantization import GPTQ_METHODS
 
 __all__ = ["register", "run_quantize"]
 
@@ -23,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Quantize the linears of a local Hugging Face causal-LM folder and write a GPTQ checkpoint.",
     )
     parser.add_argument("model_dir", metavar="MODEL_DIR", help="local Hugging Face model folder (float weights)")
-    parser.add_argument("--method", choices=("gptq", "rtn"), default="gptq", help="solver (default: gptq)")
+    parser.add_argument("--method", choices=GPTQ_METHODS, default="gptq", help="solver (default: gptq)")
     parser.add_argument("--bits", type=int, choices=SUPPORTED_BITS, default=4, help="bits per weight (default: 4)")
     parser.add_argument(
         "--group-size", type=int, default=128, help="input channels per group, -1 for one (default: 128)"
@@ -88,14 +91,11 @@ def run_quantize(args: argparse.Namespace) -> int:
     Raises:
         QuantizationError: bad options or an unreadable model folder (the caller maps it to exit 2).
     """
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    import torch  # lazy: the CLI's --help and serve stay torch-free
+    from transformers import AutoTokenizer  # lazy: as torch
 
-    from adalora_deploy.artifacts import check_output_dir
-    from adalora_deploy.data import token_blocks
-    from adalora_deploy.errors import GPTQFormatError, QuantizationError
-    from adalora_deploy.gptq.checkpoint import save_gptq_model
-    from adalora_deploy.gptq.driver import quantize_model
+    from adalora_deploy.data import calibration_blocks  # lazy: imports torch
+    from adalora_deploy.gptq.folder import quantize_folder  # lazy: imports torch
 
     model_dir = Path(args.model_dir)
     output = Path(args.output)
@@ -121,25 +121,15 @@ def run_quantize(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, local_files_only=True)
     except (OSError, ValueError) as error:
         raise QuantizationError(f"MODEL_DIR {model_dir}: cannot load model/tokenizer ({error})") from None
-    load_seconds = time.perf_counter() - started
-    blocks = None
-    if use_calibration:
-        blocks = token_blocks(args.calibration, tokenizer, args.seq_len)
-        if blocks.shape[0] < args.samples:
-            logger.warning(
-                "%s gives %d samples of %d tokens, fewer than --samples %d; using all",
-                args.calibration,
-                blocks.shape[0],
-                args.seq_len,
-                args.samples,
-            )
-        blocks = blocks[: args.samples]
-    report = quantize_model(
-        model,
+    tokenizer_seconds = time.perf_counter() - started
+    blocks = calibration_blocks(args.calibration, tokenizer, args.seq_len, args.samples) if use_calibration else None
+    done = quantize_folder(
+        model_dir,
+        output,
         blocks,
+        overwrite=args.overwrite,
         method=args.method,
         bits=args.bits,
         group_size=args.group_size,
@@ -153,12 +143,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         calibration_dtype=None if args.calibration_dtype is None else getattr(torch, args.calibration_dtype),
         progress=sys.stderr.isatty(),
     )
-    started = time.perf_counter()
-    try:
-        save_gptq_model(model, output, tokenizer_source=model_dir, overwrite=args.overwrite)
-    except GPTQFormatError as error:
-        raise QuantizationError(str(error)) from None
-    save_seconds = time.perf_counter() - started
+    report = done.report
     group = "all" if args.group_size == -1 else args.group_size
     calibration = (
         f"{report.num_samples} samples x {report.seq_len} tokens" if report.num_samples else "no calibration"
@@ -170,5 +155,6 @@ def run_quantize(args: argparse.Namespace) -> int:
     )
     print(report.format_table())
     print(f"worst SQNR {report.worst_sqnr_db:.2f} dB; wrote {output}")
-    print(f"time: load {load_seconds:.1f} s, quantize {report.timings.format()}, save {save_seconds:.1f} s")
+    print(f"time: load {tokenizer_seconds + done.load_seconds:.1f} s, quantize {report.timings.format()}, "
+          f"save {done.save_seconds:.1f} s")
     return 0

@@ -20,7 +20,7 @@ from .examples import (
     tokenize_records,
 )
 from .sources import BUILTIN_SAMPLE, read_records, resolve_source
-from .text import BlockBatches, blocks_from_texts, read_texts, token_blocks
+from .text import BlockBatches, blocks_from_texts, calibration_blocks, read_texts, token_blocks
 
 __all__ = [
     "BUILTIN_SAMPLE",
@@ -30,6 +30,7 @@ __all__ = [
     "ExampleBatches",
     "TrainingData",
     "blocks_from_texts",
+    "calibration_blocks",
     "build_training_data",
     "read_records",
     "read_texts",

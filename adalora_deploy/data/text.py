@@ -6,6 +6,8 @@ uninterrupted run would have drawn, with no sampler state to save.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -14,7 +16,9 @@ from adalora_deploy.errors import DataError
 
 from .sources import read_records, resolve_source
 
-__all__ = ["BlockBatches", "blocks_from_texts", "read_texts", "token_blocks"]
+__all__ = ["BlockBatches", "blocks_from_texts", "calibration_blocks", "read_texts", "token_blocks"]
+
+logger = logging.getLogger(__name__)
 
 
 def read_texts(path: str | Path) -> list[str]:
@@ -53,6 +57,29 @@ def blocks_from_texts(texts: list[str], tokenizer, seq_len: int, where: str = "t
 def token_blocks(path: str | Path, tokenizer, seq_len: int) -> torch.Tensor:
     """The documents of a data file (:func:`read_texts`) as token blocks (:func:`blocks_from_texts`)."""
     return blocks_from_texts(read_texts(path), tokenizer, seq_len, where=str(path))
+
+
+def calibration_blocks(source: str | Path | Sequence[str], tokenizer, seq_len: int, samples: int) -> torch.Tensor:
+    """Quantization calibration: at most ``samples`` token blocks ``(n, seq_len)``, int64.
+
+    Args:
+        source: a data file (:func:`read_texts`) or the documents themselves.
+        tokenizer: the model's tokenizer.
+        seq_len: tokens per block.
+        samples: blocks wanted; fewer (logged) when the text is short.
+
+    Raises:
+        DataError: unreadable data, or text shorter than one block.
+    """
+    if isinstance(source, (str, Path)):
+        texts, where = read_texts(source), str(source)
+    else:
+        texts, where = list(source), "the calibration text"
+    blocks = blocks_from_texts(texts, tokenizer, seq_len, where=where)
+    if blocks.shape[0] < samples:
+        logger.warning("%s gives %d samples of %d tokens, fewer than the %d asked for; using all", where,
+                       blocks.shape[0], seq_len, samples)
+    return blocks[:samples]
 
 
 class BlockBatches:

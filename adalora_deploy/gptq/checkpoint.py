@@ -24,7 +24,7 @@ from adalora_deploy.artifacts import (
     save_tensors,
     write_json,
 )
-from adalora_deploy.backends.gptq import QuantLinear, quant_linears
+from adalora_deploy.gptq.linear import QuantLinear, quant_linears
 from adalora_deploy.errors import GPTQFormatError
 from adalora_deploy.gptq.packing import (
     CHECKPOINT_FORMATS,

@@ -33,8 +33,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from adalora_deploy.backends.gptq import QuantLinear
 from adalora_deploy.errors import QuantizationError
+from adalora_deploy.gptq.linear import QuantLinear
 from adalora_deploy.gptq.packing import CHECKPOINT_FORMATS
 from adalora_deploy.gptq.tables import quantize_lm_head
 from adalora_deploy.gptq.solver import (
@@ -46,12 +46,13 @@ from adalora_deploy.gptq.solver import (
     rtn_quantize,
 )
 from adalora_deploy.metrics import db_from_relative, relative_output_error
+from adalora_deploy.quantization import GPTQ_METHODS, GPTQMethod
 
 __all__ = ["LayerQuantization", "Method", "QuantizationReport", "QuantizationTimings", "quantize_model"]
 
 logger = logging.getLogger(__name__)
 
-Method = Literal["gptq", "rtn"]
+Method = GPTQMethod
 
 
 @dataclass(frozen=True)
@@ -371,7 +372,7 @@ def quantize_model(
     """
     started = time.perf_counter()
     check_settings(bits, group_size)
-    if method not in ("gptq", "rtn"):
+    if method not in GPTQ_METHODS:
         raise QuantizationError(f"method must be 'gptq' or 'rtn', got {method!r}")
     if desc_act and method == "rtn":
         raise QuantizationError("desc_act (act-order) only applies to method='gptq'")

@@ -11,7 +11,7 @@ For a Linear with weight ``(out, in)``, ``G = ceil(in / group_size)`` groups alo
 
 Values are packed into 32-bit words as one little-endian bit stream: value ``j`` of a run of 32 values
 occupies bits ``[j * bits, (j + 1) * bits)`` of the run's ``bits`` words. For 2/4/8 bits no value
-straddles a word; for 3 bits values 10 and 21 do, which is exactly the layout of QUANT.md. Words are
+straddles a word; for 3 bits values 10 and 21 do, which is exactly the layout of docs/QUANT.md. Words are
 signed int32 on disk, so unpacking shifts then masks.
 """
 

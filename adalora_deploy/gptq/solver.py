@@ -14,7 +14,7 @@ Errors inside a block of ``block_size`` columns are applied immediately; the blo
 reaches the remaining columns with one matmul (the "lazy batch" update of Section 4).
 
 Both return a :class:`QuantizedWeight` (integers, scales, zeros, g_idx), which packs into a GPTQ
-:class:`~adalora_deploy.backends.gptq.QuantLinear` or an onnxruntime MatMulNBits layer.
+:class:`~adalora_deploy.gptq.linear.QuantLinear` or an onnxruntime MatMulNBits layer.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from adalora_deploy.errors import QuantizationError
+from adalora_deploy.gptq.linear import QuantLinear
 from adalora_deploy.gptq.packing import SUPPORTED_BITS, default_g_idx
 
 __all__ = [
@@ -70,9 +71,7 @@ class QuantizedWeight:
     desc_act: bool
 
     def to_module(self, bias: torch.Tensor | None = None, checkpoint_format: str = "gptq_v2"):
-        """Pack into a :class:`~adalora_deploy.backends.gptq.QuantLinear`."""
-        from adalora_deploy.backends.gptq import QuantLinear
-
+        """Pack into a :class:`~adalora_deploy.gptq.linear.QuantLinear`."""
         return QuantLinear.from_quantized(
             self.q,
             self.scales,

@@ -17,6 +17,7 @@ Every finished stage is recorded in ``job.json`` with its results and seconds, s
 the last finished stage; ``--from STAGE`` redoes from a stage.
 """
 
-from adalora_deploy.job.runner import STAGES, JobResult, run_job
+from adalora_deploy.job.runner import JobResult, run_job
+from adalora_deploy.job.stages import STAGES
 
 __all__ = ["STAGES", "JobResult", "run_job"]

@@ -9,12 +9,15 @@
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
-from adalora_deploy.artifacts import atomic_file, read_json, write_json
+from adalora_deploy.artifacts import atomic_file, write_json
 from adalora_deploy.config import RunConfig
+from adalora_deploy.errors import require
+from adalora_deploy.job.stages import STAGES
+from adalora_deploy.peft_format import read_rank_pattern
 
 __all__ = ["write_report"]
 
@@ -25,23 +28,29 @@ def _metrics(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def _rank_grid(adapter: Path) -> tuple[list[int], list[str], dict[tuple[int, str], int], int]:
-    """``(layers, modules, rank per (layer, module), init_r)`` from an adapter's rank_pattern."""
-    config = read_json(adapter / "adapter_config.json")
+def _rank_grid(adapter: Path, order: Sequence[str] = ()) -> tuple[list[int], list[str], dict[tuple[int, str], int], int]:
+    """``(layers, modules, rank per (layer, module), init_r)`` of an adapter.
+
+    A module's layer is the first number in its name (``model.layers.3.self_attn.q_proj``: layer 3,
+    module ``q_proj``); modules outside numbered layers have no row. Modules come in ``order`` (the run
+    config's target_modules, as the user listed them: adapter files store names sorted), others after it
+    alphabetically.
+    """
+    config, masks = read_rank_pattern(adapter)
     ranks: dict[tuple[int, str], int] = {}
-    for key, mask in (config.get("rank_pattern") or {}).items():
-        match = re.search(r"\.(\d+)\.(?:.*\.)?([^.]+)\.lora_E$", key)
-        if match:
-            ranks[(int(match.group(1)), match.group(2))] = int(sum(bool(v) for v in mask))
+    for name, mask in masks.items():
+        parts = name.split(".")
+        layer = next((int(part) for part in parts if part.isdigit()), None)
+        if layer is not None:
+            ranks[(layer, parts[-1])] = sum(mask)
     layers = sorted({layer for layer, _ in ranks})
-    order = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    modules = sorted({module for _, module in ranks}, key=lambda m: (order.index(m) if m in order else len(order), m))
-    return layers, modules, ranks, int(config["init_r"])
+    order = [name.rsplit(".", 1)[-1] for name in order]
+    modules = sorted({module for _, module in ranks},
+                     key=lambda m: (order.index(m) if m in order else len(order), m))
+    return layers, modules, ranks, config.init_r
 
 
 def _plot(run: RunConfig, stages: dict[str, dict[str, Any]], folder: Path) -> None:
-    from adalora_deploy.errors import require
-
     matplotlib = require("matplotlib", "train", "the run report's plots")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -87,7 +96,8 @@ def _plot(run: RunConfig, stages: dict[str, dict[str, Any]], folder: Path) -> No
     save(figure, "budget.png")
 
     # ranks heatmap
-    layers, modules, ranks, init_r = _rank_grid(Path(stages["train"]["adapter"]))
+    targets = adapter.target_modules if isinstance(adapter.target_modules, list) else ()
+    layers, modules, ranks, init_r = _rank_grid(Path(stages["train"]["adapter"]), targets)
     grid = np.array([[ranks.get((layer, module), 0) for module in modules] for layer in layers])
     figure, axis = plt.subplots(figsize=(1.1 * len(modules) + 2.5, 0.28 * len(layers) + 1.8))
     image = axis.imshow(grid, cmap="viridis", vmin=0, vmax=init_r, aspect="auto")
@@ -163,8 +173,6 @@ def write_report(run: RunConfig, output: Path, stages: dict[str, dict[str, Any]]
         for name, export in exports.items():
             lines.append(f"| {name} | {export['arithmetic']} | {export['nodes']} | {_fmt(export['seconds'], 1)} |")
     lines += ["", "| stage | seconds |", "|---|---|"]
-    from adalora_deploy.job.runner import STAGES
-
     lines += [f"| {name} | {_fmt(stages[name].get('stage_seconds'), 1)} |" for name in STAGES if name in stages]
     lines += ["", "![training and held-out loss](loss.png)", "", "![rank budget](budget.png)", "",
               "![surviving ranks](ranks.png)", "", "![accuracy](accuracy.png)", ""]

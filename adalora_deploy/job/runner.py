@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,13 +16,13 @@ from typing import Any, Callable
 from adalora_deploy.artifacts import read_json, write_json
 from adalora_deploy.config import RunConfig
 from adalora_deploy.errors import ConfigError
+from adalora_deploy.job.stages import STAGES
+from adalora_deploy.quantization import is_gptq_folder
 
 __all__ = ["JOB_FILE", "STAGES", "JobResult", "run_job"]
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("prepare", "evaluate-base", "train", "evaluate-trained", "compact", "export", "check", "evaluate-exports",
-          "report")
 JOB_FILE = "job.json"
 HELD_OUT_FILE = "data/heldout.jsonl"
 
@@ -119,7 +120,7 @@ def _prepare(job: _Job) -> dict[str, Any]:
     model_folder = materialize(job.run.model.path)
     result: dict[str, Any] = {"model_folder": model_folder, "base_folder": model_folder}
     job.stages["prepare"] = result  # the tokenizer and data are read from here (the same for a GPTQ base)
-    if job.quantization == "gptq" and not _is_gptq_folder(model_folder):
+    if job.quantization == "gptq" and not is_gptq_folder(model_folder):
         result.update(_quantized_base(job, model_folder))
     data = job.data()
     held_out = job.output / HELD_OUT_FILE
@@ -127,14 +128,6 @@ def _prepare(job: _Job) -> dict[str, Any]:
         temp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in data.eval_records), encoding="utf-8")
     return result | {"format": data.format, "train_examples": len(data.train), "eval_examples": len(data.eval),
                      "dropped": data.dropped, "held_out_file": str(held_out)}
-
-
-def _is_gptq_folder(folder: str) -> bool:
-    try:
-        config = json.loads((Path(folder) / "config.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and (config.get("quantization_config") or {}).get("quant_method") == "gptq"
 
 
 def _quantized_base(job: _Job, model_folder: str) -> dict[str, Any]:
@@ -155,31 +148,21 @@ def _quantized_base(job: _Job, model_folder: str) -> dict[str, Any]:
 
 
 def _quantize(job: _Job, model_folder: str, folder: Path) -> dict[str, Any]:
-    import sys
-
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from adalora_deploy.data import blocks_from_texts, read_texts
-    from adalora_deploy.gptq.checkpoint import save_gptq_model
-    from adalora_deploy.gptq.driver import quantize_model
-    from adalora_deploy.models import load_tokenizer
+    from adalora_deploy.data import calibration_blocks  # lazy: torch
+    from adalora_deploy.gptq.folder import quantize_folder  # lazy: torch
+    from adalora_deploy.models import load_tokenizer  # lazy: torch
 
     q = job.run.quantize
-    tokenizer = load_tokenizer(model_folder)
-    if q.calibration is not None:
-        texts = read_texts(q.calibration)
-    else:  # the training data itself, as the model will see it
-        texts = job.training_texts()
-    blocks = blocks_from_texts(texts, tokenizer, q.seq_len, where="the calibration text")[: q.samples]
-    model = AutoModelForCausalLM.from_pretrained(model_folder, dtype=torch.float32, local_files_only=True)
-    report = quantize_model(model, blocks, method=q.method, bits=q.bits, group_size=q.group_size, sym=q.sym,
-                            desc_act=q.desc_act, percdamp=q.percdamp, tables=q.tables, progress=sys.stderr.isatty())
+    # the calibration text, else the training data itself, as the model will see it
+    source = q.calibration if q.calibration is not None else job.training_texts()
+    blocks = calibration_blocks(source, load_tokenizer(model_folder), q.seq_len, q.samples)
+    report = quantize_folder(model_folder, folder, blocks, overwrite=True, method=q.method, bits=q.bits,
+                             group_size=q.group_size, sym=q.sym, desc_act=q.desc_act, percdamp=q.percdamp,
+                             tables=q.tables, progress=sys.stderr.isatty()).report
     summary = {"method": q.method, "bits": q.bits, "group_size": q.group_size, "tables": q.tables,
                "samples": int(blocks.shape[0]),
                "seq_len": q.seq_len, "seconds": report.seconds, "worst_sqnr_db": report.worst_sqnr_db,
                "timings": dataclasses.asdict(report.timings)}
-    save_gptq_model(model, folder, tokenizer_source=model_folder, overwrite=True)
     write_json(folder / "quantization.json", summary)
     return summary
 
@@ -207,12 +190,11 @@ def _train(job: _Job) -> dict[str, Any]:
 
 def _evaluate_trained(job: _Job) -> dict[str, Any]:
     from adalora_deploy.evaluation import torch_logits
-    from adalora_deploy.export.source import load_source_model
-    from adalora_deploy.models import resolve_quantization
+    from adalora_deploy.models import load_trained_model, resolve_quantization
 
     quantization, double_quant = resolve_quantization(job.base, job.adapter())
-    return job.evaluate(torch_logits(load_source_model(job.base, job.adapter(), quantization=quantization,
-                                                       double_quant=double_quant)))
+    return job.evaluate(torch_logits(load_trained_model(job.base, job.adapter(), quantization=quantization,
+                                                        double_quant=double_quant)))
 
 
 def _compact(job: _Job) -> dict[str, Any]:

@@ -37,12 +37,12 @@ accumulates a few steps. Measured max relative deviation from the fp32 result: ~
 
 
 # ---------------------------------------------------------------------------------------------------
-# Independent references (QUANT.md, written with Python integers)
+# Independent references (docs/QUANT.md, written with Python integers)
 # ---------------------------------------------------------------------------------------------------
 
 
 def ref_pack(values: list[int], bits: int) -> list[int]:
-    """Pack values into signed int32 words as QUANT.md describes, one word at a time."""
+    """Pack values into signed int32 words as docs/QUANT.md describes, one word at a time."""
     words: list[int] = []
     if bits == 3:
         for start in range(0, len(values), 32):
@@ -475,7 +475,7 @@ def test_missing_g_idx_defaults_to_sequential_groups(tmp_path):
 @pytest.mark.skipif(importlib.util.find_spec("gptqmodel") is None, reason="gptqmodel is not installed")
 @pytest.mark.parametrize("sym", [True, False])
 def test_gptqmodel_reads_our_checkpoint(tmp_path, sym, monkeypatch):
-    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")  # QUANT.md: it crashes on 2 cores otherwise
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")  # docs/QUANT.md: it crashes on 2 cores otherwise
     from gptqmodel import BACKEND, GPTQModel
 
     model = _quantize_tiny(tiny_llama(), sym=sym, fmt="gptq" if sym else "gptq_v2")

@@ -64,7 +64,7 @@ def test_nbits_from_gptq_matches_dequantized_matmul(tmp_path, linear, x, bits, g
     model = export_module(module, x, tmp_path / "m.onnx")
     ops = op_types(model)
     assert ops.count("MatMulNBits") == 1
-    # act-order: K permuted offline + one Gather on the activations, never g_idx (PITFALL in ONNX.md)
+    # act-order: K permuted offline + one Gather on the activations, never g_idx (PITFALL in docs/ONNX.md)
     assert ("Gather" in ops) == (act_order and group_size not in (-1, IN_FEATURES))
     assert all(len(n.input) <= 4 for n in model.graph.node if n.op_type == "MatMulNBits")
     got = run_module(tmp_path / "m.onnx", x)
@@ -74,7 +74,7 @@ def test_nbits_from_gptq_matches_dequantized_matmul(tmp_path, linear, x, bits, g
 def test_nbits_from_gptq_layer_object(linear):
     tensors = gptq_rtn(linear.weight, bits=4, group_size=32, act_order=True)
 
-    class FakeQuantLinear(torch.nn.Module):  # the contract of adalora_deploy.backends.gptq.QuantLinear
+    class FakeQuantLinear(torch.nn.Module):  # the contract of adalora_deploy.gptq.linear.QuantLinear
         bits, group_size, in_features, out_features, checkpoint_format = 4, 32, IN_FEATURES, OUT_FEATURES, "gptq"
 
     layer = FakeQuantLinear()
@@ -259,11 +259,13 @@ fp32 product: at most half an fp16 ulp apart, relative 2**-11."""
 
 
 def test_nbits_from_project_quant_linear(tmp_path, linear, x):
-    gptq = pytest.importorskip("adalora_deploy.backends.gptq")
+    from adalora_deploy.gptq.linear import QuantLinear
+    from adalora_deploy.gptq.packing import unpack_rows
+
     tensors = gptq_rtn(linear.weight, bits=4, group_size=32, act_order=True)
-    q = gptq.unpack_rows(tensors["qweight"], 4).T
+    q = unpack_rows(tensors["qweight"], 4).T
     zeros = torch.full((IN_FEATURES // 32, OUT_FEATURES), 8)
-    layer = gptq.QuantLinear.from_quantized(q, tensors["scales"], zeros, tensors["g_idx"], bits=4, group_size=32,
+    layer = QuantLinear.from_quantized(q, tensors["scales"], zeros, tensors["g_idx"], bits=4, group_size=32,
                                             sym=True, desc_act=True, bias=linear.bias)
     module = NBitsLinear.from_gptq(layer)
     torch.testing.assert_close(module.dequantized_weight(), tensors["dequantized"], rtol=0, atol=0)
