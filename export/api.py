@@ -26,12 +26,12 @@ from torch import nn
 
 from adalora_deploy.errors import ExportError
 
-from .adapter_file import ADAPTER_FILE, add_default_adapter_inputs, write_onnx_adapter
-from .convert import Mode, Requantize, Weights, convert_for_export, validate_options
-from .genai import write_genai_config
-from .graph import DEFAULT_OPSET
-from .manifest import MANIFEST_FILE, ExportManifest, package_versions, sha256_file
-from .source import load_source_model
+from .build.adapter_file import ADAPTER_FILE, add_default_adapter_inputs, write_onnx_adapter
+from .build.convert import Mode, Requantize, Weights, convert_for_export, validate_options
+from .runtime.genai import write_genai_config
+from .build.graph import DEFAULT_OPSET
+from .build.manifest import MANIFEST_FILE, ExportManifest, package_versions, sha256_file
+from .build.source import load_source_model
 
 __all__ = ["CALIBRATION_SAMPLES", "CALIBRATION_SEQ_LEN", "EXTERNAL_DATA_MIN_BYTES", "export_model"]
 
@@ -56,8 +56,8 @@ SmolLM2 input (1536), so every Hessian is full rank before damping."""
 
 def _build(model: nn.Module, folder: Path, *, builder: str, opset: int, external_data: bool):
     """The graph of ``model`` in ``folder`` by the fast path or the dynamo exporter: ``(ExportResult, "fast"|"dynamo")``."""
-    from .fastpath import FastPathUnsupported, build_decoder
-    from .graph import export_decoder
+    from .build.fastpath import FastPathUnsupported, build_decoder
+    from .build.graph import export_decoder
 
     if builder in ("auto", "fast"):
         try:
@@ -207,7 +207,7 @@ def export_model(
     logger.info("wrote %s: %s, %d adapter MatMuls, %s", output, conversion.arithmetic.text, manifest.adapter_matmuls,
                 manifest.quantized_ops or "no quantized ops")
     if agreement is not None and not agreement["passed"]:
-        from .check import keeping_exports
+        from .judge.check import keeping_exports
 
         logger.warning("%s changes what the trained model computes (%s); %s", output, "; ".join(agreement["failures"]),
                        keeping_exports(quantization, mode, weights, serving))
@@ -233,9 +233,9 @@ def _measure_agreement(folder: Path, base: Path, adapter: Path, quantization: st
     """Graph in ``folder`` vs a freshly loaded source model on held-out text: the manifest's ``agreement``."""
     from adalora_deploy.evaluation import AGREEMENT_POSITIONS
 
-    from .check import agreement_record, graph_held_out_logits, held_out_ids, source_agreement, source_logits
-    from .parity import ExactScale
-    from .runtime import DecoderSession, adapter_feeds, create_session
+    from .judge.check import agreement_record, graph_held_out_logits, held_out_ids, source_agreement, source_logits
+    from .judge.parity import ExactScale
+    from .runtime.session import DecoderSession, adapter_feeds, create_session
 
     source = load_source_model(base, adapter, quantization=quantization, double_quant=double_quant)
     ids = held_out_ids(folder, source.config, text, AGREEMENT_POSITIONS)

@@ -206,7 +206,7 @@ def _train(job: _Job) -> dict[str, Any]:
 
 def _evaluate_trained(job: _Job) -> dict[str, Any]:
     from adalora_deploy.evaluation import torch_logits
-    from adalora_deploy.export.source import load_source_model
+    from adalora_deploy.export.build.source import load_source_model
     from adalora_deploy.models import resolve_quantization
 
     quantization, double_quant = resolve_quantization(job.base, job.adapter())
@@ -260,7 +260,7 @@ def _calibration_file(job: _Job) -> str | None:
 
 
 def _check(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.export.check import check_export
+    from adalora_deploy.export.judge.check import check_export
 
     result = {}
     for name, export in job.stages["export"]["exports"].items():
@@ -277,7 +277,7 @@ def _check(job: _Job) -> dict[str, Any]:
 
 def _evaluate_exports(job: _Job) -> dict[str, Any]:
     from adalora_deploy.evaluation import graph_logits
-    from adalora_deploy.export.runtime import DecoderSession, create_session
+    from adalora_deploy.export.runtime.session import DecoderSession, create_session
 
     result = {}
     for name, export in job.stages["export"]["exports"].items():
@@ -289,7 +289,7 @@ def _evaluate_exports(job: _Job) -> dict[str, Any]:
 
 def _adapter_feeds(folder: Path) -> dict | None:
     """The feeds of an adapter-inputs export's own ``adapter.onnx_adapter`` (None for baked-in adapters)."""
-    from adalora_deploy.export.adapter_file import ADAPTER_FILE
+    from adalora_deploy.export.build.adapter_file import ADAPTER_FILE
 
     path = folder / ADAPTER_FILE
     if not path.is_file():

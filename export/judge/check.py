@@ -14,7 +14,7 @@
         4. "zero-adapter" (adapter-inputs graphs): graph fed rank-0 factors vs the twin without adapter
     ──► parity.json (every metric, every failure) + a short table
 
-Tiers (:mod:`adalora_deploy.export.parity`): exact = every output within the fp32 reassociation bound
+Tiers (:mod:`adalora_deploy.export.judge.parity`): exact = every output within the fp32 reassociation bound
 ``u sqrt(K) sqrt(2L) max|ref|`` and identical greedy tokens; lossy = top-1 agreement and mean KL of the
 next-token distribution (and the eval file's accuracy and perplexity). A lossy graph that changes the
 trained model's decisions fails, and the report names the exports that keep them.
@@ -239,7 +239,7 @@ def held_out_ids(folder: Path, config: Any, text: str | os.PathLike | None, posi
 
 
 def _prompt_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    from .graph import DecoderWrapper
+    from ..build.graph import DecoderWrapper
 
     wrapper = DecoderWrapper(model).eval()
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
@@ -322,11 +322,11 @@ def check_export(
     from adalora_deploy.evaluation import AGREEMENT_POSITIONS, evaluate, graph_logits, read_eval_file, torch_logits
     from adalora_deploy.models import resolve_quantization
 
-    from .convert import convert_for_export
-    from .manifest import read_manifest, verify_files
+    from ..build.convert import convert_for_export
+    from ..build.manifest import read_manifest, verify_files
     from .parity import ExactScale, compare_evaluations, compare_outputs, decoder_parity, torch_greedy
-    from .runtime import DecoderSession, adapter_feeds, create_session, execution_providers
-    from .source import adapters_bypassed, load_source_model
+    from ..runtime.session import DecoderSession, adapter_feeds, create_session, execution_providers
+    from ..build.source import adapters_bypassed, load_source_model
 
     execution_providers(provider)  # fail before loading any model
     export_dir = Path(export_dir)

@@ -38,11 +38,11 @@ from torch import nn
 from adalora_deploy.metrics import RowMetrics, row_metrics
 
 if TYPE_CHECKING:
-    from .runtime import DecoderSession
+    from ..runtime.session import DecoderSession
 
 from adalora_deploy.errors import ParityError
 
-from .runtime import as_float32
+from ..runtime.session import as_float32
 
 __all__ = [
     "ExactScale",
@@ -328,9 +328,9 @@ def decoder_parity(
     """
     import contextlib
 
-    from .graph import DecoderWrapper, adapter_input_names
-    from .modules import runtime_factors
-    from .runtime import adapter_feeds
+    from ..build.graph import DecoderWrapper, adapter_input_names
+    from ..build.modules import runtime_factors
+    from ..runtime.session import adapter_feeds
 
     wrapper = DecoderWrapper(model).eval()
     scale = scale or ExactScale.of(model)

@@ -11,7 +11,7 @@ class Bnb4Kind(ExportKind):
     backend_kinds = ("bnb-4bit",)
     quantizations = ("bnb-nf4", "bnb-fp4")
     label = "bnb-nf4 / bnb-fp4"
-    twins = "adalora_deploy.export.modules.Bnb4Linear.from_bnb (exact) or NBitsLinear.from_bnb_4bit (serving)"
+    twins = "adalora_deploy.export.build.modules.Bnb4Linear.from_bnb (exact) or NBitsLinear.from_bnb_4bit (serving)"
 
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
         from ..modules import Bnb4Linear, NBitsLinear

@@ -34,7 +34,7 @@ def write_onnx_adapter(path: str | os.PathLike, factors: Mapping[str, tuple[torc
 
     from adalora_deploy.artifacts import atomic_file
 
-    from .runtime import adapter_feeds
+    from ..runtime.session import adapter_feeds
 
     arrays = adapter_feeds(factors)
     adapter = ort.AdapterFormat()

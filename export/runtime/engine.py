@@ -30,7 +30,7 @@ from typing import Callable, Mapping, Sequence
 
 from adalora_deploy.errors import ArtifactError, UserError
 
-from .adapter_file import ADAPTER_FILE
+from ..build.adapter_file import ADAPTER_FILE
 from .generation import DecodeBatch, GenerationRequest, Row, SamplingParams, TextGenerator, TokenEvent, check_prompt
 
 __all__ = ["ADAPTER_SUFFIX", "Engine", "ServedModel", "Ticket", "served_models"]

@@ -14,7 +14,7 @@
                  calibration text (default) or
                  round-to-nearest
 
-What each base kind's graph computes is written once, in its :mod:`adalora_deploy.export.kinds` file.
+What each base kind's graph computes is written once, in its :mod:`adalora_deploy.export.build.kinds` file.
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
                        serving: bool = False, adapter_inputs: bool = False, requantize: Requantize = "gptq",
                        calibration: torch.Tensor | None = None, nbits_from: str | os.PathLike | None = None,
                        ) -> Conversion:
-    """Turn a source model (from :func:`~adalora_deploy.export.source.load_source_model`) into the torch twin of its ONNX graph, in place.
+    """Turn a source model (from :func:`~adalora_deploy.export.build.source.load_source_model`) into the torch twin of its ONNX graph, in place.
 
     No forward pass runs here before the base layers are read (bnb 4-bit statistics must be read before any
     eval forward); GPTQ re-quantization runs forwards on the merged fp32 model only. Old layers are dropped

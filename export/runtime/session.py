@@ -2,7 +2,7 @@
 
 This module never imports torch, transformers or bitsandbytes, so serving runs on a machine that has
 only onnxruntime (a test imports it in a process where those imports fail). The torch references for
-parity live in :mod:`adalora_deploy.export.parity`.
+parity live in :mod:`adalora_deploy.export.judge.parity`.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ ONNX node(s) it exports to, so a torch model built from them is the reference fo
 
 Swap them in with :func:`swap_module`; :func:`runtime_factors` feeds adapter-inputs branches in torch.
 
-Quantized matmuls go through the custom ops in :mod:`adalora_deploy.export.contrib`; export with
+Quantized matmuls go through the custom ops in :mod:`adalora_deploy.export.build.contrib`; export with
 ``custom_translation_table=export.contrib.CUSTOM_TRANSLATION_TABLE`` (``export.graph`` does).
 """
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from adalora_deploy.errors import UserError
 
-from .runtime import DecoderSession
+from .session import DecoderSession
 from .tokenizer import TextTokenizer
 
 __all__ = [
@@ -507,7 +507,7 @@ class TextGenerator:
     def from_export(cls, export_dir: str | os.PathLike, *, provider: str = "cpu",
                     intra_op_threads: int | None = None) -> TextGenerator:
         """Open ``model.onnx``, the tokenizer and the limits of an export folder."""
-        from .runtime import create_session
+        from .session import create_session
 
         folder = Path(export_dir)
         if not (folder / "model.onnx").is_file():

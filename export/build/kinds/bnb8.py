@@ -11,7 +11,7 @@ class Bnb8Kind(ExportKind):
     backend_kinds = ("bnb-int8",)
     quantizations = ("bnb-int8",)
     label = "bnb-int8"
-    twins = "adalora_deploy.export.modules.Int8EmulationLinear.from_bnb (exact) or NBitsLinear.from_bnb_int8 (serving)"
+    twins = "adalora_deploy.export.build.modules.Int8EmulationLinear.from_bnb (exact) or NBitsLinear.from_bnb_int8 (serving)"
 
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
         from ..modules import Int8EmulationLinear, NBitsLinear

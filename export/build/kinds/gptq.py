@@ -13,7 +13,7 @@ class GPTQKind(ExportKind):
     backend_kinds = ("gptq",)
     quantizations = ("gptq",)
     label = "gptq (2/4/8-bit, act-order)"
-    twins = "adalora_deploy.export.modules.NBitsLinear.from_gptq"
+    twins = "adalora_deploy.export.build.modules.NBitsLinear.from_gptq"
 
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
         from ..modules import NBitsLinear
