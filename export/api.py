@@ -26,12 +26,13 @@ from torch import nn
 
 from adalora_deploy.errors import ExportError
 
-from .build.adapter_file import ADAPTER_FILE, add_default_adapter_inputs, write_onnx_adapter
+from .build.adapter_file import add_default_adapter_inputs, write_onnx_adapter
 from .build.convert import Mode, Requantize, Weights, convert_for_export, validate_options
-from .runtime.genai import write_genai_config
 from .build.graph import DEFAULT_OPSET
-from .build.manifest import MANIFEST_FILE, ExportManifest, package_versions, sha256_file
+from .build.manifest import ExportManifest, package_versions, sha256_file
 from .build.source import load_source_model
+from .contract import ADAPTER_FILE, MANIFEST_FILE, MODEL_FILE
+from .runtime.genai import write_genai_config
 
 __all__ = ["CALIBRATION_SAMPLES", "CALIBRATION_SEQ_LEN", "EXTERNAL_DATA_MIN_BYTES", "export_model"]
 
@@ -243,7 +244,7 @@ def _measure_agreement(folder: Path, base: Path, adapter: Path, quantization: st
     reference = source_logits(source, ids)
     del source
     feeds = adapter_feeds(conversion.factors) if adapter_inputs else None
-    decoder = DecoderSession(create_session(folder / "model.onnx"))
+    decoder = DecoderSession(create_session(folder / MODEL_FILE))
     candidate = graph_held_out_logits(decoder, ids, feeds)
     report = source_agreement(reference, candidate, tier=conversion.source_tier, scale=scale)
     record = agreement_record(report, int(ids.size), text)

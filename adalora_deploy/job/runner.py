@@ -289,7 +289,7 @@ def _evaluate_exports(job: _Job) -> dict[str, Any]:
 
 def _adapter_feeds(folder: Path) -> dict | None:
     """The feeds of an adapter-inputs export's own ``adapter.onnx_adapter`` (None for baked-in adapters)."""
-    from adalora_deploy.export.build.adapter_file import ADAPTER_FILE
+    from adalora_deploy.export.contract import ADAPTER_FILE
 
     path = folder / ADAPTER_FILE
     if not path.is_file():

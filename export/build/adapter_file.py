@@ -13,14 +13,13 @@ from typing import TYPE_CHECKING, Mapping
 
 from adalora_deploy.errors import ExportError
 
+from ..contract import ADAPTER_FILE, MODEL_FILE, is_lora_A
 from .manifest import read_manifest
 
-if TYPE_CHECKING:  # torch only where factors are built: the server imports ADAPTER_FILE without torch
+if TYPE_CHECKING:
     import torch
 
-__all__ = ["ADAPTER_FILE", "add_default_adapter_inputs", "write_adapter_file", "write_onnx_adapter"]
-
-ADAPTER_FILE = "adapter.onnx_adapter"
+__all__ = ["add_default_adapter_inputs", "write_adapter_file", "write_onnx_adapter"]
 
 
 def write_onnx_adapter(path: str | os.PathLike, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -66,7 +65,7 @@ def write_adapter_file(adapter: str | os.PathLike, export_dir: str | os.PathLike
     manifest = read_manifest(export_dir)
     if not manifest.adapter_inputs:
         raise ExportError(f"{export_dir} was exported without --adapter-inputs; its adapter is baked into the graph")
-    proto = onnx.load(str(Path(export_dir) / "model.onnx"), load_external_data=False)
+    proto = onnx.load(str(Path(export_dir) / MODEL_FILE), load_external_data=False)
     widths = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in proto.graph.input
               if i.name in manifest.adapter_input_names}
     modules = sorted({name.rsplit(".", 1)[0] for name in manifest.adapter_input_names})
@@ -106,8 +105,8 @@ def add_default_adapter_inputs(model_path: Path, names: tuple[str, ...]) -> None
     proto = onnx.load(str(model_path), load_external_data=False)
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     for name in names:
-        size = shapes[name][0] if name.endswith(".lora_A") else shapes[name][1]
-        shape = (size, 0) if name.endswith(".lora_A") else (0, size)
+        size = shapes[name][0] if is_lora_A(name) else shapes[name][1]
+        shape = (size, 0) if is_lora_A(name) else (0, size)
         proto.graph.initializer.append(numpy_helper.from_array(np.zeros(shape, np.float32), name))
     onnx.save(proto, str(model_path))
     onnx.checker.check_model(str(model_path))

@@ -40,6 +40,7 @@ from .kinds import (
     kind_for_quantization,
     twin_of,
 )
+from ..contract import FUSED_LINEARS
 from .modules import LowRankBranch, NBitsLinear, swap_module
 
 __all__ = [
@@ -223,9 +224,6 @@ def _gptq_requantize(model: nn.Module, calibration: torch.Tensor | None, bits: i
             "seq_len": int(calibration.shape[1]), "worst_output_sqnr_db": round(report.worst_sqnr_db, 3),
             "seconds": round(report.seconds, 1)}
 
-
-FUSED_LINEARS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-"""Node scopes of the fast path's fused projections and the linears they concatenate along N, in order."""
 
 
 def _graph_linears(model: nn.Module, scope: str) -> list[tuple[str, nn.Linear]] | None:

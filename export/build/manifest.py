@@ -11,8 +11,9 @@ from typing import Any, Mapping
 
 from adalora_deploy.errors import ArtifactError
 
+from ..contract import MANIFEST_FILE, MODEL_FILE
+
 __all__ = [
-    "MANIFEST_FILE",
     "MANIFEST_VERSION",
     "ExportManifest",
     "package_versions",
@@ -21,7 +22,6 @@ __all__ = [
     "verify_files",
 ]
 
-MANIFEST_FILE = "export.json"
 MANIFEST_VERSION = 1
 
 
@@ -84,7 +84,7 @@ class ExportManifest:
     @property
     def graph_bytes(self) -> int:
         """Bytes of ``model.onnx`` plus its external data."""
-        return sum(size for name, size in self.sizes.items() if name.startswith("model.onnx"))
+        return sum(size for name, size in self.sizes.items() if name.startswith(MODEL_FILE))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)

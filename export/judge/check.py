@@ -35,13 +35,13 @@ from torch import nn
 
 from adalora_deploy.errors import VacuousCheckError
 
+from ..contract import LOGITS, MODEL_FILE, PARITY_FILE
 from .parity import EvalComparison, ParityReport
 
 __all__ = [
     "ADAPTER_EFFECT_MIN",
     "CheckReport",
     "Comparison",
-    "PARITY_FILE",
     "VacuousCheckError",
     "check_export",
     "keeping_exports",
@@ -50,7 +50,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-PARITY_FILE = "parity.json"
 ADAPTER_EFFECT_MIN = 1e-3
 """Smallest max |logits(adapted) - logits(base)| for a check to mean anything. Trained tiny-Llama adapters
 move logits by 0.05-0.5; an untrained AdaLoRA adapter (Λ = 0) moves them by exactly 0."""
@@ -332,7 +331,7 @@ def check_export(
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     verify_files(manifest)
-    model_path = export_dir / "model.onnx"
+    model_path = export_dir / MODEL_FILE
     if not model_path.is_file():
         raise ArtifactError(f"{model_path} not found")
     overridden = base is not None or adapter is not None

@@ -29,6 +29,7 @@ import numpy as np
 
 from adalora_deploy.errors import UserError
 
+from ..contract import MODEL_FILE
 from .session import DecoderSession
 from .tokenizer import TextTokenizer
 
@@ -510,11 +511,11 @@ class TextGenerator:
         from .session import create_session
 
         folder = Path(export_dir)
-        if not (folder / "model.onnx").is_file():
+        if not (folder / MODEL_FILE).is_file():
             from adalora_deploy.errors import ArtifactError
 
             raise ArtifactError(f"{folder} has no model.onnx: pass a folder written by `adalora-deploy export`")
-        session = create_session(folder / "model.onnx", provider=provider, intra_op_threads=intra_op_threads)
+        session = create_session(folder / MODEL_FILE, provider=provider, intra_op_threads=intra_op_threads)
         return cls(DecoderSession(session), TextTokenizer.from_folder(folder), model_limits(folder))
 
     def batch(self, **adapter) -> DecodeBatch:

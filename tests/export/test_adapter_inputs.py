@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from adalora_deploy.export.build.adapter_file import ADAPTER_FILE, write_onnx_adapter
+from adalora_deploy.export.build.adapter_file import write_onnx_adapter
+from adalora_deploy.export.contract import ADAPTER_FILE
 from adalora_deploy.export.api import export_model
 from adalora_deploy.export.judge.check import ADAPTER_EFFECT_MIN, check_export, held_out_batch
 from adalora_deploy.export.build.convert import adapter_factors

@@ -10,11 +10,11 @@ import pytest
 from adalora_deploy.export.api import export_model
 from adalora_deploy.export.judge.check import (
     ADAPTER_EFFECT_MIN,
-    PARITY_FILE,
     check_export,
     held_out_batch,
 )
-from adalora_deploy.export.build.manifest import MANIFEST_FILE, read_manifest, sha256_file
+from adalora_deploy.export.build.manifest import read_manifest, sha256_file
+from adalora_deploy.export.contract import MANIFEST_FILE, PARITY_FILE
 from adalora_deploy.export.build.source import load_source_model
 
 from adalora_deploy.cli import main

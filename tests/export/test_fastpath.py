@@ -343,8 +343,3 @@ def test_multi_token_steps_with_a_past_match_the_twin(tmp_path):
         reference = wrapper(ids, mask, empty)[0][:, 5:].numpy()
     assert np.abs(second.logits - reference).max() <= ExactScale.of(model).tolerance(reference)
 
-
-def test_metadata_key_is_the_runtime_key():
-    from adalora_deploy.export import fastpath, runtime
-
-    assert fastpath.KV_SHARE_BUFFER_METADATA == runtime.KV_SHARE_BUFFER_METADATA

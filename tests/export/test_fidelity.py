@@ -15,7 +15,8 @@ from onnx import numpy_helper
 from adalora_deploy.cli import main
 from adalora_deploy.export.api import export_model
 from adalora_deploy.export.judge.check import check_export
-from adalora_deploy.export.build.manifest import MANIFEST_FILE, sha256_file
+from adalora_deploy.export.build.manifest import sha256_file
+from adalora_deploy.export.contract import MANIFEST_FILE
 from adalora_deploy.export.judge.parity import LOSSY_MIN_TOP1
 
 
