@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Mapping
 
 from adalora_deploy.errors import ExportError
 
-from ..contract import ADAPTER_FILE, MODEL_FILE, is_lora_A
+from ..contract import MODEL_FILE, is_lora_A
 from .manifest import read_manifest
 
 if TYPE_CHECKING:

@@ -35,7 +35,7 @@ from torch import nn
 
 from adalora_deploy.errors import VacuousCheckError
 
-from ..contract import LOGITS, MODEL_FILE, PARITY_FILE
+from ..contract import MODEL_FILE, PARITY_FILE
 from .parity import EvalComparison, ParityReport
 
 __all__ = [
