@@ -148,7 +148,7 @@ def run_export(args: argparse.Namespace) -> int:
               f"mean KL {a['mean_kl']:.3g}, max abs {a['max_abs']:.3g} -> {a['tier']} tier "
               f"{'met' if a['passed'] else 'MISSED'}")
         if not a["passed"]:
-            from adalora_deploy.export.judge.check import keeping_exports
+            from adalora_deploy.export.build.kinds import keeping_exports
 
             print(f"warning: this graph changes what the trained model computes; "
                   f"{keeping_exports(manifest.quantization, manifest.mode, manifest.weights, manifest.serving)}",

@@ -8,7 +8,8 @@ import torch
 from adalora_deploy.export.build.adapter_file import write_onnx_adapter
 from adalora_deploy.export.contract import ADAPTER_FILE
 from adalora_deploy.export.api import export_model
-from adalora_deploy.export.judge.check import ADAPTER_EFFECT_MIN, check_export, held_out_batch
+from adalora_deploy.export.judge.agreement import held_out_batch
+from adalora_deploy.export.judge.check import ADAPTER_EFFECT_MIN, check_export
 from adalora_deploy.export.build.convert import adapter_factors
 from adalora_deploy.export.build.graph import DecoderWrapper
 from adalora_deploy.export.judge.parity import ExactScale, torch_greedy

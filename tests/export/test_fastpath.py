@@ -13,7 +13,8 @@ import pytest
 import torch
 from adalora_deploy.export.build.adapter_file import add_default_adapter_inputs
 from adalora_deploy.export.api import _adapter_matmuls
-from adalora_deploy.export.judge.check import ADAPTER_EFFECT_MIN, held_out_batch
+from adalora_deploy.export.judge.agreement import held_out_batch
+from adalora_deploy.export.judge.check import ADAPTER_EFFECT_MIN
 from adalora_deploy.export.build.convert import convert_for_export
 from adalora_deploy.export.build.fastpath import (
     FastPathUnsupported,

@@ -27,6 +27,10 @@ class Bnb4Kind(ExportKind):
         return Arithmetic("MatMulBnb4 (bnb's bytes, fp32 dequantize + matmul = bnb training arithmetic)",
                           "exact", "exact")
 
+    def exact_exports(self, quantization: str) -> str:
+        data = quantization.removeprefix("bnb-").upper()
+        return f"`--mode separate` (MatMulBnb4: the trained {data} bytes, exactly) or `--mode merged` (fp32, exact)"
+
     def merged(self) -> Arithmetic:
         return Arithmetic("fp32 MatMul of dequant(W0) + ΔW; reproduces bnb Linear4bit's fp32 dequantize-then-matmul "
                           "(training arithmetic)", "exact", "exact")

@@ -27,6 +27,9 @@ class Bnb8Kind(ExportKind):
         return Arithmetic("MatMulInteger emulation of LLM.int8's eval forward (fp16 activations, row int8 "
                           "quantization, outlier columns in float)", "exact", "exact")
 
+    def exact_exports(self, quantization: str) -> str:
+        return "`--mode separate` (exact LLM.int8 emulation)"
+
     def merged(self) -> Arithmetic:
         return Arithmetic("fp32 MatMul of dequant(W0) + ΔW; does not reproduce LLM.int8's int8 activations (lossy "
                           "against the bnb model)", "exact", "lossy")

@@ -14,6 +14,7 @@ class GPTQKind(ExportKind):
     quantizations = ("gptq",)
     label = "gptq (2/4/8-bit, act-order)"
     twins = "adalora_deploy.export.build.modules.NBitsLinear.from_gptq"
+    trained_int4 = True
 
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
         from ..modules import NBitsLinear
@@ -28,6 +29,10 @@ class GPTQKind(ExportKind):
             return Arithmetic("MatMulNBits (GPTQ repacked), accuracy_level 4 (lossy)", "lossy", "lossy")
         return Arithmetic("MatMulNBits (GPTQ repacked exactly, act-order as a K permutation), accuracy_level 0: the "
                           "exact fp32 product s·(q - z) that QuantLinear computes with", "exact", "exact")
+
+    def exact_exports(self, quantization: str) -> str:
+        return ("`--mode separate` (the trained int4 GPTQ weights, exactly, in MatMulNBits; add `--serving` for "
+                "int8-activation kernels, checked lossy)")
 
     def merged(self) -> Arithmetic:
         return Arithmetic("fp32 MatMul of dequant(W0) + ΔW; reproduces QuantLinear's exact fp32 dequantized weight",
