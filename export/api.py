@@ -22,6 +22,7 @@ import logging
 import os
 from pathlib import Path
 
+import onnx
 from torch import nn
 
 from adalora_deploy.artifacts import atomic_dir, copy_tokenizer_files, write_json
@@ -77,8 +78,6 @@ def _build(model: nn.Module, folder: Path, *, builder: str, opset: int, external
 
 def _adapter_matmuls(model_path: Path, branch_modules: list[str]) -> int:
     """MatMul nodes whose name scope is exactly a branch module (not its ``base``)."""
-    import onnx
-
     prefixes = {f"/{name.replace('.', '/')}/" for name in branch_modules}
     graph = onnx.load(str(model_path), load_external_data=False).graph
     count = 0

@@ -5,7 +5,7 @@
     source model (base with its own kernels + AdaLoRA layers, compacted)
           ┌──────────────┴───────────────────────────┐
         merged                                     separate
-    merge_into_dense: W = dequant(W0) + ΔW         each base layer -> its kind's twin (export.kinds);
+    merge_into_dense: W = dequant(W0) + ΔW         each base layer -> its kind's twin (export.build.kinds);
       fp32       plain MatMul (exact)              rank r > 0: LowRankBranch, A = Λ'Q' [r, in],
       fp16       whole model in fp16 (lossy)       B = P' scale [out, r]; rank 0: no branch, no node
       int4/int8  MatMulNBits, accuracy 4           --adapter-inputs: A/B graph inputs with a symbolic
@@ -24,12 +24,18 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from adalora_deploy import functional as F
 from adalora_deploy.adapters import find_adapters
+from adalora_deploy.backends import backend_for, is_supported
+from adalora_deploy.backends.gptq import QuantLinear
 from adalora_deploy.errors import ExportError
+from adalora_deploy.gptq.driver import quantize_model
+from adalora_deploy.merge import merge_into_dense
 
 from .kinds import (
     BRANCH,
@@ -41,7 +47,7 @@ from .kinds import (
     twin_of,
 )
 from ..contract import FUSED_LINEARS
-from .modules import LowRankBranch, NBitsLinear, swap_module
+from .modules import LowRankBranch, NBitsLinear, default_zero_points, swap_module
 
 __all__ = [
     "MERGED_NBITS_BLOCK",
@@ -113,8 +119,6 @@ def describe(quantization: str, mode: str, weights: str = "fp32", serving: bool 
 
 def base_kind(model: nn.Module) -> str:
     """The quantized base kinds in ``model`` as the backends describe them (``dense`` when none)."""
-    from adalora_deploy.backends import backend_for, is_supported
-
     found: list[str] = []
     for module in model.modules():
         if is_supported(module):
@@ -167,8 +171,6 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
     arithmetic = describe(quantization, mode, weights, serving, requantize)
     requantization = None
     if mode == "merged":
-        from adalora_deploy.merge import merge_into_dense
-
         merge_into_dense(model, dtype=torch.float32)
         if weights == "fp16":
             # transformers refuses .to(dtype) on a model loaded through bitsandbytes, even once merged
@@ -210,9 +212,6 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
 def _gptq_requantize(model: nn.Module, calibration: torch.Tensor | None, bits: int) -> dict[str, Any]:
     """GPTQ (asymmetric, groups of :data:`MERGED_NBITS_BLOCK`) of every decoder linear of a merged fp32 model,
     each packed exactly into an :class:`NBitsLinear` at the serving accuracy level."""
-    from adalora_deploy.backends.gptq import QuantLinear
-    from adalora_deploy.gptq.driver import quantize_model
-
     if calibration is None:
         raise ExportError("GPTQ re-quantization needs calibration text (--calibration FILE)")
     report = quantize_model(model, calibration, method="gptq", bits=bits, group_size=MERGED_NBITS_BLOCK, sym=False,
@@ -254,11 +253,6 @@ def nbits_from_graph(model: nn.Module, model_path: str | os.PathLike) -> int:
     Raises:
         ExportError: a MatMulNBits node whose module is not a linear of ``model``.
     """
-    import onnx
-    from onnx import numpy_helper
-
-    from .modules import default_zero_points
-
     graph = onnx.load(str(model_path)).graph
     initializers = {init.name: init for init in graph.initializer}
     swapped = 0

@@ -41,6 +41,7 @@ from adalora_deploy.errors import ExportError
 
 from ..contract import ATTENTION_MASK, INPUT_IDS, LOGITS, MODEL_FILE, KVGeometry, adapter_input_name, kv_names
 from .contrib import CUSTOM_TRANSLATION_TABLE
+from .kinds import untwinned
 from .modules import LowRankBranch
 
 __all__ = [
@@ -204,8 +205,6 @@ def _op_counts(graph: onnx.GraphProto) -> dict[str, int]:
 
 
 def _check_traceable(model: nn.Module) -> None:
-    from .kinds import untwinned
-
     problems = untwinned(model)
     if problems:
         raise ExportError("these layers must be swapped for export-friendly modules first:\n  " + "\n  ".join(problems))
@@ -220,7 +219,7 @@ def export_decoder(
     external_data: bool | None = None,
 ) -> ExportResult:
     """Export ``model`` (a transformers causal LM, adapters and quantized bases already swapped for the
-    modules in :mod:`export.modules`) as one KV-cache decoding graph.
+    modules in :mod:`export.build.modules`) as one KV-cache decoding graph.
 
     The files are written to a temporary folder inside ``output_dir``, checked (``onnx.checker``), shape
     inferred, then moved into place with ``os.replace``, so ``output_dir`` never holds a partial model.

@@ -8,6 +8,11 @@ from typing import Iterator
 
 from torch import nn
 
+from adalora_deploy.adapters import find_adapters, replace_module
+from adalora_deploy.config import ModelConfig
+from adalora_deploy.models import load_base_model
+from adalora_deploy.peft_format import load_adapter
+
 __all__ = ["adapters_bypassed", "load_source_model"]
 
 
@@ -17,10 +22,6 @@ def load_source_model(base: str | os.PathLike, adapter: str | os.PathLike, *, qu
 
     bnb 4-bit layers compute as in training (see :func:`adalora_deploy.backends.bnb.pin_bnb4_arithmetic`).
     """
-    from adalora_deploy.config import ModelConfig
-    from adalora_deploy.models import load_base_model
-    from adalora_deploy.peft_format import load_adapter
-
     model = load_base_model(ModelConfig(path=str(base), quantization=quantization, double_quant=double_quant,
                                         device="cpu"))
     load_adapter(model, adapter)
@@ -30,8 +31,6 @@ def load_source_model(base: str | os.PathLike, adapter: str | os.PathLike, *, qu
 @contextlib.contextmanager
 def adapters_bypassed(model: nn.Module) -> Iterator[None]:
     """Within the block every :class:`AdaLoraLinear` of ``model`` is replaced by its base layer."""
-    from adalora_deploy.adapters import find_adapters, replace_module
-
     layers = dict(find_adapters(model).items())
     for name, layer in layers.items():
         replace_module(model, name, layer.base_layer)

@@ -28,6 +28,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from adalora_deploy.artifacts import read_json, write_json
 from adalora_deploy.errors import ArtifactError, require
 
 from ..contract import (ATTENTION_MASK, GENAI_CONFIG_FILE, INPUT_IDS, LOGITS, MODEL_FILE, PAST_PREFIX,
@@ -88,8 +89,6 @@ def genai_config(config: Mapping[str, Any], *, limits: ModelLimits, filename: st
 
 def write_genai_config(folder: str | os.PathLike, *, filename: str = MODEL_FILE, share_buffer: bool = False) -> Path:
     """Write ``genai_config.json`` into an export folder from its ``config.json`` (and generation_config.json)."""
-    from adalora_deploy.artifacts import read_json, write_json
-
     folder = Path(folder)
     path = folder / GENAI_CONFIG_FILE
     write_json(path, genai_config(read_json(folder / "config.json"), limits=model_limits(folder), filename=filename,

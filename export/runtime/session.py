@@ -139,7 +139,7 @@ class StepOutput:
 
 
 class DecoderSession:
-    """A KV-cache decoding graph (``export.graph`` interface) in onnxruntime.
+    """A KV-cache decoding graph (``export.build.graph`` interface) in onnxruntime.
 
     Args:
         session: an ``onnxruntime.InferenceSession`` of an exported decoder (see :func:`create_session`).

@@ -1,7 +1,7 @@
 """Direct ONNX graph builder ("fast path") for Llama-family decoders (llama, mistral, qwen2): the build entry point.
 
 Instead of tracing the model with ``torch.onnx.export(dynamo=True)`` (minutes, an unfused graph), this
-module walks the export twin (a transformers causal LM after ``export.api.convert_for_export``) and emits
+module walks the export twin (a transformers causal LM after ``export.build.convert.convert_for_export``) and emits
 onnxruntime's fused contrib ops node by node, streaming each weight to ``model.onnx.data`` as it goes::
 
     input_ids ─> Gather / GatherBlockQuantized (embed_tokens) ─> h
@@ -17,9 +17,9 @@ onnxruntime's fused contrib ops node by node, streaming each weight to ``model.o
       x ─> gate/up projection (fused) ─> Split ─> [+ LoRA] ─> Sigmoid/Mul/Mul ─> down_proj
     SkipSimplifiedLayerNormalization(final norm) ─> lm_head (MatMul / Gemm / MatMulNBits) ─> logits
 
-The graph keeps the interface of :mod:`export.graph` exactly (same input and output names, dtypes and
+The graph keeps the interface of :mod:`export.build.graph` exactly (same input and output names, dtypes and
 axes, adapter inputs after the past tensors) and computes the same function as
-:class:`export.graph.DecoderWrapper`, including left-padded batches.
+:class:`export.build.graph.DecoderWrapper`, including left-padded batches.
 
 Left padding and GroupQueryAttention: GQA places a row's new keys at ``seqlens_k[b] + 1 - seq`` and applies
 its causal mask from there, i.e. it assumes right padding. Here every row claims the full length
@@ -117,7 +117,7 @@ def build_decoder(
 
     Args:
         model: a transformers ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` after
-            ``export.api.convert_for_export`` (linears are ``nn.Linear``, :class:`NBitsLinear`,
+            ``export.build.convert.convert_for_export`` (linears are ``nn.Linear``, :class:`NBitsLinear`,
             :class:`Bnb4Linear`, :class:`Int8EmulationLinear` or :class:`LowRankBranch` around one of them).
             fp32 or fp16 (an fp16 model gives fp16 weights, activations and KV cache, fp32 logits).
         output_dir: folder to write ``filename`` and ``filename.data`` into (created if missing).
@@ -136,11 +136,11 @@ def build_decoder(
         check: run ``onnx.checker`` on the written file.
 
     Returns:
-        An :class:`ExportResult` (``export.graph``'s).
+        An :class:`ExportResult` (``export.build.graph``'s).
 
     Raises:
         FastPathUnsupported: the architecture or a module is outside the fast path (fall back to
-            ``export.graph.export_decoder``).
+            ``export.build.graph.export_decoder``).
         ExportError: the checker rejected the graph.
     """
     started = time.perf_counter()
@@ -199,7 +199,7 @@ def build_decoder(
                                   producer_name="adalora_deploy.fastpath")
         proto.ir_version = min(proto.ir_version, 10)
         # every present tensor comes from GroupQueryAttention: runners may bind past and present to one
-        # preallocated buffer (export.runtime.DecoderSession.generate_greedy, onnxruntime-genai)
+        # preallocated buffer (export.runtime.session.DecoderSession.generate_greedy, onnxruntime-genai)
         helper.set_model_props(proto, {KV_SHARE_BUFFER_METADATA: "1", BUILDER_METADATA: "fastpath"})
         staged = staging / filename
         onnx.save_model(proto, str(staged))

@@ -173,7 +173,7 @@ class LinearEmitter:
     #    ─> Mul(row_stats * scb) ─> Mul(1/127^2) ─> Add(bias) ─> Add(MatMul(Where(outlier_cols, x, 0), weight_t))
     #    ─> Reshape[..., N]
     def _int8(self, modules: Sequence[Int8EmulationLinear], x: str, path: str) -> str:
-        """The node pattern of ``export.contrib._int8_lt_matmul_onnx``, with static K and N."""
+        """The node pattern of ``export.build.contrib._int8_lt_matmul_onnx``, with static K and N."""
         g, first, scope = self.g, modules[0], scope_of(path)
         if g.float_type != np.float32:
             raise FastPathUnsupported("fast path: the LLM.int8 emulation is built for fp32 graphs only")

@@ -23,6 +23,9 @@ from typing import ClassVar, Literal
 
 from torch import nn
 
+from adalora_deploy.backends import backend_for, is_supported
+from adalora_deploy.errors import ExportError
+
 __all__ = [
     "BRANCH",
     "Arithmetic",
@@ -135,8 +138,6 @@ def kind_for_quantization(quantization: str) -> ExportKind:
     Raises:
         ExportError: no kind handles it.
     """
-    from adalora_deploy.errors import ExportError
-
     for kind in kinds():
         if quantization in kind.quantizations:
             return kind
@@ -146,8 +147,6 @@ def kind_for_quantization(quantization: str) -> ExportKind:
 
 def kind_for_module(module: nn.Module) -> ExportKind | None:
     """The kind of a base layer (by its training backend), or None for modules no backend reads."""
-    from adalora_deploy.backends import backend_for, is_supported
-
     if not is_supported(module):
         return None
     backend_kind = backend_for(module).kind

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..modules import Bnb4Linear, NBitsLinear
 from . import SERVING_ACCURACY_LEVEL, Arithmetic, ExportKind, register_kind
 
 
@@ -14,8 +15,6 @@ class Bnb4Kind(ExportKind):
     twins = "adalora_deploy.export.build.modules.Bnb4Linear.from_bnb (exact) or NBitsLinear.from_bnb_4bit (serving)"
 
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
-        from ..modules import Bnb4Linear, NBitsLinear
-
         if serving:
             return NBitsLinear.from_bnb_4bit(module, accuracy_level=SERVING_ACCURACY_LEVEL)
         return Bnb4Linear.from_bnb(module)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..modules import Int8EmulationLinear, NBitsLinear
 from . import SERVING_ACCURACY_LEVEL, Arithmetic, ExportKind, register_kind
 
 
@@ -14,8 +15,6 @@ class Bnb8Kind(ExportKind):
     twins = "adalora_deploy.export.build.modules.Int8EmulationLinear.from_bnb (exact) or NBitsLinear.from_bnb_int8 (serving)"
 
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
-        from ..modules import Int8EmulationLinear, NBitsLinear
-
         if serving:
             return NBitsLinear.from_bnb_int8(module, accuracy_level=SERVING_ACCURACY_LEVEL)
         return Int8EmulationLinear.from_bnb(module)

@@ -6,6 +6,7 @@ from torch import nn
 
 from adalora_deploy.errors import ExportError
 
+from ..modules import NBitsLinear
 from . import SERVING_ACCURACY_LEVEL, Arithmetic, ExportKind, register_kind
 
 
@@ -17,8 +18,6 @@ class GPTQKind(ExportKind):
     trained_int4 = True
 
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
-        from ..modules import NBitsLinear
-
         try:
             return NBitsLinear.from_gptq(module, accuracy_level=SERVING_ACCURACY_LEVEL if serving else 0)
         except ValueError as error:
