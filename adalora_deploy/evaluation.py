@@ -255,7 +255,7 @@ def torch_logits(model: Any) -> LogitsFn:
 
 
 def graph_logits(decoder: Any, adapter: dict[str, np.ndarray] | None = None) -> LogitsFn:
-    """The logits function of an exported graph (a :class:`adalora_deploy.export.runtime.DecoderSession`)."""
+    """The logits function of an exported graph (a :class:`adalora_deploy.export.runtime.session.DecoderSession`)."""
 
     def run(input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         return np.asarray(decoder.step(input_ids, attention_mask, None, adapter).logits, dtype=np.float32)

@@ -50,7 +50,7 @@ def load(model_dir: str):
 
 
 def convert(model, variant: str) -> None:
-    from adalora_deploy.export.modules import LowRankBranch, NBitsLinear, swap_module
+    from adalora_deploy.export.build.modules import LowRankBranch, NBitsLinear, swap_module
     from torch import nn
 
     if variant.startswith("int4"):
@@ -113,19 +113,19 @@ def cmd_export(args) -> None:
     t2 = time.perf_counter()
     sampler = _PeakRss()
     if args.path == "fast":
-        from adalora_deploy.export.fastpath import build_decoder
+        from adalora_deploy.export.build.fastpath import build_decoder
 
         tables = "int4" if "tables" in args.variant else None
         result = build_decoder(model, args.out, quantize_embeddings=tables, quantize_lm_head=tables,
                                table_symmetric=args.variant.endswith("-sym"))
     else:
-        from adalora_deploy.export.graph import export_decoder
+        from adalora_deploy.export.build.graph import export_decoder
 
         result = export_decoder(model, args.out, external_data=True)
     t3 = time.perf_counter()
     build_peak = sampler.stop()
     if result.adapter_input_names:
-        from adalora_deploy.export.adapter_file import add_default_adapter_inputs
+        from adalora_deploy.export.build.adapter_file import add_default_adapter_inputs
 
         add_default_adapter_inputs(result.model_path, result.adapter_input_names)
     print(json.dumps({"variant": args.variant, "path": args.path, "load_s": round(t1 - t0, 2),
@@ -148,9 +148,9 @@ def _left_padded(tokenizer, prompts):
 
 
 def cmd_parity(args) -> None:
-    from adalora_deploy.export.graph import DecoderWrapper
-    from adalora_deploy.export.parity import torch_greedy
-    from adalora_deploy.export.runtime import DecoderSession, create_session
+    from adalora_deploy.export.build.graph import DecoderWrapper
+    from adalora_deploy.export.judge.parity import torch_greedy
+    from adalora_deploy.export.runtime.session import DecoderSession, create_session
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
@@ -213,7 +213,7 @@ def cmd_decode(args) -> None:
     With one intra-op thread onnxruntime runs every kernel on the calling thread, so the calling thread's
     CPU time is also reported: on a shared machine it moves far less than wall time.
     """
-    from adalora_deploy.export.runtime import DecoderSession, create_session
+    from adalora_deploy.export.runtime.session import DecoderSession, create_session
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
@@ -276,7 +276,7 @@ QUALITY_PROMPTS = (
 
 def cmd_quality(args) -> None:
     """Lossy-tier metrics of each graph's prompt logits against transformers fp32 (batch 1 per prompt)."""
-    from adalora_deploy.export.parity import compare_outputs
+    from adalora_deploy.export.judge.parity import compare_outputs
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
@@ -323,7 +323,7 @@ def add_genai_config(graph: str | Path, model_dir: str | Path) -> None:
     """genai_config.json (and the model's config and tokenizer files) for a graph folder built outside ``export``."""
     import shutil
 
-    from adalora_deploy.export.genai import write_genai_config
+    from adalora_deploy.export.runtime.genai import write_genai_config
 
     folder = Path(graph)
     for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):

@@ -84,8 +84,8 @@ def og_model(export_dir: Path, engine: dict | None = None):
 
 
 def ours(export_dir: Path, clients: int, new_tokens: int, max_prefill_tokens: int | None = None) -> tuple[dict, list[list[int]]]:
-    from adalora_deploy.export.engine import Engine, served_models
-    from adalora_deploy.export.generation import GenerationRequest, SamplingParams, TextGenerator
+    from adalora_deploy.export.runtime.engine import Engine, served_models
+    from adalora_deploy.export.runtime.generation import GenerationRequest, SamplingParams, TextGenerator
 
     generator = TextGenerator.from_export(export_dir, intra_op_threads=THREADS)
     generator.limits = dataclasses.replace(generator.limits, eos_token_ids=frozenset())
@@ -123,7 +123,7 @@ def genai_generator(export_dir: Path, clients: int, new_tokens: int) -> tuple[di
     """og.Generator, one per request (concurrent requests in threads; og batches only equal-length prompts)."""
     import onnxruntime_genai as og
 
-    from adalora_deploy.export.tokenizer import TextTokenizer
+    from adalora_deploy.export.runtime.tokenizer import TextTokenizer
 
     model = og_model(export_dir)
     prompts = prompts_for(TextTokenizer.from_folder(export_dir), clients)
@@ -150,7 +150,7 @@ def genai_engine(export_dir: Path, clients: int, new_tokens: int) -> tuple[dict,
     """og.Engine (genai's own scheduler, static batching of up to ``clients`` requests)."""
     import onnxruntime_genai as og
 
-    from adalora_deploy.export.tokenizer import TextTokenizer
+    from adalora_deploy.export.runtime.tokenizer import TextTokenizer
 
     engine = og.Engine(og_model(export_dir, {"static_batching": {"max_batch_size": max(clients, 1)}}))
     prompts = prompts_for(TextTokenizer.from_folder(export_dir), clients)
@@ -185,7 +185,7 @@ def http(export_dir: Path, clients: int, new_tokens: int) -> tuple[dict, list[li
     import openai
     import uvicorn
 
-    from adalora_deploy.export.server import ServerSettings, build_service, create_app
+    from adalora_deploy.export.runtime.server import ServerSettings, build_service, create_app
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -30,9 +30,9 @@ def main() -> int:
     args = parser.parse_args()
     import onnxruntime as ort
 
-    from adalora_deploy.export.genai import GenaiGenerator
-    from adalora_deploy.export.generation import SamplingParams, TextGenerator, collect
-    from adalora_deploy.export.manifest import read_manifest
+    from adalora_deploy.export.runtime.genai import GenaiGenerator
+    from adalora_deploy.export.runtime.generation import SamplingParams, TextGenerator, collect
+    from adalora_deploy.export.build.manifest import read_manifest
 
     ort.set_default_logger_severity(3)
     manifest = read_manifest(args.export_dir)
@@ -53,7 +53,7 @@ def main() -> int:
     if not args.no_torch:
         import torch
 
-        from adalora_deploy.export.source import load_source_model
+        from adalora_deploy.export.build.source import load_source_model
 
         model = load_source_model(manifest.base_path, manifest.adapter_path, quantization=manifest.quantization,
                                   double_quant=manifest.double_quant)

@@ -516,7 +516,7 @@ def graph_prefill(folder: Path, model_dir: str, ids: np.ndarray, threads: int) -
 def decode_kind(suite: Suite, kind: str, eager: Eager, tokenizer, bandwidth: float, new_tokens: int,
                 prefill_tokens: int) -> dict[str, Any]:
     """Interleaved prefill and decode runs of one export kind: our graph (our loop, genai), the builder's, eager."""
-    from adalora_deploy.export.runtime import DecoderSession, create_session
+    from adalora_deploy.export.runtime.session import DecoderSession, create_session
 
     ours_dir, builder_dir = export_folder(suite, "ours", kind), export_folder(suite, "builder", kind)
     have_builder = (builder_dir / "model.onnx").exists()
@@ -648,9 +648,9 @@ def section_compaction(suite: Suite) -> None:
         suite.skip("compaction", "everything", "not in --quick (two more exports and decode runs); run without it")
         return
     import torch
-    from adalora_deploy.export.fastpath import build_decoder
-    from adalora_deploy.export.modules import LowRankBranch, swap_module
-    from adalora_deploy.export.runtime import DecoderSession, create_session
+    from adalora_deploy.export.build.fastpath import build_decoder
+    from adalora_deploy.export.build.modules import LowRankBranch, swap_module
+    from adalora_deploy.export.runtime.session import DecoderSession, create_session
 
     base = bench_fastpath.load(suite.model)
     with torch.no_grad():

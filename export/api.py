@@ -5,13 +5,13 @@
     base folder ──► load_source_model (base loaded as in training: run.json beside the adapter says how)
     adapter folder ──► (compacted to each module's surviving rank)
                          │
-                    convert_for_export (export.convert): merged or separate, each base kind's twin
-                    from its plug-in in export.kinds (which also says what the graph computes and its tier)
+                    convert_for_export (export.build.convert): merged or separate, each base kind's twin
+                    from its plug-in in export.build.kinds (which also says what the graph computes and its tier)
                          │
     export_decoder (onnx.checker + shape inference) in a temporary folder + config.json, tokenizer
     files, genai_config.json (onnxruntime-genai); then the source model is loaded again and the graph's
-    next-token agreement with it measured on held-out text (export.check.source_agreement): export.json
-    (export.manifest) records it, so no lossy graph ships without its numbers; the folder is swapped into
+    next-token agreement with it measured on held-out text (export.judge.agreement): export.json
+    (export.build.manifest) records it, so no lossy graph ships without its numbers; the folder is swapped into
     ``--output`` whole
 """
 
@@ -22,16 +22,24 @@ import logging
 import os
 from pathlib import Path
 
+import onnx
 from torch import nn
 
+from adalora_deploy.artifacts import atomic_dir, copy_tokenizer_files, write_json
+from adalora_deploy.data import BUILTIN_SAMPLE, token_blocks
 from adalora_deploy.errors import ExportError
+from adalora_deploy.models import load_tokenizer, resolve_quantization
 
-from .adapter_file import ADAPTER_FILE, add_default_adapter_inputs, write_onnx_adapter
-from .convert import Mode, Requantize, Weights, convert_for_export, validate_options
-from .genai import write_genai_config
-from .graph import DEFAULT_OPSET
-from .manifest import MANIFEST_FILE, ExportManifest, package_versions, sha256_file
-from .source import load_source_model
+from .build.adapter_file import add_default_adapter_inputs, write_onnx_adapter
+from .build.convert import Mode, Requantize, Weights, convert_for_export, validate_options
+from .build.fastpath import FastPathUnsupported, build_decoder
+from .build.graph import DEFAULT_OPSET, export_decoder
+from .build.kinds import keeping_exports
+from .build.manifest import ExportManifest, package_versions, sha256_file
+from .build.source import load_source_model
+from .contract import ADAPTER_FILE, MANIFEST_FILE
+from .judge.agreement import measure_source_agreement
+from .runtime.genai import write_genai_config
 
 __all__ = ["CALIBRATION_SAMPLES", "CALIBRATION_SEQ_LEN", "EXTERNAL_DATA_MIN_BYTES", "export_model"]
 
@@ -56,9 +64,6 @@ SmolLM2 input (1536), so every Hessian is full rank before damping."""
 
 def _build(model: nn.Module, folder: Path, *, builder: str, opset: int, external_data: bool):
     """The graph of ``model`` in ``folder`` by the fast path or the dynamo exporter: ``(ExportResult, "fast"|"dynamo")``."""
-    from .fastpath import FastPathUnsupported, build_decoder
-    from .graph import export_decoder
-
     if builder in ("auto", "fast"):
         try:
             return build_decoder(model, folder, opset=opset), "fast"
@@ -73,8 +78,6 @@ def _build(model: nn.Module, folder: Path, *, builder: str, opset: int, external
 
 def _adapter_matmuls(model_path: Path, branch_modules: list[str]) -> int:
     """MatMul nodes whose name scope is exactly a branch module (not its ``base``)."""
-    import onnx
-
     prefixes = {f"/{name.replace('.', '/')}/" for name in branch_modules}
     graph = onnx.load(str(model_path), load_external_data=False).graph
     count = 0
@@ -89,8 +92,6 @@ def _write_config(model: nn.Module, folder: Path) -> None:
     config = model.config.to_dict()
     for key in ("quantization_config", "_pre_quantization_dtype"):
         config.pop(key, None)
-    from adalora_deploy.artifacts import write_json
-
     write_json(folder / "config.json", config)
 
 
@@ -151,9 +152,6 @@ def export_model(
         ConfigError: a quantization that contradicts the training run record (without ``force``).
         ArtifactError, AdapterMismatchError: unreadable folders or an adapter for another base.
     """
-    from adalora_deploy.artifacts import atomic_dir, copy_tokenizer_files, write_json
-    from adalora_deploy.models import resolve_quantization
-
     validate_options(mode, weights, serving, adapter_inputs, requantize)
     if builder not in BUILDERS:
         raise ExportError(f"--builder {builder!r}: choose one of {', '.join(BUILDERS)}")
@@ -186,7 +184,7 @@ def export_model(
         del model
         agreement = None
         if measure_agreement:
-            agreement = _measure_agreement(temp, base, adapter, quantization, double_quant, conversion,
+            agreement = measure_source_agreement(temp, base, adapter, quantization, double_quant, conversion,
                                            agreement_text, adapter_inputs)
         files = sorted(p.name for p in temp.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
         manifest = ExportManifest(
@@ -207,8 +205,6 @@ def export_model(
     logger.info("wrote %s: %s, %d adapter MatMuls, %s", output, conversion.arithmetic.text, manifest.adapter_matmuls,
                 manifest.quantized_ops or "no quantized ops")
     if agreement is not None and not agreement["passed"]:
-        from .check import keeping_exports
-
         logger.warning("%s changes what the trained model computes (%s); %s", output, "; ".join(agreement["failures"]),
                        keeping_exports(quantization, mode, weights, serving))
     return dataclasses.replace(manifest, output_dir=str(output))
@@ -216,9 +212,6 @@ def export_model(
 
 def _calibration_blocks(base: Path, calibration: str | os.PathLike | None, samples: int, seq_len: int):
     """Token blocks ``(n <= samples, seq_len)`` of the calibration text, with the base's tokenizer."""
-    from adalora_deploy.data import BUILTIN_SAMPLE, token_blocks
-    from adalora_deploy.models import load_tokenizer
-
     if samples < 1 or seq_len < 2:
         raise ExportError(f"--calibration-samples must be >= 1 and --calibration-seq-len >= 2, got {samples}, {seq_len}")
     blocks = token_blocks(calibration or BUILTIN_SAMPLE, load_tokenizer(str(base)), seq_len)[:samples]
@@ -229,29 +222,3 @@ def _calibration_blocks(base: Path, calibration: str | os.PathLike | None, sampl
             f"{seq_len} tokens GPTQ re-quantization needs; pass --calibration FILE with more text like the task's, "
             f"lower --calibration-samples to {len(blocks)} knowingly, or use --requantize rtn")
     return blocks
-
-
-def _measure_agreement(folder: Path, base: Path, adapter: Path, quantization: str, double_quant: bool,
-                       conversion, text: str | os.PathLike | None, adapter_inputs: bool) -> dict:
-    """Graph in ``folder`` vs a freshly loaded source model on held-out text: the manifest's ``agreement``."""
-    from adalora_deploy.evaluation import AGREEMENT_POSITIONS
-
-    from .check import agreement_record, graph_held_out_logits, held_out_ids, source_agreement, source_logits
-    from .parity import ExactScale
-    from .runtime import DecoderSession, adapter_feeds, create_session
-
-    source = load_source_model(base, adapter, quantization=quantization, double_quant=double_quant)
-    ids = held_out_ids(folder, source.config, text, AGREEMENT_POSITIONS)
-    scale = ExactScale.of(source.config)
-    reference = source_logits(source, ids)
-    del source
-    feeds = adapter_feeds(conversion.factors) if adapter_inputs else None
-    decoder = DecoderSession(create_session(folder / "model.onnx"))
-    candidate = graph_held_out_logits(decoder, ids, feeds)
-    report = source_agreement(reference, candidate, tier=conversion.source_tier, scale=scale)
-    record = agreement_record(report, int(ids.size), text)
-    logger.info("agreement with the source on %d held-out positions: top-1 %.4f, mean KL %.3g, max abs %.3g (%s tier: %s)",
-                ids.size, record["top1"], record["mean_kl"], record["max_abs"], report.tier,
-                "pass" if report.passed else "FAIL")
-    return record
-

@@ -82,7 +82,7 @@ def _exact_passes(report) -> None:
 
 def test_exact_separate_graphs_of_the_real_model_pass(smollm2):
     from adalora_deploy.export.api import export_model
-    from adalora_deploy.export.check import check_export
+    from adalora_deploy.export.judge.check import check_export
 
     for name, base in (("gptq", smollm2["gptq_base"]), ("nf4", smollm2["base"])):
         out = smollm2["root"] / f"separate-{name}"
@@ -92,8 +92,8 @@ def test_exact_separate_graphs_of_the_real_model_pass(smollm2):
 
 def test_a_lossy_int4_graph_passes_only_if_it_keeps_the_decisions(smollm2):
     from adalora_deploy.export.api import export_model
-    from adalora_deploy.export.check import check_export
-    from adalora_deploy.export.parity import LOSSY_MIN_TOP1
+    from adalora_deploy.export.judge.check import check_export
+    from adalora_deploy.export.judge.parity import LOSSY_MIN_TOP1
 
     out = smollm2["root"] / "merged-int4"
     manifest = export_model(smollm2["base"], smollm2["nf4"], output=out, mode="merged", weights="int4",

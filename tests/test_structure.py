@@ -62,7 +62,7 @@ def test_check_cuda_on_a_cpu_onnxruntime_is_one_line_and_exit_2(tmp_path, capsys
 
 
 def test_runtime_does_not_import_torch(tmp_path):
-    code = ("import sys; import adalora_deploy.export.runtime, adalora_deploy.errors, adalora_deploy.cli; "
+    code = ("import sys; import adalora_deploy.export.runtime.session, adalora_deploy.errors, adalora_deploy.cli; "
             "heavy = sorted(m for m in ('torch', 'transformers', 'bitsandbytes', 'onnxscript') if m in sys.modules); "
             "print(heavy)")
     result = _python(code, tmp_path)
@@ -83,7 +83,7 @@ def test_a_users_export_folder_shadows_nothing(tmp_path):
     shadow.mkdir()
     (shadow / "__init__.py").write_text("raise RuntimeError('the user export package was imported')\n")
     (tmp_path / "export.py").write_text("raise RuntimeError('the user export module was imported')\n")
-    code = ("import adalora_deploy.export.api, adalora_deploy.export.check; "
+    code = ("import adalora_deploy.export.api, adalora_deploy.export.judge.check; "
             "from adalora_deploy.cli import main; raise SystemExit(main(['--help']))")
     result = _python(code, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -98,7 +98,7 @@ def test_a_failing_command_module_is_an_error_not_a_silence(tmp_path):
 
 
 def test_readme_export_table_is_the_registry(tmp_path):
-    from adalora_deploy.export.kinds import arithmetic_table
+    from adalora_deploy.export.build.kinds import arithmetic_table
 
     assert arithmetic_table() in (ROOT / "README.md").read_text(encoding="utf-8")
 
@@ -110,7 +110,7 @@ def test_wheel_installs_export_inside_the_package(tmp_path):
     assert build.returncode == 0, build.stderr
     wheel = next((tmp_path / "dist").glob("adalora_deploy-*.whl"))
     names = zipfile.ZipFile(wheel).namelist()
-    assert "adalora_deploy/export/api.py" in names and "adalora_deploy/export/kinds/gptq.py" in names
+    assert "adalora_deploy/export/api.py" in names and "adalora_deploy/export/build/kinds/gptq.py" in names
     assert not any(name.startswith("export/") for name in names)
     packages = {str(Path(n).parent) for n in names if n.endswith("__init__.py")}
     sources = {str(p.parent.relative_to(ROOT)).replace("export", "adalora_deploy/export", 1)

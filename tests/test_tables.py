@@ -95,7 +95,7 @@ def test_int8_activations_amplify_fp32_rounding_differences(tmp_path, calibratio
     fp32 ulps (what another correct summation order does). With fp32 activations the logits move within the
     exact tier's bound; with int8 activations some codes cross a rounding boundary and the change grows layer
     by layer, far past that bound (on SmolLM2 as far as int8 vs fp32 activations: docs/ONNX.md)."""
-    from adalora_deploy.export.parity import ExactScale
+    from adalora_deploy.export.judge.parity import ExactScale
 
     model = tiny_llama(tie_word_embeddings=True, vocab_size=264)
     quantize_model(model, calibration, method="gptq", bits=4, group_size=32, tables=True)

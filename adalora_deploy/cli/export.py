@@ -100,7 +100,7 @@ def _add_adapter_file_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_adapter_file(args: argparse.Namespace) -> int:
     """Write the file and say how many modules carry a non-zero branch."""
-    from adalora_deploy.export.adapter_file import write_adapter_file
+    from adalora_deploy.export.build.adapter_file import write_adapter_file
 
     path = write_adapter_file(args.adapter, args.export, args.output)
     print(f"wrote {path} for {args.export}")
@@ -111,7 +111,7 @@ def run_export(args: argparse.Namespace) -> int:
     """Export and print a one-paragraph summary."""
     from adalora_deploy.artifacts import check_output_dir
     from adalora_deploy.export.api import export_model
-    from adalora_deploy.export.graph import DEFAULT_OPSET
+    from adalora_deploy.export.build.graph import DEFAULT_OPSET
 
     from adalora_deploy.errors import ExportError
     from adalora_deploy.export.api import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
@@ -149,7 +149,7 @@ def run_export(args: argparse.Namespace) -> int:
               f"mean KL {a['mean_kl']:.3g}, max abs {a['max_abs']:.3g} -> {a['tier']} tier "
               f"{'met' if a['passed'] else 'MISSED'}")
         if not a["passed"]:
-            from adalora_deploy.export.check import keeping_exports
+            from adalora_deploy.export.build.kinds import keeping_exports
 
             print(f"warning: this graph changes what the trained model computes; "
                   f"{keeping_exports(manifest.quantization, manifest.mode, manifest.weights, manifest.serving)}",
@@ -159,7 +159,7 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """Check, print the table; 0 when every comparison meets its tier, else 1."""
-    from adalora_deploy.export.check import check_export
+    from adalora_deploy.export.judge.check import check_export
 
     if args.max_new_tokens < 1 or args.decode_steps < 0:
         from adalora_deploy.errors import ExportError

@@ -100,14 +100,14 @@ def _adapter_path(export_dir: str, value: str | None) -> Path | None:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Generate; text to stdout (streamed for one prompt), statistics to stderr with --stats."""
-    from adalora_deploy.export.generation import SamplingParams, TextGenerator
+    from adalora_deploy.export.runtime.generation import SamplingParams, TextGenerator
 
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             stop=tuple(args.stop))
     adapter = _adapter_path(args.export_dir, args.adapter)
     if args.engine == "genai":
-        from adalora_deploy.export.genai import GenaiGenerator
+        from adalora_deploy.export.runtime.genai import GenaiGenerator
 
         generator = GenaiGenerator(args.export_dir)
         tokenizer = generator.tokenizer
@@ -160,7 +160,7 @@ def _run_options(export_dir: str, generator, adapter: Path):
     import onnxruntime as ort
 
     from adalora_deploy.errors import ArtifactError
-    from adalora_deploy.export.engine import _check_adapter
+    from adalora_deploy.export.runtime.engine import _check_adapter
 
     if not generator.decoder.adapter_names:
         raise ArtifactError(f"{export_dir} was exported without --adapter-inputs: --adapter cannot switch its adapter")
@@ -174,7 +174,7 @@ def _run_options(export_dir: str, generator, adapter: Path):
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted (Ctrl-C / SIGINT: exit status 0 after a clean shutdown)."""
-    from adalora_deploy.export.server import ServerSettings, serve
+    from adalora_deploy.export.runtime.server import ServerSettings, serve
 
     settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
                               max_tokens_limit=args.max_tokens_limit, max_batch_size=args.max_batch_size,

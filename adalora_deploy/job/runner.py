@@ -243,7 +243,7 @@ def _calibration_file(job: _Job) -> str | None:
 
 
 def _check(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.export.check import check_export
+    from adalora_deploy.export.judge.check import check_export
 
     result = {}
     for name, export in job.stages["export"]["exports"].items():
@@ -260,7 +260,7 @@ def _check(job: _Job) -> dict[str, Any]:
 
 def _evaluate_exports(job: _Job) -> dict[str, Any]:
     from adalora_deploy.evaluation import graph_logits
-    from adalora_deploy.export.runtime import DecoderSession, create_session
+    from adalora_deploy.export.runtime.session import DecoderSession, create_session
 
     result = {}
     for name, export in job.stages["export"]["exports"].items():
@@ -272,7 +272,7 @@ def _evaluate_exports(job: _Job) -> dict[str, Any]:
 
 def _adapter_feeds(folder: Path) -> dict | None:
     """The feeds of an adapter-inputs export's own ``adapter.onnx_adapter`` (None for baked-in adapters)."""
-    from adalora_deploy.export.adapter_file import ADAPTER_FILE
+    from adalora_deploy.export.contract import ADAPTER_FILE
 
     path = folder / ADAPTER_FILE
     if not path.is_file():

@@ -110,7 +110,7 @@ class ServingExports:
 def serving_exports(export_workspace, tmp_path_factory) -> ServingExports:
     import shutil
 
-    from adalora_deploy.export.adapter_file import write_adapter_file
+    from adalora_deploy.export.build.adapter_file import write_adapter_file
     from adalora_deploy.export.api import export_model
 
     ws = export_workspace

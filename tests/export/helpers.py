@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from adalora_deploy.export.contrib import CUSTOM_TRANSLATION_TABLE
-from adalora_deploy.export.runtime import create_session
+from adalora_deploy.export.build.contrib import CUSTOM_TRANSLATION_TABLE
+from adalora_deploy.export.runtime.session import create_session
 
 OPSET = 20
 

@@ -5,14 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from adalora_deploy.export.adapter_file import ADAPTER_FILE, write_onnx_adapter
+from adalora_deploy.export.build.adapter_file import write_onnx_adapter
+from adalora_deploy.export.contract import ADAPTER_FILE
 from adalora_deploy.export.api import export_model
-from adalora_deploy.export.check import ADAPTER_EFFECT_MIN, check_export, held_out_batch
-from adalora_deploy.export.convert import adapter_factors
-from adalora_deploy.export.graph import DecoderWrapper
-from adalora_deploy.export.parity import ExactScale, torch_greedy
-from adalora_deploy.export.runtime import DecoderSession, create_session
-from adalora_deploy.export.source import load_source_model
+from adalora_deploy.export.judge.agreement import held_out_batch
+from adalora_deploy.export.judge.check import ADAPTER_EFFECT_MIN, check_export
+from adalora_deploy.export.build.convert import adapter_factors
+from adalora_deploy.export.build.graph import DecoderWrapper
+from adalora_deploy.export.judge.parity import ExactScale, torch_greedy
+from adalora_deploy.export.runtime.session import DecoderSession, create_session
+from adalora_deploy.export.build.source import load_source_model
 
 from adalora_deploy.cli import main
 

@@ -5,16 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from adalora_deploy.export.graph import DecoderWrapper, export_decoder
-from adalora_deploy.export.modules import (
+from adalora_deploy.export.build.graph import DecoderWrapper, export_decoder
+from adalora_deploy.export.build.modules import (
     Bnb4Linear,
     Int8EmulationLinear,
     LowRankBranch,
     NBitsLinear,
     swap_module,
 )
-from adalora_deploy.export.parity import ExactScale, decoder_parity
-from adalora_deploy.export.runtime import DecoderSession, adapter_feeds, create_session
+from adalora_deploy.export.judge.parity import ExactScale, decoder_parity
+from adalora_deploy.export.runtime.session import DecoderSession, adapter_feeds, create_session
 
 from adalora_deploy.demo import tiny_llama
 from tests.export.helpers import gptq_rtn

@@ -8,14 +8,11 @@ import numpy as np
 import onnx
 import pytest
 from adalora_deploy.export.api import export_model
-from adalora_deploy.export.check import (
-    ADAPTER_EFFECT_MIN,
-    PARITY_FILE,
-    check_export,
-    held_out_batch,
-)
-from adalora_deploy.export.manifest import MANIFEST_FILE, read_manifest, sha256_file
-from adalora_deploy.export.source import load_source_model
+from adalora_deploy.export.judge.agreement import held_out_batch
+from adalora_deploy.export.judge.check import ADAPTER_EFFECT_MIN, check_export
+from adalora_deploy.export.build.manifest import read_manifest, sha256_file
+from adalora_deploy.export.contract import MANIFEST_FILE, PARITY_FILE
+from adalora_deploy.export.build.source import load_source_model
 
 from adalora_deploy.cli import main
 

@@ -1,6 +1,6 @@
-"""The fast path (``adalora_deploy.export.fastpath.build_decoder``): a directly built GQA graph equals the torch twin.
+"""The fast path (``adalora_deploy.export.build.fastpath.build_decoder``): a directly built GQA graph equals the torch twin.
 
-Every parity check runs ``adalora_deploy.export.parity.decoder_parity``: a left-padded batch of 2, the prompt step, three
+Every parity check runs ``adalora_deploy.export.judge.parity.decoder_parity``: a left-padded batch of 2, the prompt step, three
 KV-cache steps (logits and every present tensor over valid positions), then greedy generation against
 transformers' ``generate``.
 """
@@ -11,26 +11,27 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from adalora_deploy.export.adapter_file import add_default_adapter_inputs
+from adalora_deploy.export.build.adapter_file import add_default_adapter_inputs
 from adalora_deploy.export.api import _adapter_matmuls
-from adalora_deploy.export.check import ADAPTER_EFFECT_MIN, held_out_batch
-from adalora_deploy.export.convert import convert_for_export
-from adalora_deploy.export.fastpath import (
+from adalora_deploy.export.judge.agreement import held_out_batch
+from adalora_deploy.export.judge.check import ADAPTER_EFFECT_MIN
+from adalora_deploy.export.build.convert import convert_for_export
+from adalora_deploy.export.build.fastpath import (
     FastPathUnsupported,
     build_decoder,
     quantize_table,
 )
-from adalora_deploy.export.graph import DecoderWrapper, adapter_input_names
-from adalora_deploy.export.modules import (
+from adalora_deploy.export.build.graph import DecoderWrapper, adapter_input_names
+from adalora_deploy.export.build.modules import (
     Bnb4Linear,
     Int8EmulationLinear,
     LowRankBranch,
     NBitsLinear,
     swap_module,
 )
-from adalora_deploy.export.parity import ExactScale, decoder_parity
-from adalora_deploy.export.runtime import DecoderSession, adapter_feeds, create_session
-from adalora_deploy.export.source import adapters_bypassed, load_source_model
+from adalora_deploy.export.judge.parity import ExactScale, decoder_parity
+from adalora_deploy.export.runtime.session import DecoderSession, adapter_feeds, create_session
+from adalora_deploy.export.build.source import adapters_bypassed, load_source_model
 from torch import nn
 
 from adalora_deploy.demo import tiny_llama
@@ -343,8 +344,3 @@ def test_multi_token_steps_with_a_past_match_the_twin(tmp_path):
         reference = wrapper(ids, mask, empty)[0][:, 5:].numpy()
     assert np.abs(second.logits - reference).max() <= ExactScale.of(model).tolerance(reference)
 
-
-def test_metadata_key_is_the_runtime_key():
-    from adalora_deploy.export import fastpath, runtime
-
-    assert fastpath.KV_SHARE_BUFFER_METADATA == runtime.KV_SHARE_BUFFER_METADATA

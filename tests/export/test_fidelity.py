@@ -14,9 +14,10 @@ from onnx import numpy_helper
 
 from adalora_deploy.cli import main
 from adalora_deploy.export.api import export_model
-from adalora_deploy.export.check import check_export
-from adalora_deploy.export.manifest import MANIFEST_FILE, sha256_file
-from adalora_deploy.export.parity import LOSSY_MIN_TOP1
+from adalora_deploy.export.judge.check import check_export
+from adalora_deploy.export.build.manifest import sha256_file
+from adalora_deploy.export.contract import MANIFEST_FILE
+from adalora_deploy.export.judge.parity import LOSSY_MIN_TOP1
 
 
 def _edit_initializers(folder, edit) -> None:

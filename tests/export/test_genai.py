@@ -7,13 +7,14 @@ import json
 
 import numpy as np
 import pytest
-from adalora_deploy.export.generation import SamplingParams, TextGenerator, collect
-from adalora_deploy.export.manifest import read_manifest, sha256_file
+from adalora_deploy.export.runtime.generation import SamplingParams, TextGenerator, collect
+from adalora_deploy.export.build.manifest import read_manifest, sha256_file
 
 from adalora_deploy.cli import main
 
 og = pytest.importorskip("onnxruntime_genai")
-from adalora_deploy.export.genai import GENAI_CONFIG_FILE, GenaiGenerator  # noqa: E402
+from adalora_deploy.export.contract import GENAI_CONFIG_FILE  # noqa: E402
+from adalora_deploy.export.runtime.genai import GenaiGenerator  # noqa: E402
 
 PROMPTS = ["The river rises in", "In winter the", "Every morning he rowed across the", "a"]
 GREEDY = SamplingParams(max_new_tokens=20)

@@ -8,7 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from adalora_deploy.export.generation import (
+from adalora_deploy.export.runtime.generation import (
     GenerationError,
     SamplingParams,
     TextGenerator,
@@ -18,8 +18,8 @@ from adalora_deploy.export.generation import (
     top_k_filter,
     top_p_filter,
 )
-from adalora_deploy.export.source import load_source_model
-from adalora_deploy.export.tokenizer import TextTokenizer
+from adalora_deploy.export.build.source import load_source_model
+from adalora_deploy.export.runtime.tokenizer import TextTokenizer
 
 from adalora_deploy.cli import main
 
@@ -153,7 +153,7 @@ class _CharTokenizer:
         return "".join(chr(i) for i in ids)
 
     def detokenizer(self):
-        from adalora_deploy.export.tokenizer import IncrementalDetokenizer
+        from adalora_deploy.export.runtime.tokenizer import IncrementalDetokenizer
 
         return IncrementalDetokenizer(self)
 

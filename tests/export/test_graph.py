@@ -6,9 +6,9 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from adalora_deploy.export.graph import ExportError, export_decoder
-from adalora_deploy.export.parity import decoder_parity
-from adalora_deploy.export.runtime import DecoderSession, create_session
+from adalora_deploy.export.build.graph import ExportError, export_decoder
+from adalora_deploy.export.judge.parity import decoder_parity
+from adalora_deploy.export.runtime.session import DecoderSession, create_session
 
 from adalora_deploy.demo import tiny_llama
 

@@ -17,8 +17,9 @@ import pytest
 from onnx import helper
 
 from adalora_deploy.export.api import export_model
-from adalora_deploy.export.check import check_export
-from adalora_deploy.export.manifest import MANIFEST_FILE, sha256_file
+from adalora_deploy.export.judge.check import check_export
+from adalora_deploy.export.build.manifest import sha256_file
+from adalora_deploy.export.contract import MANIFEST_FILE
 
 from .conftest import ADAPTED_MODULES
 

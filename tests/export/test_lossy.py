@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from adalora_deploy.export.graph import export_decoder
-from adalora_deploy.export.modules import NBitsLinear, swap_module
-from adalora_deploy.export.parity import LOSSY_MAX_KL, LOSSY_MIN_TOP1, decoder_parity
-from adalora_deploy.export.runtime import DecoderSession, create_session
+from adalora_deploy.export.build.graph import export_decoder
+from adalora_deploy.export.build.modules import NBitsLinear, swap_module
+from adalora_deploy.export.judge.parity import LOSSY_MAX_KL, LOSSY_MIN_TOP1, decoder_parity
+from adalora_deploy.export.runtime.session import DecoderSession, create_session
 
 from adalora_deploy.demo import tiny_llama
 from tests.export.test_graph import EOS, PAD, left_padded_batch

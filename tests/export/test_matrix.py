@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 from adalora_deploy.export.api import export_model
-from adalora_deploy.export.check import ADAPTER_EFFECT_MIN, check_export
-from adalora_deploy.export.parity import LOSSY_MIN_TOP1
+from adalora_deploy.export.judge.check import ADAPTER_EFFECT_MIN, check_export
+from adalora_deploy.export.judge.parity import LOSSY_MIN_TOP1
 
 pytestmark = pytest.mark.slow
 

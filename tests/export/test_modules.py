@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from adalora_deploy.export.modules import (
+from adalora_deploy.export.build.modules import (
     Bnb4Linear,
     Int8EmulationLinear,
     LowRankBranch,

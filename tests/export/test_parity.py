@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 from adalora_deploy.evaluation import EvalResult
-from adalora_deploy.export.parity import (
+from adalora_deploy.export.judge.parity import (
     FP32_UNIT_ROUNDOFF,
     LOSSY_MAX_ACCURACY_DROP,
     LOSSY_MAX_PERPLEXITY_RATIO,

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from adalora_deploy.export.runtime import create_session
+from adalora_deploy.export.runtime.session import create_session
 from onnx import TensorProto, helper, numpy_helper
 
 K, N, BLOCK = 128, 64, 32

@@ -12,7 +12,7 @@ import sys
 import time
 
 import httpx
-from adalora_deploy.export.generation import SamplingParams, TextGenerator
+from adalora_deploy.export.runtime.generation import SamplingParams, TextGenerator
 
 from tests.test_structure import BLOCK_HEAVY_IMPORTS
 

@@ -14,9 +14,9 @@ import httpx
 import openai
 import pytest
 from adalora_deploy.errors import ArtifactError
-from adalora_deploy.export.engine import served_models
-from adalora_deploy.export.generation import SamplingParams, TextGenerator
-from adalora_deploy.export.server import ServerSettings, build_service, create_app
+from adalora_deploy.export.runtime.engine import served_models
+from adalora_deploy.export.runtime.generation import SamplingParams, TextGenerator
+from adalora_deploy.export.runtime.server import ServerSettings, build_service, create_app
 
 API_KEY = "test-key"
 PROMPTS = ["The river rises in", "In winter the", "Every morning he rowed across the", "a"]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from adalora_deploy.export.tokenizer import ChatTemplateError, TextTokenizer
+from adalora_deploy.export.runtime.tokenizer import ChatTemplateError, TextTokenizer
 
 from tests.export.conftest import CHAT_TEMPLATE
 

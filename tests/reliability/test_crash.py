@@ -132,7 +132,7 @@ def test_quantize_killed_leaves_the_earlier_checkpoint_intact_or_a_complete_new_
 
 
 def test_export_killed_leaves_the_earlier_export_intact(tiny, tmp_path):
-    from adalora_deploy.export.manifest import read_manifest, verify_files
+    from adalora_deploy.export.build.manifest import read_manifest, verify_files
 
     from adalora_deploy.artifacts import recover
 

@@ -32,7 +32,7 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-from adalora_deploy.export.server import ServerSettings, build_service, create_app
+from adalora_deploy.export.runtime.server import ServerSettings, build_service, create_app
 
 from adalora_deploy.cli import build_parser
 from tests.export import conftest as export_fixtures

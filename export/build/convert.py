@@ -5,7 +5,7 @@
     source model (base with its own kernels + AdaLoRA layers, compacted)
           ┌──────────────┴───────────────────────────┐
         merged                                     separate
-    merge_into_dense: W = dequant(W0) + ΔW         each base layer -> its kind's twin (export.kinds);
+    merge_into_dense: W = dequant(W0) + ΔW         each base layer -> its kind's twin (export.build.kinds);
       fp32       plain MatMul (exact)              rank r > 0: LowRankBranch, A = Λ'Q' [r, in],
       fp16       whole model in fp16 (lossy)       B = P' scale [out, r]; rank 0: no branch, no node
       int4/int8  MatMulNBits, accuracy 4           --adapter-inputs: A/B graph inputs with a symbolic
@@ -14,7 +14,7 @@
                  calibration text (default) or
                  round-to-nearest
 
-What each base kind's graph computes is written once, in its :mod:`adalora_deploy.export.kinds` file.
+What each base kind's graph computes is written once, in its :mod:`adalora_deploy.export.build.kinds` file.
 """
 
 from __future__ import annotations
@@ -24,12 +24,18 @@ import os
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
+import onnx
 import torch
+from onnx import numpy_helper
 from torch import nn
 
 from adalora_deploy import functional as F
 from adalora_deploy.adapters import find_adapters
+from adalora_deploy.backends import backend_for, is_supported
+from adalora_deploy.backends.gptq import QuantLinear
 from adalora_deploy.errors import ExportError
+from adalora_deploy.gptq.driver import quantize_model
+from adalora_deploy.merge import merge_into_dense
 
 from .kinds import (
     BRANCH,
@@ -40,7 +46,8 @@ from .kinds import (
     kind_for_quantization,
     twin_of,
 )
-from .modules import LowRankBranch, NBitsLinear, swap_module
+from ..contract import FUSED_LINEARS
+from .modules import LowRankBranch, NBitsLinear, default_zero_points, swap_module
 
 __all__ = [
     "MERGED_NBITS_BLOCK",
@@ -123,8 +130,6 @@ def trained_activations(model: nn.Module) -> str:
 
 def base_kind(model: nn.Module) -> str:
     """The quantized base kinds in ``model`` as the backends describe them (``dense`` when none)."""
-    from adalora_deploy.backends import backend_for, is_supported
-
     found: list[str] = []
     for module in model.modules():
         if is_supported(module):
@@ -152,7 +157,7 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
                        serving: bool = False, adapter_inputs: bool = False, requantize: Requantize = "gptq",
                        calibration: torch.Tensor | None = None, nbits_from: str | os.PathLike | None = None,
                        ) -> Conversion:
-    """Turn a source model (from :func:`~adalora_deploy.export.source.load_source_model`) into the torch twin of its ONNX graph, in place.
+    """Turn a source model (from :func:`~adalora_deploy.export.build.source.load_source_model`) into the torch twin of its ONNX graph, in place.
 
     No forward pass runs here before the base layers are read (bnb 4-bit statistics must be read before any
     eval forward); GPTQ re-quantization runs forwards on the merged fp32 model only. Old layers are dropped
@@ -177,8 +182,6 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
     arithmetic = describe(quantization, mode, weights, serving, requantize, trained_activations(model))
     requantization = None
     if mode == "merged":
-        from adalora_deploy.merge import merge_into_dense
-
         merge_into_dense(model, dtype=torch.float32)
         if weights == "fp16":
             # transformers refuses .to(dtype) on a model loaded through bitsandbytes, even once merged
@@ -220,9 +223,6 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
 def _gptq_requantize(model: nn.Module, calibration: torch.Tensor | None, bits: int) -> dict[str, Any]:
     """GPTQ (asymmetric, groups of :data:`MERGED_NBITS_BLOCK`) of every decoder linear of a merged fp32 model,
     each packed exactly into an :class:`NBitsLinear` at the serving accuracy level."""
-    from adalora_deploy.backends.gptq import QuantLinear
-    from adalora_deploy.gptq.driver import quantize_model
-
     if calibration is None:
         raise ExportError("GPTQ re-quantization needs calibration text (--calibration FILE)")
     report = quantize_model(model, calibration, method="gptq", bits=bits, group_size=MERGED_NBITS_BLOCK, sym=False,
@@ -234,9 +234,6 @@ def _gptq_requantize(model: nn.Module, calibration: torch.Tensor | None, bits: i
             "seq_len": int(calibration.shape[1]), "worst_output_sqnr_db": round(report.worst_sqnr_db, 3),
             "seconds": round(report.seconds, 1)}
 
-
-FUSED_LINEARS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-"""Node scopes of the fast path's fused projections and the linears they concatenate along N, in order."""
 
 
 def _graph_linears(model: nn.Module, scope: str) -> list[tuple[str, nn.Linear]] | None:
@@ -267,11 +264,6 @@ def nbits_from_graph(model: nn.Module, model_path: str | os.PathLike) -> int:
     Raises:
         ExportError: a MatMulNBits node whose module is not a linear of ``model``.
     """
-    import onnx
-    from onnx import numpy_helper
-
-    from .modules import default_zero_points
-
     graph = onnx.load(str(model_path)).graph
     initializers = {init.name: init for init in graph.initializer}
     swapped = 0

@@ -8,6 +8,9 @@ from typing import Iterator
 
 from torch import nn
 
+from adalora_deploy.adapters import find_adapters, replace_module
+from adalora_deploy.models import load_trained_model
+
 __all__ = ["adapters_bypassed", "load_source_model"]
 
 
@@ -17,16 +20,12 @@ def load_source_model(base: str | os.PathLike, adapter: str | os.PathLike, *, qu
 
     bnb 4-bit layers compute as in training (see :func:`adalora_deploy.models.load_trained_model`).
     """
-    from adalora_deploy.models import load_trained_model
-
     return load_trained_model(base, adapter, quantization=quantization, double_quant=double_quant, device="cpu")
 
 
 @contextlib.contextmanager
 def adapters_bypassed(model: nn.Module) -> Iterator[None]:
     """Within the block every :class:`AdaLoraLinear` of ``model`` is replaced by its base layer."""
-    from adalora_deploy.adapters import find_adapters, replace_module
-
     layers = dict(find_adapters(model).items())
     for name, layer in layers.items():
         replace_module(model, name, layer.base_layer)

@@ -28,18 +28,19 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from adalora_deploy.artifacts import read_json, write_json
 from adalora_deploy.errors import ArtifactError, require
 
+from ..contract import (ATTENTION_MASK, GENAI_CONFIG_FILE, INPUT_IDS, LOGITS, MODEL_FILE, PAST_PREFIX,
+                        PRESENT_PREFIX, KVGeometry)
 from .generation import (GenerationRequest, ModelLimits, RequestOutput, SamplingParams, TokenEvent, check_prompt,
                          model_limits)
 from .tokenizer import TextTokenizer
 
-__all__ = ["GENAI_CONFIG_FILE", "GenaiGenerator", "genai_config", "write_genai_config"]
-
-GENAI_CONFIG_FILE = "genai_config.json"
+__all__ = ["GenaiGenerator", "genai_config", "write_genai_config"]
 
 
-def genai_config(config: Mapping[str, Any], *, limits: ModelLimits, filename: str = "model.onnx",
+def genai_config(config: Mapping[str, Any], *, limits: ModelLimits, filename: str = MODEL_FILE,
                  share_buffer: bool = False) -> dict[str, Any]:
     """onnxruntime-genai's ``genai_config.json`` for one of our decoding graphs.
 
@@ -52,7 +53,7 @@ def genai_config(config: Mapping[str, Any], *, limits: ModelLimits, filename: st
             every present comes from GroupQueryAttention); og then binds past and present to one buffer.
     """
     text = config.get("text_config", config) if "num_hidden_layers" not in config else config
-    heads = int(text["num_attention_heads"])
+    geometry = KVGeometry.of(config)
     eos = sorted(limits.eos_token_ids)
     bos = text.get("bos_token_id", config.get("bos_token_id"))
     return {
@@ -62,15 +63,15 @@ def genai_config(config: Mapping[str, Any], *, limits: ModelLimits, filename: st
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": filename,
-                "head_size": int(text.get("head_dim") or text["hidden_size"] // heads),
-                "hidden_size": int(text["hidden_size"]),
-                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
-                "num_attention_heads": heads,
-                "num_hidden_layers": int(text["num_hidden_layers"]),
-                "num_key_value_heads": int(text.get("num_key_value_heads") or heads),
+                "head_size": geometry.head_dim,
+                "hidden_size": geometry.hidden,
+                "inputs": {"input_ids": INPUT_IDS, "attention_mask": ATTENTION_MASK,
+                           "past_key_names": f"{PAST_PREFIX}%d.key", "past_value_names": f"{PAST_PREFIX}%d.value"},
+                "outputs": {"logits": LOGITS, "present_key_names": f"{PRESENT_PREFIX}%d.key",
+                            "present_value_names": f"{PRESENT_PREFIX}%d.value"},
+                "num_attention_heads": geometry.num_heads,
+                "num_hidden_layers": geometry.num_layers,
+                "num_key_value_heads": geometry.num_kv_heads,
             },
             "eos_token_id": eos[0] if len(eos) == 1 else eos,
             "pad_token_id": limits.pad_token_id,
@@ -86,10 +87,8 @@ def genai_config(config: Mapping[str, Any], *, limits: ModelLimits, filename: st
     }
 
 
-def write_genai_config(folder: str | os.PathLike, *, filename: str = "model.onnx", share_buffer: bool = False) -> Path:
+def write_genai_config(folder: str | os.PathLike, *, filename: str = MODEL_FILE, share_buffer: bool = False) -> Path:
     """Write ``genai_config.json`` into an export folder from its ``config.json`` (and generation_config.json)."""
-    from adalora_deploy.artifacts import read_json, write_json
-
     folder = Path(folder)
     path = folder / GENAI_CONFIG_FILE
     write_json(path, genai_config(read_json(folder / "config.json"), limits=model_limits(folder), filename=filename,

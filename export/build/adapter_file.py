@@ -9,18 +9,23 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Mapping
+from typing import Mapping
 
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnx import numpy_helper
+
+from adalora_deploy.artifacts import atomic_file
 from adalora_deploy.errors import ExportError
+from adalora_deploy.peft_format import read_compact_adapter
 
+from ..contract import MODEL_FILE, is_lora_A
+from ..runtime.session import adapter_feeds
 from .manifest import read_manifest
 
-if TYPE_CHECKING:  # torch only where factors are built: the server imports ADAPTER_FILE without torch
-    import torch
-
-__all__ = ["ADAPTER_FILE", "add_default_adapter_inputs", "write_adapter_file", "write_onnx_adapter"]
-
-ADAPTER_FILE = "adapter.onnx_adapter"
+__all__ = ["add_default_adapter_inputs", "write_adapter_file", "write_onnx_adapter"]
 
 
 def write_onnx_adapter(path: str | os.PathLike, factors: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
@@ -30,12 +35,6 @@ def write_onnx_adapter(path: str | os.PathLike, factors: Mapping[str, tuple[torc
     Parameters are named like the graph inputs (``<module>.lora_A`` [in, r], ``<module>.lora_B`` [r, out]);
     load with ``onnxruntime.LoraAdapter().Load(path)`` and activate with ``RunOptions.add_active_adapter``.
     """
-    import onnxruntime as ort
-
-    from adalora_deploy.artifacts import atomic_file
-
-    from .runtime import adapter_feeds
-
     arrays = adapter_feeds(factors)
     adapter = ort.AdapterFormat()
     adapter.set_adapter_version(adapter_version)
@@ -58,15 +57,10 @@ def write_adapter_file(adapter: str | os.PathLike, export_dir: str | os.PathLike
         ExportError: the export has no adapter inputs, or the adapter adapts a module the graph has no
             branch for, or a factor's width differs from the graph input's.
     """
-    import onnx
-    import torch
-
-    from adalora_deploy.peft_format import read_compact_adapter
-
     manifest = read_manifest(export_dir)
     if not manifest.adapter_inputs:
         raise ExportError(f"{export_dir} was exported without --adapter-inputs; its adapter is baked into the graph")
-    proto = onnx.load(str(Path(export_dir) / "model.onnx"), load_external_data=False)
+    proto = onnx.load(str(Path(export_dir) / MODEL_FILE), load_external_data=False)
     widths = {i.name: [d.dim_value or None for d in i.type.tensor_type.shape.dim] for i in proto.graph.input
               if i.name in manifest.adapter_input_names}
     modules = sorted({name.rsplit(".", 1)[0] for name in manifest.adapter_input_names})
@@ -99,15 +93,11 @@ def add_default_adapter_inputs(model_path: Path, names: tuple[str, ...]) -> None
     base model, and an ``.onnx_adapter`` activated with ``RunOptions.add_active_adapter`` overrides them
     (onnxruntime only lets adapters replace inputs that have such defaults).
     """
-    import numpy as np
-    import onnx
-    from onnx import numpy_helper
-
     proto = onnx.load(str(model_path), load_external_data=False)
     shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     for name in names:
-        size = shapes[name][0] if name.endswith(".lora_A") else shapes[name][1]
-        shape = (size, 0) if name.endswith(".lora_A") else (0, size)
+        size = shapes[name][0] if is_lora_A(name) else shapes[name][1]
+        shape = (size, 0) if is_lora_A(name) else (0, size)
         proto.graph.initializer.append(numpy_helper.from_array(np.zeros(shape, np.float32), name))
     onnx.save(proto, str(model_path))
     onnx.checker.check_model(str(model_path))

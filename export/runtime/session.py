@@ -2,7 +2,7 @@
 
 This module never imports torch, transformers or bitsandbytes, so serving runs on a machine that has
 only onnxruntime (a test imports it in a process where those imports fail). The torch references for
-parity live in :mod:`adalora_deploy.export.parity`.
+parity live in :mod:`adalora_deploy.export.judge.parity`.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any, Literal, Mapping, Sequence
 import numpy as np
 
 from adalora_deploy.errors import MissingDependencyError, ProviderError
+
+from ..contract import ATTENTION_MASK, INPUT_IDS, KV_SHARE_BUFFER_METADATA, PAST_PREFIX, present_for_past
 
 __all__ = [
     "DecoderSession",
@@ -29,9 +31,6 @@ logger = logging.getLogger(__name__)
 
 Provider = Literal["cpu", "cuda", "auto"]
 
-KV_SHARE_BUFFER_METADATA = "adalora_deploy.kv_share_buffer"
-"""Model metadata key: ``"1"`` when every present tensor comes from GroupQueryAttention, which can write the
-new keys/values in place into a ``past`` buffer longer than the sequence (``export.fastpath`` graphs)."""
 
 
 def _ort():
@@ -140,7 +139,7 @@ class StepOutput:
 
 
 class DecoderSession:
-    """A KV-cache decoding graph (``export.graph`` interface) in onnxruntime.
+    """A KV-cache decoding graph (``export.build.graph`` interface) in onnxruntime.
 
     Args:
         session: an ``onnxruntime.InferenceSession`` of an exported decoder (see :func:`create_session`).
@@ -149,7 +148,7 @@ class DecoderSession:
     def __init__(self, session) -> None:
         self.session = session
         inputs = {i.name: i for i in session.get_inputs()}
-        self.past_names = tuple(n for n in inputs if n.startswith("past_key_values."))
+        self.past_names = tuple(n for n in inputs if n.startswith(PAST_PREFIX))
         # adapter inputs with a default (rank-0) initializer are "overridable initializers" in onnxruntime:
         # optional per run, and what an .onnx_adapter activated through RunOptions replaces
         defaults = tuple(i.name for i in session.get_overridable_initializers()
@@ -158,7 +157,7 @@ class DecoderSession:
         self.adapter_optional = bool(defaults) and len(defaults) == len(self.adapter_names)
         """True when every adapter input has a default: feeding none runs the base (or RunOptions' adapter)."""
         self.output_names = tuple(o.name for o in session.get_outputs())
-        if "input_ids" not in inputs or "attention_mask" not in inputs or not self.past_names:
+        if INPUT_IDS not in inputs or ATTENTION_MASK not in inputs or not self.past_names:
             raise ValueError(f"not a KV-cache decoding graph: inputs {sorted(inputs)}")
         shape = inputs[self.past_names[0]].shape
         self.num_layers = len(self.past_names) // 2
@@ -193,7 +192,7 @@ class DecoderSession:
         """
         input_ids = np.asarray(input_ids, dtype=np.int64)
         past = self.empty_past(input_ids.shape[0]) if past is None else past
-        feeds = {"input_ids": input_ids, "attention_mask": np.asarray(attention_mask, dtype=np.int64)}
+        feeds = {INPUT_IDS: input_ids, ATTENTION_MASK: np.asarray(attention_mask, dtype=np.int64)}
         feeds.update(zip(self.past_names, past))
         adapter = dict(adapter or {})
         if set(adapter) != set(self.adapter_names) and not (self.adapter_optional and not adapter):
@@ -273,7 +272,7 @@ class DecoderSession:
         ort = _ort()
         shape = [batch, self.num_kv_heads, capacity, self.head_dim]
         buffers = [ort.OrtValue.ortvalue_from_shape_and_type(shape, self.past_dtype, "cpu", 0) for _ in self.past_names]
-        present_names = [name.replace("past_key_values.", "present.", 1) for name in self.past_names]
+        present_names = [present_for_past(name) for name in self.past_names]
         vocab = self.session.get_outputs()[0].shape[-1]
         logits_name = self.output_names[0]
         binding = self.session.io_binding()
@@ -291,8 +290,8 @@ class DecoderSession:
             if set(adapter) != set(self.adapter_names) and not (self.adapter_optional and not adapter):
                 raise ValueError(f"adapter feeds {sorted(adapter)} do not match the graph's adapter inputs "
                                  f"{sorted(self.adapter_names)}")
-            binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
-            binding.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+            binding.bind_cpu_input(INPUT_IDS, np.ascontiguousarray(input_ids, dtype=np.int64))
+            binding.bind_cpu_input(ATTENTION_MASK, np.ascontiguousarray(attention_mask, dtype=np.int64))
             for name, value in adapter.items():
                 binding.bind_cpu_input(name, np.ascontiguousarray(value))
             seq = input_ids.shape[1]

@@ -18,6 +18,9 @@ class DenseKind(ExportKind):
     def separate(self, *, serving: bool) -> Arithmetic:
         return Arithmetic("fp32 MatMul", "exact", "exact")
 
+    def exact_exports(self, quantization: str) -> str:
+        return "`--mode merged` (fp32, exact) or `--mode separate`"
+
     def merged(self) -> Arithmetic:
         return Arithmetic("fp32 MatMul of W0 + ΔW; reproduces the fp32 adapted model up to summation order",
                           "exact", "exact")

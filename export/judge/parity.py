@@ -25,24 +25,23 @@ Pad positions (left padding) are excluded through ``valid`` masks: a fully maske
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal, Mapping
+from typing import Any, Literal, Mapping
 
 import numpy as np
 import torch
 from torch import nn
 
+from adalora_deploy.errors import ParityError
 from adalora_deploy.metrics import RowMetrics, row_metrics
 
-if TYPE_CHECKING:
-    from .runtime import DecoderSession
-
-from adalora_deploy.errors import ParityError
-
-from .runtime import as_float32
+from ..build.graph import DecoderWrapper, adapter_input_names
+from ..build.modules import runtime_factors
+from ..runtime.session import DecoderSession, adapter_feeds, as_float32
 
 __all__ = [
     "ExactScale",
@@ -314,7 +313,7 @@ def decoder_parity(
 
     Args:
         model: the torch model that was exported (same swapped modules).
-        decoder: an ``export.runtime.DecoderSession`` of its graph.
+        decoder: an ``export.runtime.session.DecoderSession`` of its graph.
         input_ids, attention_mask: a left-padded prompt batch [batch, seq].
         tier: parity tier.
         decode_steps: incremental steps compared output by output.
@@ -326,12 +325,6 @@ def decoder_parity(
     Returns:
         One report; outputs are named ``step{k}/<output>``.
     """
-    import contextlib
-
-    from .graph import DecoderWrapper, adapter_input_names
-    from .modules import runtime_factors
-    from .runtime import adapter_feeds
-
     wrapper = DecoderWrapper(model).eval()
     scale = scale or ExactScale.of(model)
     feeds = adapter_feeds(factors) if factors else None

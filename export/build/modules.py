@@ -12,8 +12,8 @@ ONNX node(s) it exports to, so a torch model built from them is the reference fo
 
 Swap them in with :func:`swap_module`; :func:`runtime_factors` feeds adapter-inputs branches in torch.
 
-Quantized matmuls go through the custom ops in :mod:`adalora_deploy.export.contrib`; export with
-``custom_translation_table=export.contrib.CUSTOM_TRANSLATION_TABLE`` (``export.graph`` does).
+Quantized matmuls go through the custom ops in :mod:`adalora_deploy.export.build.contrib`; export with
+``custom_translation_table=export.build.contrib.CUSTOM_TRANSLATION_TABLE`` (``export.build.graph`` does).
 """
 
 from __future__ import annotations
@@ -27,9 +27,11 @@ import torch
 from torch import nn
 
 from adalora_deploy.adapters import replace_module as swap_module
-from adalora_deploy.backends.bnb import dequantize_bnb4, dequantize_int8
+from adalora_deploy.backends.bnb import dequantize_bnb4, dequantize_int8, linear4bit_state, linear8bit_state
 from adalora_deploy.errors import ConfigError
 from adalora_deploy.gptq.int8_compute import nbits_block_size
+from adalora_deploy.gptq.packing import unpack_rows, unpack_zeros
+from adalora_deploy.gptq.solver import rtn_blocks
 
 from . import contrib  # noqa: F401  (registers the custom ops and schemas)
 
@@ -286,8 +288,6 @@ class NBitsLinear(nn.Module):
         equal MatMulNBits' default so an exporter can leave them out (fewer bytes per decoded token).
         Rows are quantized in chunks of :data:`_RTN_ROWS` to bound the temporaries.
         """
-        from adalora_deploy.gptq.solver import rtn_blocks
-
         w = weight.detach()
         n, k = w.shape
         k_blocks = math.ceil(k / block_size)
@@ -366,8 +366,6 @@ class NBitsLinear(nn.Module):
             raise ValueError(f"NBitsLinear.from_gptq: {bits}-bit GPTQ has no onnxruntime MatMulNBits kernel (2/4/8 only)")
         if checkpoint_format not in ("gptq", "gptq_v2"):
             raise ValueError(f"NBitsLinear.from_gptq: checkpoint_format {checkpoint_format!r} is not 'gptq' or 'gptq_v2'")
-        from adalora_deploy.gptq.packing import unpack_rows, unpack_zeros
-
         q = unpack_rows(qweight.to(torch.int32), bits)[:in_features]  # [K, N]
         z = unpack_zeros(qzeros.to(torch.int32), bits, checkpoint_format)[:, :out_features]  # [G, N]
         return cls._from_groups(q, z, scales, g_idx, bits=bits, group_size=group_size, bias=bias,
@@ -420,8 +418,6 @@ class NBitsLinear(nn.Module):
         Exact for the weight; the activations are not split into outliers as bnb does, so compare with the
         lossy tier (serving default ``accuracy_level`` 4).
         """
-        from adalora_deploy.backends.bnb import linear8bit_state
-
         cb, scb, _ = linear8bit_state(layer)
         n, k = cb.shape
         block = min(block_size, 1 << max(4, math.ceil(math.log2(k))))
@@ -435,8 +431,6 @@ class NBitsLinear(nn.Module):
     @classmethod
     def from_bnb_4bit(cls, layer: nn.Module, *, block_size: int = 32, accuracy_level: int = 4) -> NBitsLinear:
         """From a bitsandbytes ``Linear4bit``: dequantize (fp32), then round-to-nearest int4 (lossy)."""
-        from adalora_deploy.backends.bnb import linear4bit_state
-
         return cls.from_float(linear4bit_state(layer).dequantize(), layer.bias, bits=4, block_size=block_size,
                               accuracy_level=accuracy_level)
 
@@ -509,8 +503,6 @@ class Bnb4Linear(nn.Module):
     @classmethod
     def from_bnb(cls, layer: nn.Module) -> Bnb4Linear:
         """From a quantized bitsandbytes ``Linear4bit`` (nf4/fp4, with or without double quant)."""
-        from adalora_deploy.backends.bnb import linear4bit_state
-
         state = linear4bit_state(layer)
         return cls(state.packed, state.absmax, in_features=state.in_features, out_features=state.out_features,
                    block_size=state.block_size, quant_type=state.quant_type, bias=layer.bias)
@@ -542,7 +534,7 @@ class Int8EmulationLinear(nn.Module):
         y = (q @ CB.T) * row_stats * SCB / 127**2 + bias + x[:, outlier_cols] @ W[:, outlier_cols].T
 
     ONNX: Cast/Abs/GreaterOrEqual/Where/ReduceMax/Reciprocal/Mul/Round, MatMulInteger, Mul, Add, MatMul (the
-    node diagram is above ``export.contrib._int8_lt_matmul_onnx``). ``127 / row_stats`` is Reciprocal then
+    node diagram is above ``export.build.contrib._int8_lt_matmul_onnx``). ``127 / row_stats`` is Reciprocal then
     Mul, as torch evaluates it; a Div flips .5 rounding ties. Slow on CPU: for serving, prefer
     :meth:`NBitsLinear.from_bnb_int8`.
     """
@@ -569,12 +561,10 @@ class Int8EmulationLinear(nn.Module):
     @classmethod
     def from_bnb(cls, layer: nn.Module) -> Int8EmulationLinear:
         """From a quantized bitsandbytes ``Linear8bitLt`` (CB/SCB and its threshold)."""
-        from adalora_deploy.backends.bnb import linear8bit_state
-
         cb, scb, threshold = linear8bit_state(layer)
         return cls(cb, scb, threshold=threshold, bias=layer.bias)
 
-    # the node graph is drawn above export.contrib._int8_lt_matmul_onnx
+    # the node graph is drawn above export.build.contrib._int8_lt_matmul_onnx
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.adalora_export.int8_lt_matmul(x, self.cb_t, self.scb, self.weight_t, self.bias, self.threshold)
 

@@ -23,6 +23,9 @@ from typing import ClassVar, Literal
 
 from torch import nn
 
+from adalora_deploy.backends import backend_for, is_supported
+from adalora_deploy.errors import ExportError
+
 __all__ = [
     "BRANCH",
     "Arithmetic",
@@ -33,6 +36,7 @@ __all__ = [
     "arithmetic_table",
     "kind_for_module",
     "kind_for_quantization",
+    "keeping_exports",
     "kinds",
     "register_kind",
     "twin_of",
@@ -44,6 +48,8 @@ SourceTier = Literal["exact", "lossy"]
 
 SERVING_ACCURACY_LEVEL = 4
 """MatMulNBits accuracy_level of serving graphs: int8 activations (5-8x faster on CPU than level 0, lossy)."""
+MERGED_EXACT = "`--mode merged` (fp32, exact)"
+"""The export that keeps any base's trained arithmetic (the advice when a kind has nothing better)."""
 BRANCH = " + fp32 low-rank branch x·Aᵀ·Bᵀ per module with rank > 0"
 """What separate mode adds beside every base kind's matmul."""
 
@@ -69,12 +75,14 @@ class ExportKind(abc.ABC):
         quantizations: the ``model.quantization`` values that load such bases.
         label: the base column of :func:`arithmetic_table`.
         twins: the export modules :meth:`twin` builds, for messages (empty when the layer is its own twin).
+        trained_int4: the base itself is the int4 a deployment wants (GPTQ): no advice to re-quantize.
     """
 
     backend_kinds: ClassVar[tuple[str, ...]]
     quantizations: ClassVar[tuple[str, ...]]
     label: ClassVar[str]
     twins: ClassVar[str] = ""
+    trained_int4: ClassVar[bool] = False
 
     @abc.abstractmethod
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
@@ -92,6 +100,10 @@ class ExportKind(abc.ABC):
     def merged(self) -> Arithmetic:
         """The fp32 merged graph's arithmetic: ``dequant(W0) + ΔW`` in one fp32 MatMul."""
         return Arithmetic("fp32 MatMul of dequant(W0) + ΔW", "exact", "exact")
+
+    def exact_exports(self, quantization: str) -> str:
+        """The exports that keep what a model trained on this base computes (``check``'s advice)."""
+        return MERGED_EXACT
 
     @property
     def has_serving(self) -> bool:
@@ -130,8 +142,6 @@ def kind_for_quantization(quantization: str) -> ExportKind:
     Raises:
         ExportError: no kind handles it.
     """
-    from adalora_deploy.errors import ExportError
-
     for kind in kinds():
         if quantization in kind.quantizations:
             return kind
@@ -141,8 +151,6 @@ def kind_for_quantization(quantization: str) -> ExportKind:
 
 def kind_for_module(module: nn.Module) -> ExportKind | None:
     """The kind of a base layer (by its training backend), or None for modules no backend reads."""
-    from adalora_deploy.backends import backend_for, is_supported
-
     if not is_supported(module):
         return None
     backend_kind = backend_for(module).kind
@@ -166,6 +174,19 @@ def untwinned(model: nn.Module) -> list[str]:
         if kind is not None and kind.twins:
             problems.append(f"{name} ({type(module).__name__}): swap it for {kind.twins}")
     return problems
+
+
+def keeping_exports(quantization: str, mode: str, weights: str, serving: bool) -> str:
+    """Which exports keep what a model trained on this base computes (for a graph that changed it)."""
+    kind = next((k for k in kinds() if quantization in k.quantizations), None)
+    exact = kind.exact_exports(quantization) if kind is not None else MERGED_EXACT
+    if kind is not None and kind.trained_int4:
+        return f"exports that keep the trained model's decisions: {exact}"
+    int4 = ("for int4 that keeps the task, train on a GPTQ base (`adalora-deploy quantize --method gptq`, then "
+            "`model.quantization: gptq`) and export `--mode separate`")
+    if mode == "merged" and weights in ("int4", "int8"):
+        int4 = f"re-quantize with `--requantize gptq --calibration FILE` on text like the task's, or {int4}"
+    return f"exports that keep the trained model's decisions: {exact}; {int4}"
 
 
 def arithmetic_table() -> str:

@@ -39,7 +39,9 @@ from torch import nn
 
 from adalora_deploy.errors import ExportError
 
+from ..contract import ATTENTION_MASK, INPUT_IDS, LOGITS, MODEL_FILE, KVGeometry, adapter_input_name, kv_names
 from .contrib import CUSTOM_TRANSLATION_TABLE
+from .kinds import untwinned
 from .modules import LowRankBranch
 
 __all__ = [
@@ -96,18 +98,7 @@ def _runtime_branches(model: nn.Module) -> list[tuple[str, LowRankBranch]]:
 
 def adapter_input_names(model: nn.Module) -> tuple[str, ...]:
     """Graph input names of the adapter factors, ``<module>.lora_A``, ``<module>.lora_B`` per runtime branch."""
-    return tuple(f"{name}.{part}" for name, _ in _runtime_branches(model) for part in ("lora_A", "lora_B"))
-
-
-def _text_config(model: nn.Module):
-    return model.config.get_text_config(decoder=True)
-
-
-def _kv_geometry(model: nn.Module) -> tuple[int, int, int]:
-    config = _text_config(model)
-    heads = config.num_attention_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
-    return config.num_hidden_layers, getattr(config, "num_key_value_heads", None) or heads, head_dim
+    return tuple(adapter_input_name(name, part) for name, _ in _runtime_branches(model) for part in ("lora_A", "lora_B"))
 
 
 class DecoderWrapper(nn.Module):
@@ -121,7 +112,8 @@ class DecoderWrapper(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
-        self.num_layers, self.num_kv_heads, self.head_dim = _kv_geometry(model)
+        geometry = KVGeometry.of(model.config)
+        self.num_layers, self.num_kv_heads, self.head_dim = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
         self._branches = [module for _, module in _runtime_branches(model)]
 
     def forward(
@@ -158,16 +150,10 @@ class DecoderWrapper(nn.Module):
         return (out.logits.float(), *present)
 
 
-def _names(num_layers: int) -> tuple[list[str], list[str]]:
-    past = [f"past_key_values.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    present = [f"present.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-    return past, present
-
-
 def _sample_inputs(wrapper: DecoderWrapper, model: nn.Module):
     batch, seq, past_len = _SAMPLE_BATCH, _SAMPLE_SEQ, _SAMPLE_PAST
     generator = torch.Generator().manual_seed(0)
-    vocab = _text_config(model).vocab_size
+    vocab = KVGeometry.of(model.config).vocab
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     input_ids = torch.randint(0, vocab, (batch, seq), generator=generator)
     attention_mask = torch.ones(batch, past_len + seq, dtype=torch.int64)
@@ -219,8 +205,6 @@ def _op_counts(graph: onnx.GraphProto) -> dict[str, int]:
 
 
 def _check_traceable(model: nn.Module) -> None:
-    from .kinds import untwinned
-
     problems = untwinned(model)
     if problems:
         raise ExportError("these layers must be swapped for export-friendly modules first:\n  " + "\n  ".join(problems))
@@ -231,11 +215,11 @@ def export_decoder(
     output_dir: str | os.PathLike,
     *,
     opset: int = DEFAULT_OPSET,
-    filename: str = "model.onnx",
+    filename: str = MODEL_FILE,
     external_data: bool | None = None,
 ) -> ExportResult:
     """Export ``model`` (a transformers causal LM, adapters and quantized bases already swapped for the
-    modules in :mod:`export.modules`) as one KV-cache decoding graph.
+    modules in :mod:`export.build.modules`) as one KV-cache decoding graph.
 
     The files are written to a temporary folder inside ``output_dir``, checked (``onnx.checker``), shape
     inferred, then moved into place with ``os.replace``, so ``output_dir`` never holds a partial model.
@@ -261,10 +245,10 @@ def export_decoder(
     was_training = model.training
     model.eval()
     wrapper = DecoderWrapper(model).eval()
-    past_names, present_names = _names(wrapper.num_layers)
+    past_names, present_names = kv_names(wrapper.num_layers)
     lora_names = list(adapter_input_names(model))
-    input_names = ["input_ids", "attention_mask", *past_names, *lora_names]
-    output_names = ["logits", *present_names]
+    input_names = [INPUT_IDS, ATTENTION_MASK, *past_names, *lora_names]
+    output_names = [LOGITS, *present_names]
     if external_data is None:
         size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         external_data = size > EXTERNAL_DATA_THRESHOLD_BYTES

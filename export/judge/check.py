@@ -14,7 +14,7 @@
         4. "zero-adapter" (adapter-inputs graphs): graph fed rank-0 factors vs the twin without adapter
     ──► parity.json (every metric, every failure) + a short table
 
-Tiers (:mod:`adalora_deploy.export.parity`): exact = every output within the fp32 reassociation bound
+Tiers (:mod:`adalora_deploy.export.judge.parity`): exact = every output within the fp32 reassociation bound
 ``u sqrt(K) sqrt(2L) max|ref|`` and identical greedy tokens; lossy = top-1 agreement and mean KL of the
 next-token distribution (and the eval file's accuracy and perplexity). A lossy graph that changes the
 trained model's decisions fails, and the report names the exports that keep them.
@@ -29,39 +29,36 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
+from adalora_deploy.artifacts import ArtifactError, write_json
 from adalora_deploy.errors import VacuousCheckError
+from adalora_deploy.evaluation import AGREEMENT_POSITIONS, evaluate, graph_logits, read_eval_file, torch_logits
+from adalora_deploy.models import resolve_quantization
 
-from .parity import EvalComparison, ParityReport
+from ..build.convert import convert_for_export
+from ..build.kinds import keeping_exports
+from ..build.manifest import read_manifest, verify_files
+from ..build.source import adapters_bypassed, load_source_model
+from ..contract import LOGITS, MODEL_FILE, PARITY_FILE
+from ..runtime.session import DecoderSession, adapter_feeds, create_session, execution_providers
+from .agreement import (export_tokenizer, graph_held_out_logits, held_out_batch, held_out_ids, prompt_logits,
+                        source_logits)
+from .parity import EvalComparison, ExactScale, ParityReport, compare_evaluations, compare_outputs, decoder_parity, torch_greedy
 
 __all__ = [
     "ADAPTER_EFFECT_MIN",
     "CheckReport",
     "Comparison",
-    "PARITY_FILE",
     "VacuousCheckError",
     "check_export",
-    "keeping_exports",
-    "source_agreement",
 ]
 
 logger = logging.getLogger(__name__)
 
-PARITY_FILE = "parity.json"
 ADAPTER_EFFECT_MIN = 1e-3
 """Smallest max |logits(adapted) - logits(base)| for a check to mean anything. Trained tiny-Llama adapters
 move logits by 0.05-0.5; an untrained AdaLoRA adapter (Λ = 0) moves them by exactly 0."""
-HELD_OUT_PROMPTS = (
-    "Winter light fell across the harbour while the ferry",
-    "A quiet index of",
-)
-"""Prompts for the greedy generations (not in the packaged training text); the second is shorter, so the
-batch is left padded."""
-_SOURCE_BATCH = 4
-"""Rows of held-out text per forward pass (bounds activation memory on real models)."""
 
 
 @dataclass(frozen=True)
@@ -177,110 +174,6 @@ def _summary(report: ParityReport) -> dict[str, Any]:
     }
 
 
-def keeping_exports(quantization: str, mode: str, weights: str, serving: bool) -> str:
-    """Which exports keep what a model trained on this base computes (for a graph that changed it)."""
-    exact = {
-        "gptq": "`--mode separate` (the trained int4 GPTQ weights, exactly, in MatMulNBits; add `--serving` for "
-                "int8-activation kernels, checked lossy)",
-        "bnb-nf4": "`--mode separate` (MatMulBnb4: the trained NF4 bytes, exactly) or `--mode merged` (fp32, exact)",
-        "bnb-fp4": "`--mode separate` (MatMulBnb4: the trained FP4 bytes, exactly) or `--mode merged` (fp32, exact)",
-        "bnb-int8": "`--mode separate` (exact LLM.int8 emulation)",
-        "none": "`--mode merged` (fp32, exact) or `--mode separate`",
-    }.get(quantization, "`--mode merged` (fp32, exact)")
-    int4 = ("for int4 that keeps the task, train on a GPTQ base (`adalora-deploy quantize --method gptq`, then "
-            "`model.quantization: gptq`) and export `--mode separate`")
-    if quantization == "gptq":
-        return f"exports that keep the trained model's decisions: {exact}"
-    if mode == "merged" and weights in ("int4", "int8"):
-        int4 = (f"re-quantize with `--requantize gptq --calibration FILE` on text like the task's, or {int4}")
-    return f"exports that keep the trained model's decisions: {exact}; {int4}"
-
-
-def held_out_batch(export_dir: Path, config: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """The held-out prompts tokenized with the export's tokenizer, batch 2, left padded.
-
-    Falls back to fixed random ids when the folder has no tokenizer.
-    """
-    from adalora_deploy.evaluation import left_pad
-
-    pad = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_id or 0)
-    tokenizer = _tokenizer(export_dir)
-    if tokenizer is not None:
-        rows = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in HELD_OUT_PROMPTS]
-    else:
-        generator = torch.Generator().manual_seed(0)
-        rows = [torch.randint(0, config.vocab_size, (n,), generator=generator).tolist() for n in (20, 9)]
-    ids, mask = left_pad(rows, int(pad))
-    return torch.from_numpy(ids), torch.from_numpy(mask)
-
-
-def _tokenizer(folder: Path) -> Any | None:
-    from adalora_deploy.artifacts import ArtifactError
-    from adalora_deploy.models import load_tokenizer
-
-    try:
-        return load_tokenizer(str(folder))
-    except ArtifactError as error:  # no or unreadable tokenizer: the check still runs on fixed ids
-        logger.info("no usable tokenizer in %s (%s); checking on fixed random ids", folder, error)
-        return None
-
-
-def held_out_ids(folder: Path, config: Any, text: str | os.PathLike | None, positions: int) -> np.ndarray:
-    """int64 ``[rows, seq]`` of real text (:func:`adalora_deploy.evaluation.agreement_ids`), or fixed random
-    ids when the folder has no tokenizer."""
-    from adalora_deploy.evaluation import AGREEMENT_SEQ_LEN, agreement_ids
-
-    tokenizer = _tokenizer(folder)
-    if tokenizer is not None:
-        return agreement_ids(tokenizer, text, positions=positions)
-    generator = np.random.default_rng(0)
-    seq = min(AGREEMENT_SEQ_LEN, positions)
-    return generator.integers(0, config.vocab_size, (max(positions // seq, 1), seq), dtype=np.int64)
-
-
-def _prompt_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    from .graph import DecoderWrapper
-
-    wrapper = DecoderWrapper(model).eval()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    past = tuple(torch.zeros(ids.shape[0], wrapper.num_kv_heads, 0, wrapper.head_dim, dtype=dtype)
-                 for _ in range(2 * wrapper.num_layers))
-    with torch.no_grad():
-        return wrapper(ids, mask, past)[0].float()
-
-
-def source_logits(model: nn.Module, ids: np.ndarray) -> np.ndarray:
-    """The model's logits ``[rows, seq, vocab]`` on unpadded rows of held-out text, a few rows at a time."""
-    parts = []
-    for start in range(0, len(ids), _SOURCE_BATCH):
-        rows = torch.from_numpy(ids[start:start + _SOURCE_BATCH])
-        parts.append(_prompt_logits(model, rows, torch.ones_like(rows)).numpy())
-    return np.concatenate(parts, axis=0)
-
-
-def graph_held_out_logits(decoder: Any, ids: np.ndarray, feeds: dict[str, np.ndarray] | None = None) -> np.ndarray:
-    """The graph's logits on the same rows as :func:`source_logits`."""
-    from adalora_deploy.evaluation import batched_logits, graph_logits
-
-    return batched_logits(graph_logits(decoder, feeds), ids, batch_size=_SOURCE_BATCH)
-
-
-def source_agreement(reference: np.ndarray, candidate: np.ndarray, *, tier: str, scale: Any) -> ParityReport:
-    """Graph vs source logits on held-out text, judged at ``tier`` (``tier`` exact: the fp32 bound)."""
-    from .parity import compare_outputs
-
-    return compare_outputs({"logits": reference}, {"logits": candidate}, tier=tier, scale=scale)
-
-
-def agreement_record(report: ParityReport, positions: int, text: str | os.PathLike | None) -> dict[str, Any]:
-    """The ``agreement`` entry of ``export.json`` from a :func:`source_agreement` report."""
-    logits = report["logits"]
-    return {"text": str(text) if text is not None else "packaged held-out passage", "positions": positions,
-            "tier": report.tier, "top1": logits.top1_agreement, "mean_kl": logits.mean_kl,
-            "max_abs": logits.max_abs, "tolerance": logits.tolerance, "passed": report.passed,
-            "failures": list(report.failures)}
-
-
 def check_export(
     export_dir: str | os.PathLike,
     *,
@@ -318,21 +211,11 @@ def check_export(
         ConfigError: an ``adapter`` whose training run record contradicts the graph's base quantization.
         DataError: an unreadable text or eval file.
     """
-    from adalora_deploy.artifacts import ArtifactError, write_json
-    from adalora_deploy.evaluation import AGREEMENT_POSITIONS, evaluate, graph_logits, read_eval_file, torch_logits
-    from adalora_deploy.models import resolve_quantization
-
-    from .convert import convert_for_export
-    from .manifest import read_manifest, verify_files
-    from .parity import ExactScale, compare_evaluations, compare_outputs, decoder_parity, torch_greedy
-    from .runtime import DecoderSession, adapter_feeds, create_session, execution_providers
-    from .source import adapters_bypassed, load_source_model
-
     execution_providers(provider)  # fail before loading any model
     export_dir = Path(export_dir)
     manifest = read_manifest(export_dir)
     verify_files(manifest)
-    model_path = export_dir / "model.onnx"
+    model_path = export_dir / MODEL_FILE
     if not model_path.is_file():
         raise ArtifactError(f"{model_path} not found")
     overridden = base is not None or adapter is not None
@@ -349,9 +232,9 @@ def check_export(
     scale = ExactScale.of(config)
     ids, mask = held_out_batch(export_dir, config)
     valid = mask.bool().numpy()
-    adapted_logits = _prompt_logits(source, ids, mask)
+    adapted_logits = prompt_logits(source, ids, mask)
     with adapters_bypassed(source):
-        base_logits = _prompt_logits(source, ids, mask)
+        base_logits = prompt_logits(source, ids, mask)
     effect = float((adapted_logits - base_logits).abs().numpy()[valid].max())
     if effect < ADAPTER_EFFECT_MIN:
         raise VacuousCheckError(
@@ -363,7 +246,7 @@ def check_export(
     reference = source_logits(source, text_ids)
     with torch.no_grad():
         ref_tokens = torch_greedy(source, ids, mask, max_new_tokens, eos_token_id=eos, pad_token_id=pad)
-    tokenizer = _tokenizer(export_dir) if eval_set is not None else None
+    tokenizer = export_tokenizer(export_dir) if eval_set is not None else None
     if eval_set is not None and tokenizer is None:
         raise ArtifactError(f"--eval needs the tokenizer files in {export_dir}")
     source_eval = evaluate(torch_logits(source), tokenizer, eval_set) if eval_set is not None else None
@@ -383,7 +266,7 @@ def check_export(
     decoder = DecoderSession(create_session(model_path, provider=provider))
 
     got = graph_held_out_logits(decoder, text_ids, feeds)
-    source_report = compare_outputs({"logits": reference}, {"logits": got}, tier=manifest.source_tier, scale=scale)
+    source_report = compare_outputs({LOGITS: reference}, {LOGITS: got}, tier=manifest.source_tier, scale=scale)
     del reference, got
     got_tokens = decoder.generate_greedy(ids.numpy(), mask.numpy(), max_new_tokens, eos_token_id=eos,
                                          pad_token_id=pad, adapter=feeds)

@@ -30,14 +30,13 @@ from typing import Callable, Mapping, Sequence
 
 from adalora_deploy.errors import ArtifactError, UserError
 
-from .adapter_file import ADAPTER_FILE
+from ..contract import ADAPTER_FILE, ADAPTER_SUFFIX
 from .generation import DecodeBatch, GenerationRequest, Row, SamplingParams, TextGenerator, TokenEvent, check_prompt
 
-__all__ = ["ADAPTER_SUFFIX", "Engine", "ServedModel", "Ticket", "served_models"]
+__all__ = ["Engine", "ServedModel", "Ticket", "served_models"]
 
 logger = logging.getLogger(__name__)
 
-ADAPTER_SUFFIX = ".onnx_adapter"
 _MODEL_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 """Model ids (file stems): no path separators, nothing hidden, so an id can never name a file elsewhere."""
 

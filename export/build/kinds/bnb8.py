@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..modules import Int8EmulationLinear, NBitsLinear
 from . import SERVING_ACCURACY_LEVEL, Arithmetic, ExportKind, register_kind
 
 
@@ -11,11 +12,9 @@ class Bnb8Kind(ExportKind):
     backend_kinds = ("bnb-int8",)
     quantizations = ("bnb-int8",)
     label = "bnb-int8"
-    twins = "adalora_deploy.export.modules.Int8EmulationLinear.from_bnb (exact) or NBitsLinear.from_bnb_int8 (serving)"
+    twins = "adalora_deploy.export.build.modules.Int8EmulationLinear.from_bnb (exact) or NBitsLinear.from_bnb_int8 (serving)"
 
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
-        from ..modules import Int8EmulationLinear, NBitsLinear
-
         if serving:
             return NBitsLinear.from_bnb_int8(module, accuracy_level=SERVING_ACCURACY_LEVEL)
         return Int8EmulationLinear.from_bnb(module)
@@ -26,6 +25,9 @@ class Bnb8Kind(ExportKind):
                               "lossy", "lossy")
         return Arithmetic("MatMulInteger emulation of LLM.int8's eval forward (fp16 activations, row int8 "
                           "quantization, outlier columns in float)", "exact", "exact")
+
+    def exact_exports(self, quantization: str) -> str:
+        return "`--mode separate` (exact LLM.int8 emulation)"
 
     def merged(self) -> Arithmetic:
         return Arithmetic("fp32 MatMul of dequant(W0) + ΔW; does not reproduce LLM.int8's int8 activations (lossy "

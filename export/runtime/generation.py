@@ -27,9 +27,11 @@ from typing import Callable, Iterator, Literal, Mapping, Sequence
 
 import numpy as np
 
-from adalora_deploy.errors import UserError
+from adalora_deploy.artifacts import read_json
+from adalora_deploy.errors import ArtifactError, UserError
 
-from .runtime import DecoderSession
+from ..contract import MODEL_FILE
+from .session import DecoderSession, create_session
 from .tokenizer import TextTokenizer
 
 __all__ = [
@@ -285,8 +287,6 @@ def model_limits(folder: str | os.PathLike) -> ModelLimits:
     Raises:
         ArtifactError: config.json is missing or unreadable.
     """
-    from adalora_deploy.artifacts import read_json
-
     folder = Path(folder)
     config = read_json(folder / "config.json")
     config = config.get("text_config", config) if "max_position_embeddings" not in config else config
@@ -507,14 +507,10 @@ class TextGenerator:
     def from_export(cls, export_dir: str | os.PathLike, *, provider: str = "cpu",
                     intra_op_threads: int | None = None) -> TextGenerator:
         """Open ``model.onnx``, the tokenizer and the limits of an export folder."""
-        from .runtime import create_session
-
         folder = Path(export_dir)
-        if not (folder / "model.onnx").is_file():
-            from adalora_deploy.errors import ArtifactError
-
+        if not (folder / MODEL_FILE).is_file():
             raise ArtifactError(f"{folder} has no model.onnx: pass a folder written by `adalora-deploy export`")
-        session = create_session(folder / "model.onnx", provider=provider, intra_op_threads=intra_op_threads)
+        session = create_session(folder / MODEL_FILE, provider=provider, intra_op_threads=intra_op_threads)
         return cls(DecoderSession(session), TextTokenizer.from_folder(folder), model_limits(folder))
 
     def batch(self, **adapter) -> DecodeBatch:

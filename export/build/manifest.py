@@ -4,15 +4,19 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import adalora_deploy
+from adalora_deploy.artifacts import read_json_object
 from adalora_deploy.errors import ArtifactError
 
+from ..contract import MANIFEST_FILE, MODEL_FILE
+
 __all__ = [
-    "MANIFEST_FILE",
     "MANIFEST_VERSION",
     "ExportManifest",
     "package_versions",
@@ -21,7 +25,6 @@ __all__ = [
     "verify_files",
 ]
 
-MANIFEST_FILE = "export.json"
 MANIFEST_VERSION = 1
 
 
@@ -84,7 +87,7 @@ class ExportManifest:
     @property
     def graph_bytes(self) -> int:
         """Bytes of ``model.onnx`` plus its external data."""
-        return sum(size for name, size in self.sizes.items() if name.startswith("model.onnx"))
+        return sum(size for name, size in self.sizes.items() if name.startswith(MODEL_FILE))
 
     def to_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
@@ -113,8 +116,6 @@ def read_manifest(export_dir: str | os.PathLike) -> ExportManifest:
     Raises:
         ArtifactError: the folder or its manifest is missing or malformed.
     """
-    from adalora_deploy.artifacts import read_json_object
-
     folder = Path(export_dir)
     return ExportManifest.from_dict(read_json_object(folder, MANIFEST_FILE, "export"), folder)
 
@@ -130,16 +131,12 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 def package_versions() -> dict[str, str]:
     """Versions of the packages an export depends on (recorded in the manifest)."""
-    import importlib.metadata
-
     versions = {}
     for name in ("torch", "transformers", "onnx", "onnxruntime", "onnxscript", "bitsandbytes"):
         try:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             pass
-    import adalora_deploy
-
     versions["adalora_deploy"] = adalora_deploy.__version__
     return versions
 

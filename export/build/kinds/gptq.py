@@ -6,6 +6,7 @@ from torch import nn
 
 from adalora_deploy.errors import ExportError
 
+from ..modules import NBitsLinear
 from . import SERVING_ACCURACY_LEVEL, Arithmetic, ExportKind, register_kind
 
 
@@ -13,11 +14,10 @@ class GPTQKind(ExportKind):
     backend_kinds = ("gptq",)
     quantizations = ("gptq",)
     label = "gptq (2/4/8-bit, act-order)"
-    twins = "adalora_deploy.export.modules.NBitsLinear.from_gptq"
+    twins = "adalora_deploy.export.build.modules.NBitsLinear.from_gptq"
+    trained_int4 = True
 
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
-        from ..modules import NBitsLinear
-
         # a layer trained with int8 activations (model.activations: int8) is exported at the level it trained on
         int8 = serving or getattr(module, "activation_block", None) is not None
         try:
@@ -43,6 +43,14 @@ class GPTQKind(ExportKind):
                               "lossy", "lossy")
         return Arithmetic("fp32 MatMul of dequant(W0) + ΔW; the int8 activations of training are not reproduced",
                           "exact", "lossy")
+
+    def exact_exports(self, quantization: str) -> str:
+        return ("`--mode separate` (the trained int4 GPTQ weights, exactly, in MatMulNBits; add `--serving` for "
+                "int8-activation kernels, checked lossy)")
+
+    def merged(self) -> Arithmetic:
+        return Arithmetic("fp32 MatMul of dequant(W0) + ΔW; reproduces QuantLinear's exact fp32 dequantized weight",
+                          "exact", "exact")
 
 
 register_kind(GPTQKind())

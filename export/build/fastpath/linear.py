@@ -1,0 +1,281 @@
+"""Linear lowering: each linear module of the twin (its base kind's torch twin, with or without a LoRA branch)
+as ONNX nodes, alone or fused with its siblings along N; and the quantized tables (embedding / lm_head).
+
+Which nodes a base kind becomes is the kind's own lowering (:mod:`..kinds`); this module adds what every kind
+shares: biases, fusing siblings that read the same input, and the LoRA branch::
+
+    nn.Linear             MatMul(W^T) [+ Add(bias)]
+    NBitsLinear           [Gather(perm)] + com.microsoft.MatMulNBits (buffers and attributes as is) [+ Add]
+    Bnb4Linear            com.microsoft.MatMulBnb4 [+ Add]
+    Int8EmulationLinear   the MatMulInteger pattern of export.build.contrib._int8_lt_matmul_onnx
+    LowRankBranch         base (scope <m>/base) + MatMul(lora_A) + MatMul(lora_B) + Add (scope <m>)
+
+Quantized tables are parameters of :func:`quantize_table` (bits, ``accuracy_level`` of the lm_head's
+MatMulNBits, symmetric blocks): the embedding reads them through GatherBlockQuantized, the lm_head through
+MatMulNBits, tied tables share one set of initializers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+from adalora_deploy.errors import ExportError
+
+from .. import contrib
+from ..modules import Bnb4Linear, Int8EmulationLinear, LowRankBranch, NBitsLinear, default_zero_points
+from .graph import FastPathUnsupported, Graph, scope_of
+
+__all__ = ["EMBEDDING_BLOCK", "LM_HEAD_ACCURACY_LEVEL", "Branch", "LinearEmitter", "QuantizedTable",
+           "quantize_table", "table_initializers"]
+
+MSFT = contrib.MSFT_DOMAIN
+EMBEDDING_BLOCK = 32
+"""Block size of quantized embeddings / lm_head (onnxruntime's quantizer and the genai builder default)."""
+LM_HEAD_ACCURACY_LEVEL = 4
+"""MatMulNBits accuracy_level of a quantized lm_head (int8 activations, as the genai builder's CPU int4)."""
+
+QuantizedTable = Literal["int4", "int8"] | None
+
+
+@dataclass(frozen=True)
+class Branch:
+    """A LoRA branch's factors: initializer names, or graph input names in adapter-inputs mode."""
+
+    lora_A: str
+    lora_B: str
+
+
+class LinearEmitter:
+    """Emits linear modules (and fused groups of them) as ONNX nodes."""
+
+    def __init__(self, graph: Graph, adapter_inputs: dict[str, Branch]) -> None:
+        self.g = graph
+        self.adapter_inputs = adapter_inputs
+
+    # x ─> [base] ─> y (+ branch, see _branch)
+    def linear(self, module: nn.Module, x: str, path: str) -> str:
+        if isinstance(module, LowRankBranch):
+            base = self.linear(module.base, x, f"{path}.base")
+            return self._branch(module, x, base, path)
+        return self._base([module], x, path)
+
+    # x ──> base ─────────────────────────────────────> Add ──> y      (scope <path>)
+    # └───> MatMul(lora_A [in, r]) ──> MatMul(lora_B [r, out]) ──┘
+    def _branch(self, module: LowRankBranch, x: str, base: str, path: str) -> str:
+        g, scope = self.g, scope_of(path)
+        if module.factors_as_inputs:
+            branch = self.adapter_inputs[path]
+            a, b = branch.lora_A, branch.lora_B
+            if g.float_type != np.float32:
+                a = g.op1("Cast", [a], scope, to=helper.np_dtype_to_tensor_dtype(g.float_type))
+                b = g.op1("Cast", [b], scope, to=helper.np_dtype_to_tensor_dtype(g.float_type))
+        else:
+            a = g.floats(f"{path}.lora_A", module.lora_A)
+            b = g.floats(f"{path}.lora_B", module.lora_B)
+        down = g.op1("MatMul", [x, a], scope)
+        up = g.op1("MatMul", [down, b], scope)
+        return g.op1("Add", [base, up], scope)
+
+    def group(self, modules: Sequence[tuple[str, nn.Module]], x: str, fused_path: str, fuse: bool) -> list[str]:
+        """Outputs of several linears that read the same ``x`` (q/k/v, gate/up).
+
+        With ``fuse`` and compatible bases, the bases become one node whose output is split; each member's
+        LoRA branch is then added to its slice (exact: the same sums as the unfused graph)::
+
+            x ─> fused base (N = sum N_i) ─> Split ─> y_i [─> Add(branch_i(x))]
+        """
+        bases = [(m.base if isinstance(m, LowRankBranch) else m) for _, m in modules]
+        if fuse and len(modules) > 1 and _fusable(bases):
+            fused = self._base(bases, x, fused_path)
+            sizes = [int(b.out_features) for b in bases]
+            parts = self.g.op("Split", [fused, self.g.const(sizes)], scope_of(fused_path), outputs=len(sizes), axis=-1)
+        else:
+            parts = [self._base([b], x, f"{p}.base" if isinstance(m, LowRankBranch) else p)
+                     for b, (p, m) in zip(bases, modules)]
+        return [self._branch(m, x, part, p) if isinstance(m, LowRankBranch) else part
+                for part, (p, m) in zip(parts, modules)]
+
+    def _base(self, modules: Sequence[nn.Module], x: str, path: str) -> str:
+        """One base node for ``modules`` concatenated along the output axis (one module: no concatenation)."""
+        first = modules[0]
+        if isinstance(first, LowRankBranch):  # a branch on a branch (not produced by convert_for_export)
+            if len(modules) != 1:
+                raise ExportError("fast path: cannot fuse nested LoRA branches")
+            return self.linear(first, x, path)
+        if type(first) is nn.Linear:
+            return self._matmul(modules, x, path)
+        if isinstance(first, NBitsLinear):
+            return self._nbits(modules, x, path)
+        if isinstance(first, Bnb4Linear):
+            return self._bnb4(modules, x, path)
+        if isinstance(first, Int8EmulationLinear):
+            return self._int8(modules, x, path)
+        raise FastPathUnsupported(f"fast path: no ONNX mapping for {path} ({type(first).__name__})")
+
+    def _bias(self, modules: Sequence[nn.Module], y: str, path: str) -> str:
+        biases = [getattr(m, "bias", None) for m in modules]
+        if all(b is None for b in biases):
+            return y
+        parts = [torch.zeros(m.out_features) if b is None else b.detach().float() for m, b in zip(modules, biases)]
+        bias = self.g.floats(f"{path}.bias", torch.cat(parts))
+        return self.g.op1("Add", [y, bias], scope_of(path))
+
+    # x ─> MatMul(W^T [K, N]) ─> [Add(bias)]
+    def _matmul(self, modules: Sequence[nn.Linear], x: str, path: str) -> str:
+        g = self.g
+        weight = torch.cat([m.weight.detach() for m in modules], 0) if len(modules) > 1 else modules[0].weight.detach()
+        w_t = g.floats(f"{path}.MatMul.weight", weight.T)
+        return self._bias(modules, g.op1("MatMul", [x, w_t], scope_of(path)), path)
+
+    # x ─> [Gather(perm, axis=-1)] ─> MatMulNBits(q, scales, zero_points) ─> [Add(bias)]
+    def _nbits(self, modules: Sequence[NBitsLinear], x: str, path: str) -> str:
+        g, first, scope = self.g, modules[0], scope_of(path)
+        if first.perm is not None:
+            x = g.op1("Gather", [x, g.initializer(f"{path}.perm", first.perm)], scope, axis=-1)
+        cat = (lambda name: torch.cat([getattr(m, name) for m in modules], 0)) if len(modules) > 1 else \
+            (lambda name: getattr(first, name))
+        scales = cat("scales")
+        if g.float_type == np.float32:
+            scales_name = g.initializer(f"{path}.scales", scales)
+        else:
+            scales_name = g.floats(f"{path}.scales", scales)
+        inputs = [x, g.initializer(f"{path}.qweight", cat("qweight")), scales_name]
+        if not all(_default_zero_points(m) for m in modules):
+            inputs.append(g.initializer(f"{path}.zero_points", cat("zero_points")))
+        n = sum(int(m.out_features) for m in modules)
+        y = g.op1("MatMulNBits", inputs, scope, domain=MSFT, K=int(first.in_features), N=n, bits=int(first.bits),
+                  block_size=int(first.block_size), accuracy_level=int(first.accuracy_level))
+        return self._bias(modules, y, path)
+
+    # x ─> MatMulBnb4(packed, absmax) ─> [Add(bias)]
+    def _bnb4(self, modules: Sequence[Bnb4Linear], x: str, path: str) -> str:
+        g, first = self.g, modules[0]
+        if g.float_type != np.float32:
+            raise FastPathUnsupported("fast path: MatMulBnb4 is built for fp32 graphs only")
+        packed = torch.cat([m.packed for m in modules]) if len(modules) > 1 else first.packed
+        absmax = torch.cat([m.absmax for m in modules]) if len(modules) > 1 else first.absmax
+        n = sum(int(m.out_features) for m in modules)
+        y = g.op1("MatMulBnb4", [x, g.initializer(f"{path}.packed", packed), g.initializer(f"{path}.absmax", absmax)],
+                  scope_of(path), domain=MSFT, K=int(first.in_features), N=n, block_size=int(first.block_size),
+                  quant_type=1 if first.quant_type == "nf4" else 0)
+        return self._bias(modules, y, path)
+
+    # x ─> Reshape[-1,K] ─> Cast(fp16) ─> Cast(fp32) = a
+    #  a ─> Abs ─> GreaterOrEqual(threshold) = big ─> Cast ─> ReduceMax(rows) ─> Cast(bool) = outlier_cols
+    #  a ─> Where(big, 0) ─> Abs ─> ReduceMax(cols) = row_stats ─> Reciprocal ─> Mul(127) = s
+    #  Mul(a, s) ─> Round ─> Where(outlier_cols, 0) ─> Cast(int8) ─> MatMulInteger(cb_t) ─> Cast(fp32)
+    #    ─> Mul(row_stats * scb) ─> Mul(1/127^2) ─> Add(bias) ─> Add(MatMul(Where(outlier_cols, x, 0), weight_t))
+    #    ─> Reshape[..., N]
+    def _int8(self, modules: Sequence[Int8EmulationLinear], x: str, path: str) -> str:
+        """The node pattern of ``export.build.contrib._int8_lt_matmul_onnx``, with static K and N."""
+        g, first, scope = self.g, modules[0], scope_of(path)
+        if g.float_type != np.float32:
+            raise FastPathUnsupported("fast path: the LLM.int8 emulation is built for fp32 graphs only")
+        if len(modules) > 1:
+            cb_t = torch.cat([m.cb_t for m in modules], 1)
+            scb = torch.cat([m.scb for m in modules])
+            weight_t = torch.cat([m.weight_t for m in modules], 1)
+            bias = torch.cat([m.bias for m in modules])
+        else:
+            cb_t, scb, weight_t, bias = first.cb_t, first.scb, first.weight_t, first.bias
+        k, n = int(cb_t.shape[0]), int(cb_t.shape[1])
+        threshold = float(first.threshold)
+        F, B, I8 = TensorProto.FLOAT, TensorProto.BOOL, TensorProto.INT8
+        zero = g.const(0.0, np.float32)
+        lead = g.op1("Slice", [g.op1("Shape", [x], scope), g.const([0]), g.const([-1])], scope)
+        x2 = g.op1("Reshape", [x, g.const([-1, k])], scope)
+        a = g.op1("Cast", [g.op1("Cast", [x2], scope, to=TensorProto.FLOAT16)], scope, to=F)
+        outlier_cols = None
+        if threshold > 0:
+            big = g.op1("GreaterOrEqual", [g.op1("Abs", [a], scope), g.const(threshold, np.float32)], scope)
+            col_max = g.op1("ReduceMax", [g.op1("Cast", [big], scope, to=F), g.const([0])], scope, keepdims=1)
+            outlier_cols = g.op1("Cast", [col_max], scope, to=B)
+            a = g.op1("Where", [big, zero, a], scope)
+        row_stats = g.op1("ReduceMax", [g.op1("Abs", [a], scope), g.const([1])], scope, keepdims=1)
+        s = g.op1("Mul", [g.op1("Reciprocal", [row_stats], scope), g.const(127.0, np.float32)], scope)
+        q = g.op1("Round", [g.op1("Mul", [a, s], scope)], scope)
+        if outlier_cols is not None:
+            q = g.op1("Where", [outlier_cols, zero, q], scope)
+        acc = g.op1("MatMulInteger", [g.op1("Cast", [q], scope, to=I8), g.initializer(f"{path}.cb_t", cb_t)], scope)
+        stats = g.op1("Mul", [row_stats, g.op1("Unsqueeze", [g.initializer(f"{path}.scb", scb), g.const([0])], scope)],
+                      scope)
+        out = g.op1("Mul", [g.op1("Cast", [acc], scope, to=F), stats], scope)
+        out = g.op1("Mul", [out, g.const(contrib.BNB_INV_127_SQUARED, np.float32)], scope)
+        out = g.op1("Add", [out, g.initializer(f"{path}.bias", bias)], scope)
+        if outlier_cols is not None:
+            dense = g.op1("Where", [outlier_cols, x2, zero], scope)
+            out = g.op1("Add", [out, g.op1("MatMul", [dense, g.initializer(f"{path}.weight_t", weight_t)], scope)],
+                        scope)
+        return g.op1("Reshape", [out, g.op1("Concat", [lead, g.const([n])], scope, axis=0)], scope)
+
+
+def _default_zero_points(module: NBitsLinear) -> bool:
+    """Every zero point equals MatMulNBits' default ``2**(bits-1)``: the input can be left out (same result)."""
+    zp = module.zero_points
+    return bool(torch.equal(zp, default_zero_points(zp.shape[0], int(module.qweight.shape[1]), int(module.bits))))
+
+
+def _fusable(bases: Sequence[nn.Module]) -> bool:
+    """Whether these base layers can be concatenated along N into one node with the same arithmetic."""
+    first = bases[0]
+    if any(type(b) is not type(first) for b in bases):
+        return False
+    if any(int(b.in_features) != int(first.in_features) for b in bases):
+        return False
+    if type(first) is nn.Linear:
+        return all(b.weight.dtype == first.weight.dtype for b in bases)
+    if isinstance(first, NBitsLinear):
+        same = all((b.bits, b.block_size, b.accuracy_level) == (first.bits, first.block_size, first.accuracy_level)
+                   for b in bases)
+        perms = [b.perm for b in bases]
+        same_perm = all(p is None for p in perms) or (
+            all(p is not None for p in perms) and all(torch.equal(p, perms[0]) for p in perms))
+        return same and same_perm
+    if isinstance(first, Bnb4Linear):
+        # bnb blocks run over the flattened [N, K] weight: a member must end on a block boundary
+        return all((b.block_size, b.quant_type) == (first.block_size, first.quant_type) for b in bases) and all(
+            (int(b.out_features) * int(b.in_features)) % (2 * int(b.block_size)) == 0 for b in bases[:-1])
+    if isinstance(first, Int8EmulationLinear):
+        return all(b.threshold == first.threshold for b in bases)
+    return False
+
+
+# --- quantized tables (embedding / lm_head) ---------------------------------------------------------------
+
+
+def quantize_table(weight: torch.Tensor, kind: str, *, accuracy_level: int = LM_HEAD_ACCURACY_LEVEL,
+                   symmetric: bool = False) -> NBitsLinear:
+    """Round-to-nearest blocks of an embedding / lm_head table ``[vocab, hidden]`` as the fast path stores them.
+
+    The same :class:`NBitsLinear` serves both uses: MatMulNBits reads it as the lm_head, and
+    GatherBlockQuantized reads its rows (``qweight`` reshaped to ``[vocab, k_blocks * block_bytes]``) as
+    the embedding; :meth:`NBitsLinear.dequantized_weight` is the table both compute with.
+    """
+    bits = {"int4": 4, "int8": 8}.get(kind)
+    if bits is None:
+        raise ExportError(f"fast path: quantization {kind!r} for embeddings / lm_head: choose int4 or int8")
+    return NBitsLinear.from_float(weight, bits=bits, block_size=EMBEDDING_BLOCK, accuracy_level=accuracy_level,
+                                  symmetric=symmetric)
+
+
+def table_initializers(g: Graph, table: NBitsLinear, prefix: str) -> tuple[str, str, str | None]:
+    """Initializer names of a quantized table, emitted on first use (the embedding and lm_head share them);
+    no zero points when they all equal the ops' default ``2**(bits-1)`` (symmetric tables)."""
+    zero_points = None if _default_zero_points(table) else f"{prefix}.zero_points"
+    names = (f"{prefix}.qweight", f"{prefix}.scales", zero_points)
+    if not g.has(names[0]):
+        g.initializer(names[0], table.qweight)
+        if g.float_type == np.float32:
+            g.initializer(names[1], table.scales)
+        else:
+            g.floats(names[1], table.scales)
+        if zero_points:
+            g.initializer(zero_points, table.zero_points)
+    return names
+
