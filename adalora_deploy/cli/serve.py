@@ -198,4 +198,5 @@ def run_serve(args: argparse.Namespace) -> int:
 def run_lm_eval(args: argparse.Namespace) -> int:
     from adalora_deploy.export.lm_eval_model import main
 
-    return main(list(args.lm_eval_args))
+    forwarded = list(args.lm_eval_args)
+    return main(forwarded[1:] if forwarded[:1] == ["--"] else forwarded)

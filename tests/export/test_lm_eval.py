@@ -110,3 +110,21 @@ def test_generate_until_equal_through_server_and_in_process(serving_exports, tas
 
     assert texts(served) == texts(in_process) and len(texts(in_process)) == 20
     assert any(texts(in_process))  # something was generated
+
+
+def test_job_scores_exports_with_local_lm_eval_tasks(serving_exports, tasks):
+    from adalora_deploy.job.lm_eval_stage import lm_eval_scores, report_lines
+
+    scores = lm_eval_scores(serving_exports.merged, [str(tasks / "sentiment_mc.yaml")])
+    direct = evaluate("adalora-deploy", f"export={serving_exports.merged}", tasks, ["sentiment_mc"])
+    assert scores["sentiment_mc"]["acc,none"] == direct["results"]["sentiment_mc"]["acc,none"]
+    lines = report_lines({"separate": {"accuracy": 0.5, "lm_eval": scores}})
+    assert any(line.startswith("| separate | sentiment_mc | acc,none |") for line in lines)
+
+
+def test_command_line_runs_lm_eval_with_the_in_process_model(serving_exports, tasks, capsys):
+    from adalora_deploy.cli import main
+
+    status = main(["lm-eval", "--model", "adalora-deploy", "--model_args", f"export={serving_exports.merged}",
+                   "--tasks", "sentiment_mc", "--include_path", str(tasks), "--limit", "4"])
+    assert status == 0 and "sentiment_mc" in capsys.readouterr().out
