@@ -13,9 +13,9 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval", reason="needs lm-eval (pip install 'adalora-deploy[lmeval]')")
 
-from adalora_deploy.export.server import ServerSettings, build_service, create_app  # noqa: E402
+from adalora_deploy.export.server import ServerSettings  # noqa: E402
 
-from tests.export.test_server import ServerThread  # noqa: E402
+from tests.export.test_server import running_server  # noqa: E402
 
 pytestmark = pytest.mark.optional
 
@@ -60,6 +60,13 @@ def evaluate(model: str, model_args, tasks: Path, names: list[str], **kwargs) ->
     return results
 
 
+def through_server(export: Path, tasks: Path, names: list[str], **kwargs) -> dict:
+    """lm-eval's ``local-completions`` against our server on ``export`` (tokenizer read from the export)."""
+    with running_server(export, ServerSettings()) as (_, server):
+        return evaluate("local-completions", f"base_url={server.url}/v1/completions,model={export.name},"
+                        f"tokenizer_backend=huggingface,tokenizer={export},max_retries=1", tasks, names, **kwargs)
+
+
 def _accuracy_and_answers(results: dict, task: str) -> tuple[float, list]:
     samples = sorted(results["samples"][task], key=lambda s: s["doc_id"])
     return results["results"][task]["acc,none"], [[r[0] for r in s["filtered_resps"]] for s in samples]
@@ -74,14 +81,7 @@ def test_multiple_choice_equal_through_server_in_process_and_hf(serving_exports,
     merge_adapter(serving_exports.model, export_workspace.adapter, merged, quantization="none")
     hf = evaluate("hf", f"pretrained={merged},add_bos_token=False,dtype=float32", tasks, ["sentiment_mc"],
                   device="cpu", batch_size=8)
-    service = build_service(export, ServerSettings())
-    server = ServerThread(create_app(service))
-    try:
-        served = evaluate("local-completions", f"base_url={server.url}/v1/completions,model=tiny-merged,"
-                          f"tokenizer_backend=huggingface,tokenizer={export},max_retries=1", tasks, ["sentiment_mc"])
-    finally:
-        server.stop()
-        service.engine.stop()
+    served = through_server(export, tasks, ["sentiment_mc"])
     accuracy, answers = _accuracy_and_answers(in_process, "sentiment_mc")
     assert len(answers) == ITEMS
     assert _accuracy_and_answers(served, "sentiment_mc")[0] == accuracy
@@ -95,15 +95,7 @@ def test_multiple_choice_equal_through_server_in_process_and_hf(serving_exports,
 def test_generate_until_equal_through_server_and_in_process(serving_exports, tasks):
     export = serving_exports.merged
     in_process = evaluate("adalora-deploy", f"export={export}", tasks, ["sentiment_gen"], limit=20)
-    service = build_service(export, ServerSettings())
-    server = ServerThread(create_app(service))
-    try:
-        served = evaluate("local-completions", f"base_url={server.url}/v1/completions,model=tiny-merged,"
-                          f"tokenizer_backend=huggingface,tokenizer={export},max_retries=1", tasks, ["sentiment_gen"],
-                          limit=20)
-    finally:
-        server.stop()
-        service.engine.stop()
+    served = through_server(export, tasks, ["sentiment_gen"], limit=20)
 
     def texts(results):
         return [s["resps"][0][0] for s in sorted(results["samples"]["sentiment_gen"], key=lambda s: s["doc_id"])]

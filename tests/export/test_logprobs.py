@@ -14,9 +14,9 @@ import torch
 from adalora_deploy.export.generation import SamplingParams
 from adalora_deploy.export.logprobs import log_softmax, prompt_logprobs, token_logprob
 from adalora_deploy.export.parity import ExactScale
-from adalora_deploy.export.server import ServerSettings, build_service, create_app
+from adalora_deploy.export.server import ServerSettings
 
-from tests.export.test_server import ServerThread
+from tests.export.test_server import running_server
 
 PROMPT = "The river rises in"
 CHAT = [{"role": "user", "content": "Where does the river go?"}]
@@ -30,11 +30,8 @@ BATCH_TOLERANCE = 1e-5
 
 @pytest.fixture(scope="module")
 def served(serving_exports):
-    service = build_service(serving_exports.merged, ServerSettings(max_tokens_limit=64))
-    server = ServerThread(create_app(service))
-    yield service, server
-    server.stop()
-    service.engine.stop()
+    with running_server(serving_exports.merged, ServerSettings(max_tokens_limit=64)) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

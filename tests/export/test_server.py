@@ -3,6 +3,7 @@ adapters per request, every 4xx, and 8 concurrent clients whose answers equal th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
@@ -49,14 +50,23 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
+@contextlib.contextmanager
+def running_server(export, settings: ServerSettings, **options):
+    """(service, server) of ``export`` on a free port for the block; both stopped after it."""
+    service = build_service(export, settings, **options)
+    server = ServerThread(create_app(service))
+    try:
+        yield service, server
+    finally:
+        server.stop()
+        service.engine.stop()
+
+
 @pytest.fixture(scope="module")
 def served(serving_exports):
     settings = ServerSettings(api_key=API_KEY, max_tokens_limit=MAX_TOKENS_LIMIT, max_body_bytes=64 << 10)
-    service = build_service(serving_exports.adapter_inputs, settings, adapters_dir=serving_exports.adapters)
-    server = ServerThread(create_app(service))
-    yield service, server
-    server.stop()
-    service.engine.stop()
+    with running_server(serving_exports.adapter_inputs, settings, adapters_dir=serving_exports.adapters) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
