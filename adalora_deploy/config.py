@@ -414,8 +414,14 @@ class TaskConfig:
     highest next-token logit among the choices' first tokens is the true completion's. None: loss only."""
     max_examples: int | None = None
     """Score at most this many held-out records (None: all)."""
+    lm_eval: list[str] | None = None
+    """lm-evaluation-harness task YAML files (local data only; paths relative to the config) scored on every
+    export in process by ``evaluate-exports``; needs the ``lmeval`` extra. None: off."""
 
     def __post_init__(self) -> None:
+        if self.lm_eval is not None and (not isinstance(self.lm_eval, list) or not self.lm_eval or not all(
+                isinstance(f, str) and f.endswith((".yaml", ".yml")) for f in self.lm_eval)):
+            _fail("task", "lm_eval", self.lm_eval, "must list lm-eval task YAML files", "e.g. [tasks/sentiment.yaml]")
         if self.choices is not None and (not isinstance(self.choices, list) or len(self.choices) < 2
                                          or not all(isinstance(c, str) and c for c in self.choices)):
             _fail("task", "choices", self.choices, "must list at least two non-empty completions",
@@ -533,6 +539,9 @@ def parse_run_config(data: Any, source: str | None = None) -> RunConfig:
         values = sections.get(section)
         if isinstance(values, dict) and isinstance(values.get(key), str):
             values[key] = _resolve(values[key], base)
+    task_section = sections.get("task")
+    if isinstance(task_section, dict) and isinstance(task_section.get("lm_eval"), list):
+        task_section["lm_eval"] = [_resolve(f, base) if isinstance(f, str) else f for f in task_section["lm_eval"]]
     model = from_mapping(ModelConfig, sections["model"], "model")
     train = from_mapping(TrainConfig, sections["train"], "train")
     if "data" in sections:

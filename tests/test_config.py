@@ -160,3 +160,14 @@ def test_peft_adapter_config_round_trip():
 def test_every_shipped_config_is_valid(path):
     run = load_run_config(path)
     assert run.adapter.total_step == run.train.steps
+
+
+def test_task_lm_eval_lists_task_files_relative_to_the_config(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(_raw(tmp_path) | {"train": {"data": "d.txt", "steps": 20},
+                                                     "task": {"lm_eval": ["tasks/sentiment.yaml"]}}))
+    assert load_run_config(path).task.lm_eval == [str(tmp_path / "tasks" / "sentiment.yaml")]
+    assert load_run_config(tmp_path / "run.yaml", ["task.lm_eval=null"]).task.lm_eval is None  # the default: off
+    for bad in ("tasks/sentiment.yaml", [], ["sentiment"]):
+        with pytest.raises(ConfigError, match="task.lm_eval"):
+            load_run_config(path, [f"task.lm_eval={bad!r}" if isinstance(bad, str) else f"task.lm_eval={bad}"])

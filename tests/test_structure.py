@@ -15,7 +15,8 @@ from adalora_deploy import errors
 from adalora_deploy.cli import COMMAND_GROUPS, build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ("train", "run", "quantize", "compact", "merge", "export", "check", "adapter-file", "generate", "serve")
+COMMANDS = ("train", "run", "quantize", "compact", "merge", "export", "check", "adapter-file", "generate", "serve",
+            "lm-eval")
 
 BLOCK_HEAVY_IMPORTS = """
 import importlib.abc, sys

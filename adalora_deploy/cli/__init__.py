@@ -61,6 +61,9 @@ def _configure_logging(verbose: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; returns the process exit status."""
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["lm-eval"]:  # everything after it is lm-eval's, options included
+        argv = ["lm-eval", "--", *argv[1:]]
     args = parser.parse_args(argv)
     _configure_logging(args.verbose)
     try:

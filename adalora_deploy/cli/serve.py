@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["register", "run_generate", "run_serve"]
+__all__ = ["register", "run_generate", "run_lm_eval", "run_serve"]
 
 API_KEY_ENV = "ADALORA_DEPLOY_API_KEY"
 
@@ -77,6 +77,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="seconds a client may take to send its body (default: 30); slower gets 408")
     _add_runtime(serve)
     serve.set_defaults(run=run_serve)
+    lm_eval = subparsers.add_parser(
+        "lm-eval", help="lm-evaluation-harness with --model adalora-deploy available (the lmeval extra)",
+        description="Runs lm-eval's own command line with every argument after lm-eval, after registering the "
+                    "in-process model `adalora-deploy` (--model_args export=EXPORT_DIR[,batch_size=N]).")
+    lm_eval.add_argument("lm_eval_args", nargs=argparse.REMAINDER, help="lm_eval's arguments")
+    lm_eval.set_defaults(run=run_lm_eval)
 
 
 def _add_runtime(parser: argparse.ArgumentParser) -> None:
@@ -187,3 +193,10 @@ def run_serve(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then re-raises it: that is the normal way out
         print("server stopped", file=sys.stderr)
     return 0
+
+
+def run_lm_eval(args: argparse.Namespace) -> int:
+    from adalora_deploy.export.runtime.lm_eval_model import main
+
+    forwarded = list(args.lm_eval_args)
+    return main(forwarded[1:] if forwarded[:1] == ["--"] else forwarded)

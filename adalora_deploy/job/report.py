@@ -168,6 +168,9 @@ def write_report(run: RunConfig, output: Path, stages: dict[str, dict[str, Any]]
         for row in rows[2:]:
             lines.append(f"- `{row['label']}` under onnxruntime: {row['accuracy']:.3f} "
                          f"({100 * (row['accuracy'] - trained['accuracy']):+.1f} points against the trained model).")
+    from adalora_deploy.job.lm_eval_stage import report_lines
+
+    lines += report_lines(stages.get("evaluate-exports", {}).get("scores", {}))
     if exports:
         lines += ["", "| export | what the graph computes | nodes | export s |", "|---|---|---|---|"]
         for name, export in exports.items():
@@ -179,7 +182,9 @@ def write_report(run: RunConfig, output: Path, stages: dict[str, dict[str, Any]]
     with atomic_file(folder / "report.md") as temp:
         temp.write_text("\n".join(lines), encoding="utf-8")
     report = {"config": run.to_dict(), "scores": {row["label"]: {k: row.get(k) for k in ("accuracy", "loss", "perplexity",
-                                                                                          "examples")} for row in rows},
+                                                                                          "examples")}
+                                                  | ({"lm_eval": row["lm_eval"]} if "lm_eval" in row else {})
+                                                  for row in rows},
               "checks": checks, "exports": exports, "ranks": ranks, "stages": {n: r.get("stage_seconds") for n, r in stages.items()},
               "plots": list(PLOTS)}
     write_json(folder / "report.json", report)

@@ -267,6 +267,10 @@ def _evaluate_exports(job: _Job) -> dict[str, Any]:
         folder = Path(export["folder"])
         decoder = DecoderSession(create_session(folder / "model.onnx"))
         result[name] = job.evaluate(graph_logits(decoder, _adapter_feeds(folder)))
+        if job.run.task.lm_eval:
+            from adalora_deploy.job.lm_eval_stage import lm_eval_scores
+
+            result[name]["lm_eval"] = lm_eval_scores(folder, job.run.task.lm_eval, batch_size=job.run.train.batch_size)
     return {"scores": result}
 
 

@@ -167,6 +167,8 @@ class Engine:
         """Decoding steps run (all batches), for logs and tests."""
         self.max_rows_seen = 0
         """The largest number of rows one step decoded together."""
+        self.max_prefill_rows = 0
+        """The largest number of rows one prefill ran together."""
 
     def _batch(self, model: str) -> DecodeBatch:
         if model not in self._batches:
@@ -269,6 +271,7 @@ class Engine:
     def _prefill(self, model: str, tickets: list[Ticket]) -> None:
         requests = [r for t in tickets for r in t.requests]
         sinks = [t.callback for t in tickets for _ in t.requests]
+        self.max_prefill_rows = max(self.max_prefill_rows, len(requests))
         try:
             rows = self._batch(model).add(requests, sinks)
         except Exception as error:  # a failed run must not take the other requests down (the batch is intact)

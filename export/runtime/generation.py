@@ -10,6 +10,9 @@ and leave between steps. numpy and onnxruntime only (no torch).
                 are sliced out and columns no row attends to are trimmed
     per row: TokenSampler (repetition penalty -> temperature -> top-k -> top-p -> draw, transformers' order)
              TextStream (incremental detokenization, stop strings held back until they cannot match)
+             log-probabilities when asked (:mod:`.logprobs`: of the raw logits, before the sampler's transforms):
+             the prompt's from the prefill's logits, each new token's from its step's; a row that only scores
+             its prompt (``max_new_tokens`` 0) ends after the prefill, never decodes and never joins the batch
 
 The same :class:`DecodeBatch` serves ``adalora-deploy generate`` (all prompts join at once) and the server's
 engine (requests join as they arrive). A row's tokens depend only on its own prompt, parameters and seed:
@@ -19,6 +22,7 @@ single-prompt output (tests check it).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from dataclasses import dataclass, field
@@ -31,6 +35,7 @@ from adalora_deploy.artifacts import read_json
 from adalora_deploy.errors import ArtifactError, UserError
 
 from ..contract import MODEL_FILE
+from .logprobs import TokenLogprob, prompt_logprobs, token_logprob
 from .session import DecoderSession, create_session
 from .tokenizer import TextTokenizer
 
@@ -69,7 +74,8 @@ class SamplingParams:
     """How to choose tokens and when to stop (the knobs of transformers' ``generate`` and OpenAI's API)."""
 
     max_new_tokens: int = 128
-    """Tokens to generate at most (fewer when EOS, a stop string or the context length comes first)."""
+    """Tokens to generate at most (fewer when EOS, a stop string or the context length comes first); 0 only
+    with ``prompt_logprobs`` (score the prompt, generate nothing)."""
     temperature: float = 0.0
     """0: greedy (argmax); > 0: sample from softmax(logits / temperature)."""
     top_k: int = 0
@@ -82,10 +88,18 @@ class SamplingParams:
     """Seed of this request's random stream (``None``: fresh entropy)."""
     stop: tuple[str, ...] = ()
     """Strings that end the output; the text stops before the first one (which is not returned)."""
+    logprobs: int | None = None
+    """Log-probability of each generated token and of this many most likely alternatives (None: none)."""
+    prompt_logprobs: int | None = None
+    """Log-probabilities of the prompt's tokens (the first has none) with this many alternatives (None: none)."""
 
     def __post_init__(self) -> None:
         checks = [
-            (self.max_new_tokens >= 1, "max_new_tokens", self.max_new_tokens, "an integer >= 1"),
+            (self.max_new_tokens >= 1 or (self.max_new_tokens == 0 and self.prompt_logprobs is not None),
+             "max_new_tokens", self.max_new_tokens, "an integer >= 1 (0 only when scoring the prompt)"),
+            (self.logprobs is None or self.logprobs >= 0, "logprobs", self.logprobs, "None or an integer >= 0"),
+            (self.prompt_logprobs is None or self.prompt_logprobs >= 0, "prompt_logprobs", self.prompt_logprobs,
+             "None or an integer >= 0"),
             (np.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
              "a number >= 0 (0 = greedy)"),
             (self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)"),
@@ -257,6 +271,10 @@ class TokenEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     """Tokens generated so far (including this one)."""
+    logprob: TokenLogprob | None = None
+    """This token's log-probability (when ``SamplingParams.logprobs`` asks for it)."""
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+    """On a request's first event, when ``SamplingParams.prompt_logprobs`` asks: one per prompt token."""
 
 
 @dataclass(frozen=True)
@@ -332,8 +350,9 @@ class RequestOutput:
         self.generated: list[int] = []
         self.finished = False
 
-    def accept(self, token: int) -> TokenEvent:
-        """Record a generated token; the event carries the released text and, at the end, the reason."""
+    def accept(self, token: int, logprob: TokenLogprob | None = None) -> TokenEvent:
+        """Record a generated token; the event carries the released text, ``logprob`` and, at the end, the
+        reason."""
         request, params = self.request, self.request.params
         self.generated.append(token)
         reason: FinishReason | None = None
@@ -347,7 +366,7 @@ class RequestOutput:
                   or len(request.prompt) + len(self.generated) >= self.limits.context_length):
                 text, reason = text + self.text.finish(), "length"
         self.finished = reason is not None
-        return TokenEvent(request.request_id, token, text, reason, len(request.prompt), len(self.generated))
+        return TokenEvent(request.request_id, token, text, reason, len(request.prompt), len(self.generated), logprob)
 
     def end(self, reason: FinishReason) -> TokenEvent:
         """Finish without a token (the runtime stopped early, or the request was cancelled)."""
@@ -366,6 +385,8 @@ class Row:
         self.output = RequestOutput(request, tokenizer, limits)
         self.sink = sink
         self.cancelled = False
+        self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
+        """Set by the prefill when asked for; travels on the row's first event."""
 
     @property
     def finished(self) -> bool:
@@ -426,8 +447,19 @@ class DecodeBatch:
             ids[i, length - len(prompt):] = prompt
             mask[i, length - len(prompt):] = 1
         out = self.decoder.step(ids, mask, None, self.adapter, self.run_options)
+        for i, row in enumerate(rows):
+            if (top := row.request.params.prompt_logprobs) is not None:
+                row.prompt_logprobs = prompt_logprobs(out.logits[i, length - len(row.request.prompt):],
+                                                      row.request.prompt, top)
         next_ids = self._choose(rows, out.logits[:, -1])
-        self._merge(rows, out.present, mask, next_ids)
+        keep = [i for i, row in enumerate(rows) if not row.finished]
+        if len(keep) == len(rows):
+            self._merge(rows, out.present, mask, next_ids)
+        elif keep:  # rows that ended at their first token (or only scored their prompt) never join the batch
+            index = np.asarray(keep, np.int64)
+            start = int(mask[index].any(axis=0).argmax())  # columns that were padding for every kept row
+            self._merge([rows[i] for i in keep], [p[index][:, :, start:] for p in out.present], mask[index][:, start:],
+                        next_ids[index])
         self._drop_finished()
         return rows
 
@@ -446,8 +478,16 @@ class DecodeBatch:
         for i, row in enumerate(rows):
             if row.cancelled:
                 continue
-            chosen[i] = token = row.sampler(logits[i])
-            row.sink(row.output.accept(token))
+            params = row.request.params
+            if params.max_new_tokens == 0:
+                event = row.output.end("length")
+            else:
+                chosen[i] = token = row.sampler(logits[i])
+                logprob = None if params.logprobs is None else token_logprob(logits[i], token, params.logprobs)
+                event = row.output.accept(token, logprob)
+            if row.prompt_logprobs is not None:
+                event, row.prompt_logprobs = dataclasses.replace(event, prompt_logprobs=row.prompt_logprobs), None
+            row.sink(event)
         return chosen
 
     def _merge(self, rows: list[Row], past: Sequence[np.ndarray], mask: np.ndarray, next_ids: np.ndarray) -> None:

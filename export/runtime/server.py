@@ -22,6 +22,14 @@ Errors use OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}
 Sampling follows OpenAI's defaults (``temperature`` 1, ``top_p`` 1; ``temperature: 0`` is greedy); two
 extensions other OpenAI-compatible servers also accept, ``top_k`` and ``repetition_penalty``, go in the body
 (``extra_body`` in the openai client).
+
+Log-probabilities (:mod:`.logprobs`): ``/v1/completions`` takes ``logprobs`` (0-5 alternatives) and ``echo``
+(the prompt's tokens and their log-probabilities first; with ``max_tokens: 0`` the prompt is only scored: one
+prefill, no decoding step, and such requests batch like any other); ``/v1/chat/completions`` takes
+``logprobs: true`` and ``top_logprobs`` (0-20). Values are ``log_softmax`` of the graph's fp32 logits before
+any sampling transform. Fields that change nothing here (``store``, ``metadata``, ``user``, ``service_tier``,
+``parallel_tool_calls``, ``response_format`` of type ``text``) are accepted and ignored; OpenAI fields that
+would change the output and are not implemented are refused with 400 "... is not supported".
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, AsyncIterator, Literal, Sequence
 
@@ -41,6 +49,8 @@ from adalora_deploy.errors import UserError, require
 
 from .engine import DEFAULT_MAX_PREFILL_TOKENS, Engine, ServedModel, served_models
 from .generation import GenerationError, GenerationRequest, SamplingParams, TextGenerator, TokenEvent
+from .logprobs import MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS, CompletionLogprobs, TokenLogprob, TokenTexts, \
+    chat_logprobs
 
 __all__ = ["ServerSettings", "create_app", "serve"]
 
@@ -130,6 +140,15 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: dict[str, Any] | None = None
+
+
+def _unsupported(name: str, detail: str = "") -> APIError:
+    return APIError(400, f"{name} is not supported by this server{detail}", param=name, code="unsupported_parameter")
+
+
 class _Sampling(_Body):
     """Fields shared by both endpoints."""
 
@@ -144,20 +163,27 @@ class _Sampling(_Body):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
-    user: str | None = None
     top_k: int | None = Field(default=None, ge=0)
     """Extension (vLLM and others): sample among the k most likely tokens."""
     repetition_penalty: float | None = Field(default=None, gt=0)
     """Extension (vLLM and others): CTRL's penalty on tokens already present."""
+    # accepted and ignored: they change nothing in what this server computes
+    user: str | None = None
+    store: bool | None = None
+    metadata: dict[str, str] | None = None
+    service_tier: str | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
+    """Only ``{"type": "text"}`` (what the server does anyway); JSON modes are refused."""
 
     def check_unsupported(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):
             if getattr(self, name) not in (None, 0, 0.0):
-                raise APIError(400, f"{name} is not supported by this server; use repetition_penalty", param=name,
-                               code="unsupported_parameter")
+                raise _unsupported(name, "; use repetition_penalty")
         if self.logit_bias:
-            raise APIError(400, "logit_bias is not supported by this server", param="logit_bias",
-                           code="unsupported_parameter")
+            raise _unsupported("logit_bias")
+        if self.response_format is not None and self.response_format.type != "text":
+            raise _unsupported("response_format", f" with type {self.response_format.type!r} (only 'text')")
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
         if len(stops) > MAX_STOP_STRINGS or any(not s for s in stops):
             raise APIError(400, f"stop: at most {MAX_STOP_STRINGS} non-empty strings", param="stop",
@@ -169,8 +195,9 @@ class _Sampling(_Body):
 
 class CompletionBody(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]]
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = None
+    max_tokens: int | None = Field(default=16, ge=0)
+    """0 only with ``echo``: score the prompt, generate nothing."""
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_COMPLETION_LOGPROBS)
     echo: bool = False
     best_of: int | None = None
     suffix: str | None = None
@@ -185,14 +212,20 @@ class ChatMessage(_Body):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """An earlier assistant turn's tool calls, rendered by templates that support them."""
+    tool_call_id: str | None = None
+    """Which call a ``tool`` message answers."""
+    refusal: str | None = None
 
     def as_template_message(self) -> dict[str, Any]:
         content = self.content if isinstance(self.content, str) or self.content is None else \
             "".join(part.text for part in self.content)
         role = "system" if self.role == "developer" else self.role  # OpenAI's newer name for system messages
         message: dict[str, Any] = {"role": role, "content": content or ""}
-        if self.name is not None:
-            message["name"] = self.name
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                message[key] = getattr(self, key)
         return message
 
 
@@ -201,7 +234,29 @@ class ChatBody(_Sampling):
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_CHAT_TOP_LOGPROBS)
+    # refused unless harmless (no tools offered, none forced): they would change the output
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
+
+    def check_unsupported(self) -> None:
+        super().check_unsupported()
+        harmless = {"tools": [], "tool_choice": "none", "functions": [], "function_call": "none",
+                    "modalities": ["text"]}
+        for name in ("tools", "tool_choice", "functions", "function_call", "modalities", "audio", "prediction",
+                     "reasoning_effort", "web_search_options"):
+            value = getattr(self, name)
+            if value is not None and value != harmless.get(name):
+                raise _unsupported(name)
+        if self.top_logprobs is not None and not self.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs", code="invalid_value")
 
 
 # --- the service: requests -> engine rows -> OpenAI responses ------------------------------------------------
@@ -223,6 +278,9 @@ class _Choice:
     text: str = ""
     finish_reason: str | None = None
     completion_tokens: int = 0
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    prompt_logprobs: tuple[TokenLogprob | None, ...] = ()
 
 
 class Service:
@@ -233,6 +291,7 @@ class Service:
         self.settings = settings
         self.tokenizer = engine.generator.tokenizer
         self.limits = engine.generator.limits
+        self.token_texts = TokenTexts(self.tokenizer)
         self.created = int(time.time())
 
     def model(self, name: str) -> ServedModel:
@@ -243,9 +302,13 @@ class Service:
         return self.engine.models[name]
 
     def params(self, body: _Sampling, max_tokens: int | None, prompts: Sequence[Sequence[int]],
-               default_max: bool) -> list[SamplingParams]:
+               default_max: bool, *, logprobs: int | None = None,
+               prompt_logprobs: int | None = None) -> list[SamplingParams]:
         """One SamplingParams per row (prompt x n), after the OpenAI limits are checked."""
         body.check_unsupported()
+        if max_tokens == 0 and prompt_logprobs is None:
+            raise APIError(400, "max_tokens 0 generates nothing; send echo: true to score the prompt",
+                           param="max_tokens", code="invalid_value")
         rows_asked, most = len(prompts) * body.n, self.settings.max_completions_per_request
         if rows_asked > most:
             raise APIError(400, f"this request asks for {rows_asked} completions ({len(prompts)} prompt(s) x n="
@@ -276,7 +339,8 @@ class Service:
                     rows.append(SamplingParams(
                         max_new_tokens=max_tokens, temperature=temperature, top_k=body.top_k or 0,
                         top_p=1.0 if body.top_p is None else body.top_p,
-                        repetition_penalty=body.repetition_penalty or 1.0, seed=seed, stop=body.stop_strings()))
+                        repetition_penalty=body.repetition_penalty or 1.0, seed=seed, stop=body.stop_strings(),
+                        logprobs=logprobs, prompt_logprobs=prompt_logprobs))
                 except GenerationError as error:
                     raise APIError(400, str(error), code="invalid_value") from None
         return rows
@@ -416,20 +480,20 @@ def create_app(service: Service):
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
         service.model(body.model)
-        for name, unsupported in (("logprobs", body.logprobs is not None), ("echo", body.echo),
-                                  ("best_of", body.best_of not in (None, 1)), ("suffix", body.suffix is not None)):
+        for name, unsupported in (("best_of", body.best_of not in (None, 1)), ("suffix", body.suffix is not None)):
             if unsupported:
-                raise APIError(400, f"{name} is not supported by this server", param=name, code="unsupported_parameter")
+                raise _unsupported(name)
         prompts = _completion_prompts(service, body.prompt)
-        params = service.params(body, body.max_tokens, prompts, default_max=False)
-        return await _respond(service, body, prompts, params, chat=False)
+        # echo scores the prompt when logprobs are asked for (or when nothing is generated: max_tokens 0)
+        scored = body.echo and (body.logprobs is not None or body.max_tokens == 0)
+        params = service.params(body, body.max_tokens, prompts, default_max=False, logprobs=body.logprobs,
+                                prompt_logprobs=(body.logprobs or 0) if scored else None)
+        echoes = _echo_texts(service, body.prompt, prompts) if body.echo else None
+        return await _respond(service, body, prompts, params, chat=False, echoes=echoes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody):
         service.model(body.model)
-        if body.logprobs or body.top_logprobs:
-            raise APIError(400, "logprobs is not supported by this server", param="logprobs",
-                           code="unsupported_parameter")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(400, "send max_tokens or max_completion_tokens, not both", param="max_tokens",
                            code="invalid_value")
@@ -438,11 +502,18 @@ def create_app(service: Service):
         except UserError as error:
             raise APIError(400, str(error), param="messages", code="invalid_messages") from None
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        params = service.params(body, max_tokens, [prompt], default_max=max_tokens is None)
+        params = service.params(body, max_tokens, [prompt], default_max=max_tokens is None,
+                                logprobs=(body.top_logprobs or 0) if body.logprobs else None)
         return await _respond(service, body, [prompt], params, chat=True)
 
     app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     return app
+
+
+def _echo_texts(service: Service, prompt, encoded: list[list[int]]) -> list[str]:
+    """The text ``echo`` returns per prompt: the prompt as sent, or its tokens decoded when sent as ids."""
+    texts = [prompt] if isinstance(prompt, str) else list(prompt) if prompt and isinstance(prompt[0], str) else []
+    return texts if len(texts) == len(encoded) else [service.tokenizer.decode(p) for p in encoded]
 
 
 def _completion_prompts(service: Service, prompt) -> list[list[int]]:
@@ -464,13 +535,14 @@ def _completion_prompts(service: Service, prompt) -> list[list[int]]:
 
 
 async def _respond(service: Service, body: _Sampling, prompts: list[list[int]], params: list[SamplingParams], *,
-                   chat: bool):
+                   chat: bool, echoes: list[str] | None = None):
     events, requests, ticket = service.submit(body.model, prompts, params, body.n)
     prompt_tokens = sum(len(p) for p in prompts)
     created, model = int(time.time()), body.model
     prefix = "chatcmpl" if chat else "cmpl"
     response_id = f"{prefix}-{uuid.uuid4().hex}"
     obj = "chat.completion" if chat else "text_completion"
+    wants_logprobs = params[0].logprobs is not None
     if not body.stream:
         choices = [_Choice() for _ in requests]
         async for index, event in service.run(events, requests, ticket):
@@ -478,13 +550,25 @@ async def _respond(service: Service, body: _Sampling, prompts: list[list[int]], 
             choice.text += event.text
             choice.completion_tokens = event.completion_tokens
             choice.finish_reason = event.finish_reason or choice.finish_reason
+            choice.prompt_logprobs = event.prompt_logprobs or choice.prompt_logprobs
+            if event.token_id is not None:
+                choice.token_ids.append(event.token_id)
+                if event.logprob is not None:
+                    choice.logprobs.append(event.logprob)
         completion_tokens = sum(c.completion_tokens for c in choices)
         if chat:
-            items = [{"index": i, "message": {"role": "assistant", "content": c.text}, "logprobs": None,
+            items = [{"index": i, "message": {"role": "assistant", "content": c.text},
+                      "logprobs": chat_logprobs(c.logprobs, service.token_texts) if wants_logprobs else None,
                       "finish_reason": c.finish_reason} for i, c in enumerate(choices)]
         else:
-            items = [{"index": i, "text": c.text, "logprobs": None, "finish_reason": c.finish_reason}
-                     for i, c in enumerate(choices)]
+            items = []
+            for i, c in enumerate(choices):
+                echo = "" if echoes is None else echoes[i // body.n]
+                logprobs = None
+                if wants_logprobs:  # an echoed prompt's tokens come first
+                    ids, entries = ([*requests[i].prompt], [*c.prompt_logprobs]) if echoes is not None else ([], [])
+                    logprobs = CompletionLogprobs(service.token_texts).piece(ids + c.token_ids, entries + c.logprobs)
+                items.append({"index": i, "text": echo + c.text, "logprobs": logprobs, "finish_reason": c.finish_reason})
         return {"id": response_id, "object": obj, "created": created, "model": model, "choices": items,
                 "usage": _usage(prompt_tokens, completion_tokens)}
 
@@ -499,20 +583,31 @@ async def _respond(service: Service, body: _Sampling, prompts: list[list[int]], 
 
     async def stream() -> AsyncIterator[str]:
         counts = [0] * len(requests)
+        pieces = [CompletionLogprobs(service.token_texts) for _ in requests]
+        echoed = [False] * len(requests)
         if chat:
             yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                           "finish_reason": None} for i in range(len(requests))])
         try:
             async for index, event in service.run(events, requests, ticket):
                 counts[index] = event.completion_tokens
-                if not event.text and event.finish_reason is None:
+                text, ids, entries = event.text, [], []
+                if echoes is not None and not echoed[index]:  # the row's first event carries the echoed prompt
+                    echoed[index] = True
+                    text = echoes[index // body.n] + text
+                    ids, entries = [*requests[index].prompt], [*(event.prompt_logprobs or ())]
+                if event.token_id is not None and event.logprob is not None:
+                    ids, entries = ids + [event.token_id], entries + [event.logprob]
+                logprobs = None
+                if wants_logprobs and ids:
+                    logprobs = chat_logprobs(entries, service.token_texts) if chat else pieces[index].piece(ids, entries)
+                if not text and event.finish_reason is None and logprobs is None:
                     continue
                 if chat:
-                    delta = {"content": event.text} if event.text else {}
-                    item = {"index": index, "delta": delta, "logprobs": None, "finish_reason": event.finish_reason}
+                    delta = {"content": text} if text else {}
+                    item = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": event.finish_reason}
                 else:
-                    item = {"index": index, "text": event.text, "logprobs": None,
-                            "finish_reason": event.finish_reason}
+                    item = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": event.finish_reason}
                 yield chunk([item])
         except APIError as error:  # headers are sent: the error travels as an event, as OpenAI's stream does
             yield _sse({"error": {"message": error.message, "type": error.type, "param": None, "code": error.code}})

@@ -93,3 +93,30 @@ def test_serve_without_torch(serving_exports, tmp_path):
     want = generator.generate([generator.tokenizer.encode("In winter the")], SamplingParams(max_new_tokens=6),
                               run_options=options)[0]
     assert completion["choices"][0]["text"] == want.text
+
+
+def test_logprobs_and_the_lm_eval_model_without_torch(serving_exports, tmp_path):
+    """The log-probability code and (when lm-eval is installed) the in-process lm-eval model import and score
+    without torch."""
+    import importlib.util
+
+    with_lm_eval = importlib.util.find_spec("lm_eval") is not None
+    script = BLOCK_HEAVY_IMPORTS.format(blocked=BLOCKED) + f"""
+from adalora_deploy.export.runtime.generation import SamplingParams, TextGenerator
+from adalora_deploy.export.runtime.logprobs import CompletionLogprobs, TokenTexts
+import adalora_deploy.export.runtime.server
+generator = TextGenerator.from_export({str(serving_exports.merged)!r})
+prompt = generator.tokenizer.encode("In winter the")
+events = list(generator.stream([prompt], SamplingParams(max_new_tokens=0, prompt_logprobs=1)))
+scored = CompletionLogprobs(TokenTexts(generator.tokenizer)).piece(prompt, events[0].prompt_logprobs)
+assert scored["token_logprobs"][0] is None and len(scored["tokens"]) == len(prompt)
+if {with_lm_eval!r}:
+    from adalora_deploy.export.runtime.lm_eval_model import AdaloraDeployLM
+    model = AdaloraDeployLM(export={str(serving_exports.merged)!r})
+    total = model._loglikelihood_tokens([(("a", "b"), prompt[:-1], prompt[-1:])])[0][0]
+    assert abs(total - scored["token_logprobs"][-1]) < 1e-5, (total, scored)
+print("HEAVY_MODULES", sorted(m for m in {BLOCKED!r} if m in sys.modules))
+"""
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "HEAVY_MODULES []" in result.stdout

@@ -3,6 +3,7 @@ adapters per request, every 4xx, and 8 concurrent clients whose answers equal th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import socket
@@ -49,14 +50,23 @@ class ServerThread:
         self.thread.join(timeout=30)
 
 
+@contextlib.contextmanager
+def running_server(export, settings: ServerSettings, **options):
+    """(service, server) of ``export`` on a free port for the block; both stopped after it."""
+    service = build_service(export, settings, **options)
+    server = ServerThread(create_app(service))
+    try:
+        yield service, server
+    finally:
+        server.stop()
+        service.engine.stop()
+
+
 @pytest.fixture(scope="module")
 def served(serving_exports):
     settings = ServerSettings(api_key=API_KEY, max_tokens_limit=MAX_TOKENS_LIMIT, max_body_bytes=64 << 10)
-    service = build_service(serving_exports.adapter_inputs, settings, adapters_dir=serving_exports.adapters)
-    server = ServerThread(create_app(service))
-    yield service, server
-    server.stop()
-    service.engine.stop()
+    with running_server(serving_exports.adapter_inputs, settings, adapters_dir=serving_exports.adapters) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +202,11 @@ def _post(server, path: str, content: bytes | str, *, key: str | None = API_KEY,
      "560 tokens"),
     ('{"model": "tiny-ai", "prompt": "x", "temperature": -1}', 400, "invalid_value", "temperature"),
     ('{"model": "tiny-ai", "prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "invalid_value", "at most 4"),
-    ('{"model": "tiny-ai", "prompt": "x", "logprobs": 2}', 400, "unsupported_parameter", "logprobs"),
+    ('{"model": "tiny-ai", "prompt": "x", "logprobs": 6}', 400, "invalid_value", "logprobs"),
+    ('{"model": "tiny-ai", "prompt": "x", "max_tokens": 0}', 400, "invalid_value", "echo"),
+    ('{"model": "tiny-ai", "prompt": "x", "suffix": "y"}', 400, "unsupported_parameter", "suffix is not supported"),
+    ('{"model": "tiny-ai", "prompt": "x", "response_format": {"type": "json_object"}}', 400, "unsupported_parameter",
+     "response_format is not supported"),
     ('{"model": "tiny-ai", "prompt": "x", "frequency_penalty": 0.5}', 400, "unsupported_parameter", "repetition_penalty"),
     ('{"model": "tiny-ai", "prompt": [99999]}', 400, "invalid_prompt", "token ids"),
     ('{"model": "tiny-ai", "prompt": ""}', 400, "invalid_prompt", "no tokens"),
@@ -209,7 +223,16 @@ def test_bad_completion_requests_get_openai_errors(served, body, status, code, w
     ('{"model": "tiny-ai", "messages": [{"role": "wizard", "content": "x"}]}', "invalid_value", "messages.0.role"),
     ('{"model": "tiny-ai", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}',
      "invalid_value", "messages.0.content"),
-    ('{"model": "tiny-ai", "messages": [{"role": "user", "content": "x"}], "tools": []}', "unknown_parameter", "tools"),
+    ('{"model": "tiny-ai", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}',
+     "unsupported_parameter", "tools is not supported"),
+    ('{"model": "tiny-ai", "messages": [{"role": "user", "content": "x"}], "tool_choice": "required"}',
+     "unsupported_parameter", "tool_choice is not supported"),
+    ('{"model": "tiny-ai", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}', "invalid_value",
+     "needs logprobs"),
+    ('{"model": "tiny-ai", "messages": [{"role": "user", "content": "x"}], "logprobs": true, "top_logprobs": 21}',
+     "invalid_value", "top_logprobs"),
+    ('{"model": "tiny-ai", "messages": [{"role": "user", "content": "x"}], "wizardry": 1}', "unknown_parameter",
+     "unrecognized"),
 ])
 def test_bad_chat_requests(served, body, code, words):
     response = _post(served[1], "/v1/chat/completions", body)
