@@ -85,6 +85,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from adalora_deploy.architectures import check_model_folder
     from adalora_deploy.artifacts import check_output_dir
     from adalora_deploy.data import token_blocks
     from adalora_deploy.errors import GPTQFormatError, QuantizationError
@@ -95,6 +96,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if not (model_dir / "config.json").is_file():
         raise QuantizationError(f"MODEL_DIR {model_dir}: no config.json (expected a local Hugging Face model folder)")
+    check_model_folder(model_dir)
     if args.samples < 1:
         raise QuantizationError(f"--samples must be >= 1, got {args.samples}")
     if args.group_size != -1 and args.group_size < 1:
