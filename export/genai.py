@@ -39,6 +39,10 @@ __all__ = ["GENAI_CONFIG_FILE", "GenaiGenerator", "genai_config", "write_genai_c
 GENAI_CONFIG_FILE = "genai_config.json"
 
 
+_GPT2_NAMES = {"num_attention_heads": "n_head", "num_hidden_layers": "n_layer", "hidden_size": "n_embd"}
+"""GPT-2's config.json spells the geometry its own way (transformers maps these through ``attribute_map``)."""
+
+
 def genai_config(config: Mapping[str, Any], *, limits: ModelLimits, filename: str = "model.onnx",
                  share_buffer: bool = False) -> dict[str, Any]:
     """onnxruntime-genai's ``genai_config.json`` for one of our decoding graphs.
@@ -51,7 +55,8 @@ def genai_config(config: Mapping[str, Any], *, limits: ModelLimits, filename: st
         share_buffer: the graph appends to a preallocated KV buffer in place (fast-path graphs, whose
             every present comes from GroupQueryAttention); og then binds past and present to one buffer.
     """
-    text = config.get("text_config", config) if "num_hidden_layers" not in config else config
+    text = config.get("text_config", config) if "num_hidden_layers" not in config and "n_layer" not in config else config
+    text = {**{key: text[alias] for key, alias in _GPT2_NAMES.items() if alias in text}, **text}
     heads = int(text["num_attention_heads"])
     eos = sorted(limits.eos_token_ids)
     bos = text.get("bos_token_id", config.get("bos_token_id"))
