@@ -72,7 +72,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("Llama", ("llama",), "model.layers", ("q_proj", "v_proj"), "Linear",
                  "RoPE, grouped-query attention", fast_path=True),
     Architecture("Mistral", ("mistral",), "model.layers", ("q_proj", "v_proj"), "Linear",
-                 "sliding-window attention mask"),
+                 "sliding-window attention mask (a config without a window takes the fast path)"),
     Architecture("Qwen2 / Qwen2.5", ("qwen2",), "model.layers", ("q_proj", "v_proj"), "Linear",
                  "q/k/v bias", fast_path=True),
     Architecture("Qwen3", ("qwen3",), "model.layers", ("q_proj", "v_proj"), "Linear", "RMSNorm on q and k"),
