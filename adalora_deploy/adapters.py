@@ -8,6 +8,7 @@ module tree for :class:`AdaLoraLinear` instances, never by parsing parameter nam
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -15,11 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adalora_deploy.architectures import UnsupportedArchitectureError, default_target_modules
 from adalora_deploy.backends import UnsupportedLayerError, is_supported
-from adalora_deploy.config import DEFAULT_TARGET_MODULES, AdaLoraConfig, ConfigError
+from adalora_deploy.config import AdaLoraConfig, ConfigError
 from adalora_deploy.layer import AdaLoraLinear
 
 __all__ = ["AdapterSet", "find_adapters", "inject_adapters", "matches_target", "replace_module", "resolve_target_modules"]
+
+logger = logging.getLogger(__name__)
 
 
 def matches_target(name: str, target_modules: list[str] | str) -> bool:
@@ -30,14 +34,17 @@ def matches_target(name: str, target_modules: list[str] | str) -> bool:
 
 
 def resolve_target_modules(model: nn.Module, config: AdaLoraConfig) -> list[str] | str:
-    """``config.target_modules``, or the model family's default when it is None."""
+    """``config.target_modules``, or the architecture's default (:mod:`adalora_deploy.architectures`) when None."""
     if config.target_modules is not None:
         return config.target_modules
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGET_MODULES:
+    try:
+        targets = default_target_modules(model_type)
+    except UnsupportedArchitectureError:
         raise ConfigError(f"adapter.target_modules = None: no default for model_type {model_type!r}; "
-                          "list the module names to adapt, e.g. [q_proj, v_proj]")
-    return DEFAULT_TARGET_MODULES[model_type]
+                          "list the module names to adapt, e.g. [q_proj, v_proj]") from None
+    logger.info("adapter.target_modules not set: using the %s default %s", model_type, targets)
+    return targets
 
 
 @dataclass(frozen=True)

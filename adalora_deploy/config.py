@@ -47,18 +47,6 @@ __all__ = [
 
 DtypeName = Literal["float32", "bfloat16", "float16"]
 
-# PEFT's defaults per model_type (TRANSFORMERS_MODELS_TO_ADALORA_TARGET_MODULES_MAPPING) for the families we test.
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma3_text": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "bert": ["query", "value"],
-}
-
-
 PEFT_COMMON_FIELDS: dict[str, Any] = {
     "bias": "none",
     "init_lora_weights": True,

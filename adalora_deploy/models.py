@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from adalora_deploy.architectures import check_model_folder, refuse_fresh_weights
 from adalora_deploy.backends.bnb import pin_bnb4_arithmetic
 from adalora_deploy.config import ModelConfig
 from adalora_deploy.errors import ArtifactError, ConfigError
@@ -49,6 +50,7 @@ def _check_folder(path: str) -> Path:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise ArtifactError(f"model folder {folder} has no config.json (expected a local Hugging Face model folder)")
+    check_model_folder(folder)  # an encoder or unknown architecture is refused before anything loads
     return folder
 
 
@@ -83,9 +85,10 @@ def load_base_model(config: ModelConfig) -> torch.nn.Module:
                                            bnb_4bit_compute_dtype=dtype)
             kwargs.update(quantization_config=quant, device_map={"": str(device)})
         try:
-            model = AutoModelForCausalLM.from_pretrained(folder, **kwargs)
+            model, loading_info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
         except (OSError, ValueError) as error:
             raise ArtifactError(f"cannot load a causal LM from {folder} ({error})") from None
+        refuse_fresh_weights(folder, loading_info)
         if not is_bnb(config.quantization):
             model = model.to(device)
     if family(config.quantization) == "bnb-4bit":

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from adalora_deploy.adapters import AdapterSet, find_adapters, inject_adapters
+from adalora_deploy.adapters import AdapterSet, find_adapters, inject_adapters, resolve_target_modules
 from adalora_deploy.allocator import AllocationStep, RankAllocator
 from adalora_deploy.artifacts import atomic_file, write_json
 from adalora_deploy.checkpoint import load_training_checkpoint, save_training_checkpoint
@@ -172,8 +172,10 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
     rows = slice(group.rank * t.batch_size, (group.rank + 1) * t.batch_size)
     model = load_base_model(dataclasses.replace(run.model, path=model_path))
     device = next(model.parameters()).device
-    adapters = inject_adapters(model, run.adapter, seed=t.seed)
-    controller = AdaLoraController(adapters, run.adapter)
+    # the architecture's default when the config leaves target_modules out; recorded in run.json and the adapter
+    adapter_config = dataclasses.replace(run.adapter, target_modules=resolve_target_modules(model, run.adapter))
+    adapters = inject_adapters(model, adapter_config, seed=t.seed)
+    controller = AdaLoraController(adapters, adapter_config)
     run_record = run.training_record()
     forward = model
     if group.world > 1:
@@ -198,7 +200,8 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
     if group.main:  # every input was read and checked above: only now does the run folder appear
         output_dir.mkdir(parents=True, exist_ok=True)
         _rewrite_metrics(metrics_path, keep_before=start)
-        write_json(output_dir / "run.json", run.to_dict() | {"model_folder": model_path})
+        write_json(output_dir / "run.json", run.to_dict() | {"model_folder": model_path,
+                                                              "target_modules": adapter_config.target_modules})
 
     model.train()
     losses: list[float] = []
@@ -246,7 +249,7 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
                 on_step(record)
     adapter_dir = output_dir / "adapter"
     if group.main:
-        save_adapter(adapters, run.adapter, adapter_dir, base_model_name_or_path=model_path)
+        save_adapter(adapters, adapter_config, adapter_dir, base_model_name_or_path=model_path)
     group.barrier()
     return TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, base_model=model_path, steps=t.steps,
                        first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,

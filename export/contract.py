@@ -106,6 +106,10 @@ def is_lora_A(name: str) -> bool:
 # --- KV geometry -----------------------------------------------------------------------------------------
 
 
+_GPT2_NAMES = {"num_attention_heads": "n_head", "num_hidden_layers": "n_layer", "hidden_size": "n_embd"}
+"""GPT-2's config.json spells the geometry its own way (transformers maps these through ``attribute_map``)."""
+
+
 @dataclass(frozen=True)
 class KVGeometry:
     """The decoder's shape as the graph's KV cache sees it, read from a transformers config."""
@@ -121,8 +125,8 @@ class KVGeometry:
     def of(cls, config: Any) -> KVGeometry:
         """From a transformers config object or its ``config.json`` dict (a multimodal wrapper's text config)."""
         if isinstance(config, Mapping):
-            text = config if "num_hidden_layers" in config else config.get("text_config", config)
-            get = text.get
+            text = config if "num_hidden_layers" in config or "n_layer" in config else config.get("text_config", config)
+            get = lambda key: text.get(key, text.get(_GPT2_NAMES.get(key, key)))  # noqa: E731
         else:
             text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
             get = lambda key: getattr(text, key, None)  # noqa: E731

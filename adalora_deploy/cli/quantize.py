@@ -94,6 +94,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     import torch  # lazy: the CLI's --help and serve stay torch-free
     from transformers import AutoTokenizer  # lazy: as torch
 
+    from adalora_deploy.architectures import check_model_folder  # lazy: imports torch
     from adalora_deploy.data import calibration_blocks  # lazy: imports torch
     from adalora_deploy.gptq.folder import quantize_folder  # lazy: imports torch
 
@@ -101,6 +102,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if not (model_dir / "config.json").is_file():
         raise QuantizationError(f"MODEL_DIR {model_dir}: no config.json (expected a local Hugging Face model folder)")
+    check_model_folder(model_dir)
     if args.samples < 1:
         raise QuantizationError(f"--samples must be >= 1, got {args.samples}")
     if args.group_size != -1 and args.group_size < 1:

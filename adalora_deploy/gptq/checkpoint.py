@@ -24,6 +24,7 @@ from adalora_deploy.artifacts import (
     save_tensors,
     write_json,
 )
+from adalora_deploy.architectures import linear_features
 from adalora_deploy.gptq.linear import QuantLinear, quant_linears
 from adalora_deploy.errors import GPTQFormatError
 from adalora_deploy.gptq.packing import (
@@ -304,10 +305,10 @@ def load_gptq_model(
 
     keys = files.keys()
     for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and f"{name}.qweight" in keys:
+        features = linear_features(module)  # nn.Linear, or GPT-2's Conv1D (weight stored (in, out))
+        if features is not None and f"{name}.qweight" in keys:
             layer = QuantLinear(
-                module.in_features,
-                module.out_features,
+                *features,
                 quant_config.bits,
                 quant_config.group_size,
                 sym=quant_config.sym,
@@ -318,7 +319,7 @@ def load_gptq_model(
             model.set_submodule(name, layer)
     for key in keys:
         if key.endswith(".qweight") and not isinstance(_get_module(model, key.rsplit(".", 1)[0]), QuantLinear):
-            raise GPTQFormatError(f"{files.path(key)}: {key} does not belong to an nn.Linear of this model")
+            raise GPTQFormatError(f"{files.path(key)}: {key} does not belong to an nn.Linear or Conv1D of this model")
 
     state = model.state_dict()
     groups: dict[tuple[int, int], list[str]] = {}

@@ -33,6 +33,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from adalora_deploy.architectures import UnsupportedArchitectureError, conv1d_as_linear, decoder_layers
 from adalora_deploy.errors import QuantizationError
 from adalora_deploy.gptq.linear import QuantLinear
 from adalora_deploy.gptq.packing import CHECKPOINT_FORMATS
@@ -254,15 +255,16 @@ class _Zero(nn.Module):
         return x.new_zeros(*x.shape[:-1], self.out_features)
 
 
-def _decoder_layers(model: nn.Module) -> nn.ModuleList:
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
-        raise QuantizationError(
-            f"quantize_model supports transformers decoder models with model.model.layers (Llama family); "
-            f"{type(model).__name__} has none"
-        )
-    return layers
+def _decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The decoder layer list, where :mod:`adalora_deploy.architectures` says the family keeps it."""
+    try:
+        path, layers = decoder_layers(model)
+    except UnsupportedArchitectureError as error:
+        raise QuantizationError(f"quantize_model: {error}") from None
+    for index, layer in enumerate(layers):
+        if conv1d_as_linear(layer):  # GPT-2: quantized as the equivalent nn.Linear (weight transposed)
+            logger.debug("%s.%d: Conv1D projections solved as nn.Linear", path, index)
+    return path, layers
 
 
 def _linear_names(layer: nn.Module) -> tuple[str, ...]:
@@ -333,12 +335,13 @@ def quantize_model(
     tables: bool = False,
     progress: bool = False,
 ) -> QuantizationReport:
-    """Quantize every ``nn.Linear`` inside ``model.model.layers`` in place, one decoder layer at a time.
+    """Quantize every ``nn.Linear`` of the decoder layers in place, one decoder layer at a time.
 
     Each linear becomes a :class:`QuantLinear`. Embeddings and ``lm_head`` stay float unless ``tables``.
 
     Args:
-        model: a transformers causal LM with ``model.model.layers`` (Llama family).
+        model: a transformers causal LM of a family in :mod:`adalora_deploy.architectures` (its decoder
+            layer list found there; GPT-2's Conv1D projections become the equivalent ``nn.Linear`` first).
         calibration: int64 token ids ``(n, seq_len)`` (e.g. from :func:`adalora_deploy.data.token_blocks`).
             Required by GPTQ. Round-to-nearest does not need it: with None it runs no forward at all and
             reports weight-space errors; given, it is used only to measure the output errors.
@@ -394,14 +397,14 @@ def quantize_model(
             raise QuantizationError(f"calibration is empty: shape {tuple(calibration.shape)}")
     if batch_size < 1:
         raise QuantizationError(f"batch_size must be >= 1, got {batch_size}")
-    layers = _decoder_layers(model)
+    path, layers = _decoder_layers(model)
     for index, layer in enumerate(layers):
         for name, module in layer.named_modules():
             if type(module) is nn.Linear:
                 try:
                     QuantLinear(module.in_features, module.out_features, bits, group_size)
                 except ValueError as error:
-                    raise QuantizationError(f"model.layers.{index}.{name}: {error}") from None
+                    raise QuantizationError(f"{path}.{index}.{name}: {error}") from None
     if tables:
         head = model.get_output_embeddings()
         if type(head) is not nn.Linear:
@@ -434,7 +437,7 @@ def quantize_model(
         # Only elementwise work on weights: one thread avoids the cross-thread waits of small ops.
         with torch.no_grad(), one_intra_op_thread():
             for index in iterator:
-                results.extend(_round_decoder_layer(layers[index], f"model.layers.{index}", settings, clock))
+                results.extend(_round_decoder_layer(layers[index], f"{path}.{index}", settings, clock))
             if tables:
                 results.append(_quantize_table(model, None, settings, clock))
     else:
@@ -461,7 +464,7 @@ def quantize_model(
                             plans[key] = _plan_layer(layer, inputs)
                         additive[key] = None
                     layer_results, inputs, additive[key] = _quantize_decoder_layer(
-                        layer, f"model.layers.{index}", inputs, plans[key], settings, clock, additive[key]
+                        layer, f"{path}.{index}", inputs, plans[key], settings, clock, additive[key]
                     )
                     results.extend(layer_results)
                 if tables:
@@ -517,7 +520,7 @@ def _capture_first_layer_inputs(
     finally:
         handle.remove()
     if not captured:
-        raise QuantizationError("the model's forward never reached model.model.layers[0]; cannot capture its inputs")
+        raise QuantizationError("the model's forward never reached its first decoder layer; cannot capture its inputs")
     return captured
 
 

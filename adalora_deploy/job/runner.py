@@ -114,10 +114,12 @@ class _Job:
 
 
 def _prepare(job: _Job) -> dict[str, Any]:
+    from adalora_deploy.architectures import check_model_folder
     from adalora_deploy.artifacts import atomic_file
     from adalora_deploy.model_sources import materialize
 
     model_folder = materialize(job.run.model.path)
+    check_model_folder(model_folder)  # refused before a base is quantized or anything is written
     result: dict[str, Any] = {"model_folder": model_folder, "base_folder": model_folder}
     job.stages["prepare"] = result  # the tokenizer and data are read from here (the same for a GPTQ base)
     if job.quantization == "gptq" and not is_gptq_folder(model_folder):

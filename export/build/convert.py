@@ -32,7 +32,7 @@ from torch import nn
 from adalora_deploy import functional as F
 from adalora_deploy.adapters import find_adapters
 from adalora_deploy.backends import backend_for, is_supported
-from adalora_deploy.backends.gptq import QuantLinear
+from adalora_deploy.gptq.linear import QuantLinear
 from adalora_deploy.errors import ExportError
 from adalora_deploy.gptq.driver import quantize_model
 from adalora_deploy.merge import merge_into_dense

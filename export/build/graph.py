@@ -133,10 +133,9 @@ class DecoderWrapper(nn.Module):
         for j, branch in enumerate(self._branches):
             branch.set_factors(lora[2 * j], lora[2 * j + 1])
         try:
-            cache = DynamicCache(
-                ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)],
-                config=self.model.config,
-            )
+            # No config: every layer keeps its whole past (the graph's interface), sliding-window layers too;
+            # the window is applied by the attention mask transformers builds from the model's config.
+            cache = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(self.num_layers)])
             mask = attention_mask.to(torch.int64)
             positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)[:, -input_ids.shape[1]:]
             out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,

@@ -52,7 +52,7 @@ def genai_config(config: Mapping[str, Any], *, limits: ModelLimits, filename: st
         share_buffer: the graph appends to a preallocated KV buffer in place (fast-path graphs, whose
             every present comes from GroupQueryAttention); og then binds past and present to one buffer.
     """
-    text = config.get("text_config", config) if "num_hidden_layers" not in config else config
+    text = config.get("text_config", config) if "num_hidden_layers" not in config and "n_layer" not in config else config
     geometry = KVGeometry.of(config)
     eos = sorted(limits.eos_token_ids)
     bos = text.get("bos_token_id", config.get("bos_token_id"))
