@@ -4,8 +4,11 @@ Converts the package's GGUF into a cached Hugging Face folder (``package:llm-smo
 nearest: the checkpoint format, and so the exported graph, are the same as GPTQ's; only the integers'
 quality differs), trains a few steps on a bnb-nf4 base and on the GPTQ base (all seven projections), then:
 
-- ``--mode separate`` on the GPTQ base (MatMulNBits, the trained int4 weights exactly) passes ``check``,
-  which judges it against the trained model at the exact tier (the fp32 bound of a 30-layer model);
+- ``--mode separate`` on the GPTQ base (MatMulNBits, the trained int4 weights and int4 token table exactly)
+  passes ``check``, which judges it against the trained model at the exact tier (the fp32 bound of a 30-layer
+  model); the same graph with int8 activations (accuracy_level 4) fails it;
+- int8 activations are not reproducible: the trained model itself, its linears' inputs perturbed by 8 fp32 ulps,
+  moves its logits far past the exact bound with int8 activations and stays within it with fp32 ones;
 - ``--mode separate`` on the nf4 base (MatMulBnb4, the trained NF4 bytes) passes likewise;
 - ``--mode merged --weights int4`` (GPTQ re-quantization) is judged at the lossy tier: if ``check`` passes
   it, its top-1 agreement with the trained model on held-out text is at least 0.95.
@@ -56,7 +59,7 @@ def smollm2(tmp_path_factory):
     gptq = root / "gptq"
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, local_files_only=True)
     blocks = token_blocks(BUILTIN_SAMPLE, load_tokenizer(str(base)), 32)[:2]
-    quantize_model(model, blocks, method="rtn", bits=4, group_size=128)
+    quantize_model(model, blocks, method="rtn", bits=4, group_size=128, tables=True)  # the job's int4 table too
     save_gptq_model(model, gptq, tokenizer_source=base, overwrite=True)
     del model
     adapters = {}
@@ -86,8 +89,61 @@ def test_exact_separate_graphs_of_the_real_model_pass(smollm2):
 
     for name, base in (("gptq", smollm2["gptq_base"]), ("nf4", smollm2["base"])):
         out = smollm2["root"] / f"separate-{name}"
-        export_model(base, smollm2[name], output=out, mode="separate", measure_agreement=False)  # check measures it
-        _exact_passes(check_export(out, decode_steps=1, max_new_tokens=4))
+        manifest = export_model(base, smollm2[name], output=out, mode="separate", measure_agreement=False)
+        _exact_passes(check_export(out, decode_steps=1, max_new_tokens=4))  # check measures the agreement
+        if name == "gptq":  # the int4 table, once: MatMulNBits for the logits, GatherBlockQuantized rows
+            assert manifest.quantized_ops["com.microsoft::GatherBlockQuantized"] == 1
+
+
+def test_int8_activations_in_the_exact_real_graph_fail_the_check(smollm2):
+    import shutil
+
+    from adalora_deploy.export.judge.check import check_export
+    from tests.export.helpers import set_accuracy_level
+
+    fast = smollm2["root"] / "separate-gptq-acc4"
+    shutil.copytree(smollm2["root"] / "separate-gptq", fast)
+    set_accuracy_level(fast, 4)
+    report = check_export(fast, decode_steps=1, max_new_tokens=4)
+    assert not report.passed
+    logits = report["source"].report["logits"]
+    assert logits.max_abs > 10 * logits.tolerance
+
+
+def test_int8_activations_amplify_ulp_differences_on_the_real_model(smollm2):
+    """Why no int8-activation graph can be held to the exact tier (README, "Which export to ship")."""
+    import torch
+
+    from adalora_deploy.export.judge.agreement import held_out_ids, source_logits
+    from adalora_deploy.export.judge.parity import ExactScale
+    from adalora_deploy.gptq.linear import quant_linears
+    from adalora_deploy.metrics import row_metrics
+    from adalora_deploy.models import load_trained_model
+
+    model = load_trained_model(smollm2["gptq_base"], smollm2["gptq"], quantization="gptq")
+    ids = held_out_ids(smollm2["gptq_base"], model.config, None, 128)
+    layers = quant_linears(model).values()
+    generator = torch.Generator().manual_seed(0)
+
+    def logits(perturb: bool):
+        hooks = [layer.register_forward_pre_hook(
+            lambda _m, args: (args[0] * (1 + 8 * 2.0**-24 * torch.randn(args[0].shape, generator=generator)),))
+            for layer in layers] if perturb else []
+        try:
+            return source_logits(model, ids)
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    scale = ExactScale.of(model)
+    reference = logits(False)
+    fp32 = row_metrics(reference, logits(True), logits=True)
+    assert fp32.max_abs <= scale.tolerance(reference)
+    for layer in layers:
+        layer.use_int8_activations()
+    reference = logits(False)
+    int8 = row_metrics(reference, logits(True), logits=True)
+    assert int8.max_abs > 100 * scale.tolerance(reference) and int8.mean_kl > 1e4 * max(fp32.mean_kl, 1e-12)
 
 
 def test_a_lossy_int4_graph_passes_only_if_it_keeps_the_decisions(smollm2):

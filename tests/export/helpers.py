@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import helper
 import torch
+from adalora_deploy.export.build.manifest import sha256_file
+from adalora_deploy.export.contract import MANIFEST_FILE
 from adalora_deploy.export.build.contrib import CUSTOM_TRANSLATION_TABLE
 from adalora_deploy.export.runtime.session import create_session
 
@@ -85,3 +89,20 @@ def run_module(path: Path, x: torch.Tensor) -> np.ndarray:
 
 def op_types(model: onnx.ModelProto) -> list[str]:
     return [node.op_type for node in model.graph.node]
+
+
+def set_accuracy_level(folder, level: int) -> None:
+    """Rewrite every MatMulNBits' accuracy_level (and the manifest's hashes): a graph that computes otherwise."""
+    path = folder / "model.onnx"
+    model = onnx.load(str(path))
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            for attribute in node.attribute:
+                if attribute.name == "accuracy_level":
+                    attribute.CopyFrom(helper.make_attribute("accuracy_level", level))
+    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
+    manifest = json.loads((folder / MANIFEST_FILE).read_text())
+    for name in ("model.onnx", "model.onnx.data"):
+        if name in manifest["files"]:
+            manifest["files"][name], manifest["sizes"][name] = sha256_file(folder / name), (folder / name).stat().st_size
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))

@@ -10,18 +10,15 @@ implementations (tests/test_tables.py measures why).
 
 from __future__ import annotations
 
-import json
 
 import onnx
 import pytest
-from onnx import helper
 
 from adalora_deploy.export.api import export_model
 from adalora_deploy.export.judge.check import check_export
-from adalora_deploy.export.build.manifest import sha256_file
-from adalora_deploy.export.contract import MANIFEST_FILE
 
 from .conftest import ADAPTED_MODULES
+from .helpers import set_accuracy_level
 
 
 @pytest.fixture(scope="module")
@@ -62,23 +59,6 @@ def _accuracy_levels(folder) -> set[int]:
     return {a.i for n in _nodes(folder, "MatMulNBits") for a in n.attribute if a.name == "accuracy_level"}
 
 
-def _set_accuracy_level(folder, level: int) -> None:
-    """Rewrite every MatMulNBits' accuracy_level (and the manifest's hashes): a graph that computes otherwise."""
-    path = folder / "model.onnx"
-    model = onnx.load(str(path))
-    for node in model.graph.node:
-        if node.op_type == "MatMulNBits":
-            for attribute in node.attribute:
-                if attribute.name == "accuracy_level":
-                    attribute.CopyFrom(helper.make_attribute("accuracy_level", level))
-    onnx.save(model, str(path), save_as_external_data=True, location="model.onnx.data")
-    manifest = json.loads((folder / MANIFEST_FILE).read_text())
-    for name in ("model.onnx", "model.onnx.data"):
-        if name in manifest["files"]:
-            manifest["files"][name], manifest["sizes"][name] = sha256_file(folder / name), (folder / name).stat().st_size
-    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
-
-
 @pytest.fixture(scope="module")
 def exact_export(int8_run):
     root, base, adapters = int8_run
@@ -103,7 +83,7 @@ def test_int8_activations_in_the_exact_graph_fail_the_check(exact_export, tmp_pa
     out, _ = exact_export
     fast = tmp_path / "acc4"
     shutil.copytree(out, fast)
-    _set_accuracy_level(fast, 4)
+    set_accuracy_level(fast, 4)
     report = check_export(fast, max_new_tokens=6)
     assert not report.passed
     assert any("max abs" in failure for failure in report["source"].report.failures)

@@ -38,6 +38,15 @@ def test_int4_accuracy_level_4_passes_the_lossy_tier_only(int4_acc4):
     logits = [o for o in lossy.outputs if o.name.endswith("/logits")]
     assert min(o.top1_agreement for o in logits) >= LOSSY_MIN_TOP1
     assert max(o.mean_kl for o in logits) <= LOSSY_MAX_KL
-    # int8 activations are visible: the same comparison fails the exact tier's elementwise bound
-    exact = decoder_parity(model, decoder, ids, mask, tier="exact", decode_steps=0, max_new_tokens=0)
+    # int8 activations are visible: against the same weights with fp32 activations (accuracy_level 0 in the
+    # torch twin, whose op otherwise reproduces the int8 path) the exact tier's elementwise bound fails
+    for module in model.modules():
+        if isinstance(module, NBitsLinear):
+            module.accuracy_level = 0
+    try:
+        exact = decoder_parity(model, decoder, ids, mask, tier="exact", decode_steps=0, max_new_tokens=0)
+    finally:
+        for module in model.modules():
+            if isinstance(module, NBitsLinear):
+                module.accuracy_level = 4
     assert not exact.passed
