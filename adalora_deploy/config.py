@@ -18,6 +18,7 @@ from typing import Any, Literal, get_args
 import yaml
 
 from adalora_deploy.errors import ConfigError
+from adalora_deploy.gptq import SUPPORTED_BITS
 from adalora_deploy.quantization import (
     ACTIVATIONS,
     GPTQ_METHODS,
@@ -361,8 +362,6 @@ class QuantizeConfig:
     the exported graph holds (GatherBlockQuantized + MatMulNBits) instead of a 4x larger fp32 one."""
 
     def __post_init__(self) -> None:
-        from adalora_deploy.gptq import SUPPORTED_BITS
-
         _check_choice("quantize", "method", self.method, GPTQ_METHODS)
         _check_choice("quantize", "bits", self.bits, SUPPORTED_BITS)
         if not isinstance(self.group_size, int) or (self.group_size != -1 and self.group_size < 1):

@@ -194,6 +194,7 @@ def read_eval_file(path: str | Path) -> EvalSet:
     Raises:
         DataError: a missing file or a malformed line (the message names the line).
     """
+    # lazy: adalora_deploy.data imports torch; graph evaluation (the job, serving) stays torch-free
     from adalora_deploy.data.sources import jsonl_lines
 
     path = Path(path)
@@ -357,6 +358,7 @@ def agreement_ids(tokenizer: Any, text: str | Path | None = None, *, positions: 
     Raises:
         DataError: an unreadable file, or fewer than 2 tokens of text.
     """
+    # lazy: adalora_deploy.data imports torch; graph evaluation (the job, serving) stays torch-free
     from adalora_deploy.data import read_texts
 
     if text is None:

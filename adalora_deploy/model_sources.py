@@ -22,7 +22,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from adalora_deploy.errors import ArtifactError
+from adalora_deploy.artifacts import atomic_dir, write_json
+from adalora_deploy.errors import ArtifactError, require
 
 __all__ = ["BUILTIN_MODELS", "cache_dir", "materialize", "package_model"]
 
@@ -103,9 +104,6 @@ def _convert_gguf(gguf: Path, folder: Path, source: dict) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from adalora_deploy.artifacts import atomic_dir, write_json
-    from adalora_deploy.errors import require
-
     require("gguf", "train", "converting a GGUF model")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -134,13 +132,12 @@ def materialize(path: str) -> str:
         return path
     if path not in BUILTIN_MODELS:
         raise ArtifactError(f"model.path = {path!r}: unknown builtin model; known: {', '.join(BUILTIN_MODELS)}")
+    # lazy: imports torch; the job's prepare stage and --help load this module
     from adalora_deploy.demo import write_tiny_llama
 
     folder = cache_dir() / "models" / path.replace(":", "-")
     with _building(folder):
         if not (folder / "config.json").is_file():
-            from adalora_deploy.artifacts import atomic_dir
-
             with atomic_dir(folder) as temp:
                 write_tiny_llama(temp)
     return str(folder)

@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from adalora_deploy.artifacts import ArtifactError, check_output_dir
 from adalora_deploy.cli.options import add_base_loading
+from adalora_deploy.errors import QuantizationError
 from adalora_deploy.quantization import GPTQ_METHODS
 
 __all__ = ["register", "run_compact", "run_merge"]
@@ -59,8 +61,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run_compact(args: argparse.Namespace) -> int:
     """``adalora-deploy compact``: write the sliced adapter and print its table."""
-    from adalora_deploy.artifacts import check_output_dir
-    from adalora_deploy.compaction import compact_adapter
+    from adalora_deploy.compaction import compact_adapter  # lazy: imports torch; --help stays torch-free
 
     check_output_dir(args.output, args.overwrite)
     report = compact_adapter(args.adapter_dir, args.output, format=args.format, fan_in_fan_out=args.fan_in_fan_out)
@@ -74,9 +75,8 @@ def run_compact(args: argparse.Namespace) -> int:
 
 def run_merge(args: argparse.Namespace) -> int:
     """``adalora-deploy merge``: merge, optionally re-quantize, print the per-layer table."""
-    from adalora_deploy.artifacts import ArtifactError, check_output_dir
+    # lazy: these import torch; --help stays torch-free
     from adalora_deploy.compaction import compaction_report
-    from adalora_deploy.errors import QuantizationError
     from adalora_deploy.merge import merge_adapter
     from adalora_deploy.peft_format import read_compact_adapter
 

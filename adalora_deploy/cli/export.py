@@ -10,7 +10,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from adalora_deploy.artifacts import check_output_dir
 from adalora_deploy.cli.options import add_base_loading
+from adalora_deploy.errors import ExportError
 from adalora_deploy.quantization import GPTQ_METHODS
 
 __all__ = ["register", "run_adapter_file", "run_check", "run_export"]
@@ -100,7 +102,7 @@ def _add_adapter_file_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_adapter_file(args: argparse.Namespace) -> int:
     """Write the file and say how many modules carry a non-zero branch."""
-    from adalora_deploy.export.build.adapter_file import write_adapter_file
+    from adalora_deploy.export.build.adapter_file import write_adapter_file  # lazy: torch and onnx
 
     path = write_adapter_file(args.adapter, args.export, args.output)
     print(f"wrote {path} for {args.export}")
@@ -109,12 +111,9 @@ def run_adapter_file(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     """Export and print a one-paragraph summary."""
-    from adalora_deploy.artifacts import check_output_dir
-    from adalora_deploy.export.api import export_model
+    # lazy: these import torch and onnx; --help and serve stay torch-free
+    from adalora_deploy.export.api import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN, export_model
     from adalora_deploy.export.build.graph import DEFAULT_OPSET
-
-    from adalora_deploy.errors import ExportError
-    from adalora_deploy.export.api import CALIBRATION_SAMPLES, CALIBRATION_SEQ_LEN
 
     requantizing = args.mode == "merged" and args.weights in ("int4", "int8")
     if not requantizing and args.requantize is not None:
@@ -149,7 +148,7 @@ def run_export(args: argparse.Namespace) -> int:
               f"mean KL {a['mean_kl']:.3g}, max abs {a['max_abs']:.3g} -> {a['tier']} tier "
               f"{'met' if a['passed'] else 'MISSED'}")
         if not a["passed"]:
-            from adalora_deploy.export.build.kinds import keeping_exports
+            from adalora_deploy.export.build.kinds import keeping_exports  # lazy: imports torch
 
             print(f"warning: this graph changes what the trained model computes; "
                   f"{keeping_exports(manifest.quantization, manifest.mode, manifest.weights, manifest.serving)}",
@@ -159,15 +158,11 @@ def run_export(args: argparse.Namespace) -> int:
 
 def run_check(args: argparse.Namespace) -> int:
     """Check, print the table; 0 when every comparison meets its tier, else 1."""
-    from adalora_deploy.export.judge.check import check_export
+    from adalora_deploy.export.judge.check import check_export  # lazy: imports torch; --help stays torch-free
 
     if args.max_new_tokens < 1 or args.decode_steps < 0:
-        from adalora_deploy.errors import ExportError
-
         raise ExportError("--max-new-tokens must be >= 1 and --decode-steps >= 0")
     if args.positions is not None and args.positions < 2:
-        from adalora_deploy.errors import ExportError
-
         raise ExportError("--positions must be >= 2")
     report = check_export(args.export_dir, base=args.base, adapter=args.adapter, text=args.text,
                           eval_file=args.eval_file, positions=args.positions, decode_steps=args.decode_steps,

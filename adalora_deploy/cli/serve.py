@@ -14,6 +14,11 @@ import sys
 import time
 from pathlib import Path
 
+from adalora_deploy.errors import ArtifactError
+from adalora_deploy.export.runtime.engine import _check_adapter
+from adalora_deploy.export.runtime.genai import GenaiGenerator
+from adalora_deploy.export.runtime.generation import SamplingParams, TextGenerator
+
 __all__ = ["register", "run_generate", "run_lm_eval", "run_serve"]
 
 API_KEY_ENV = "ADALORA_DEPLOY_API_KEY"
@@ -91,8 +96,6 @@ def _add_runtime(parser: argparse.ArgumentParser) -> None:
 
 
 def _adapter_path(export_dir: str, value: str | None) -> Path | None:
-    from adalora_deploy.errors import ArtifactError
-
     if value is None:
         return None
     path = Path(value)
@@ -106,15 +109,11 @@ def _adapter_path(export_dir: str, value: str | None) -> Path | None:
 
 def run_generate(args: argparse.Namespace) -> int:
     """Generate; text to stdout (streamed for one prompt), statistics to stderr with --stats."""
-    from adalora_deploy.export.runtime.generation import SamplingParams, TextGenerator
-
     params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
                             stop=tuple(args.stop))
     adapter = _adapter_path(args.export_dir, args.adapter)
     if args.engine == "genai":
-        from adalora_deploy.export.runtime.genai import GenaiGenerator
-
         generator = GenaiGenerator(args.export_dir)
         tokenizer = generator.tokenizer
         name = generator.load_adapter(adapter) if adapter is not None else None
@@ -165,9 +164,6 @@ def _run_options(export_dir: str, generator, adapter: Path):
     """onnxruntime RunOptions with the adapter active (checked against the graph first)."""
     import onnxruntime as ort
 
-    from adalora_deploy.errors import ArtifactError
-    from adalora_deploy.export.runtime.engine import _check_adapter
-
     if not generator.decoder.adapter_names:
         raise ArtifactError(f"{export_dir} was exported without --adapter-inputs: --adapter cannot switch its adapter")
     _check_adapter(adapter, generator)
@@ -180,6 +176,7 @@ def _run_options(export_dir: str, generator, adapter: Path):
 
 def run_serve(args: argparse.Namespace) -> int:
     """Serve until interrupted (Ctrl-C / SIGINT: exit status 0 after a clean shutdown)."""
+    # lazy: fastapi and uvicorn; generate runs without them
     from adalora_deploy.export.runtime.server import ServerSettings, serve
 
     settings = ServerSettings(host=args.host, port=args.port, api_key=args.api_key or os.environ.get(API_KEY_ENV),
@@ -196,7 +193,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def run_lm_eval(args: argparse.Namespace) -> int:
-    from adalora_deploy.export.runtime.lm_eval_model import main
+    from adalora_deploy.export.runtime.lm_eval_model import main  # lazy: lm-eval, an optional extra
 
     forwarded = list(args.lm_eval_args)
     return main(forwarded[1:] if forwarded[:1] == ["--"] else forwarded)

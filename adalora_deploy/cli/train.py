@@ -6,6 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
+from adalora_deploy.config import load_run_config
+from adalora_deploy.job import run_job
+
 __all__ = ["register", "run_run", "run_train"]
 
 
@@ -34,13 +37,11 @@ def _add_run_parser(subparsers: argparse._SubParsersAction, name: str, help: str
 
 def _load_run(args: argparse.Namespace):
     """The validated run config and the output folder of a run subcommand."""
-    from adalora_deploy.config import load_run_config
-
     return load_run_config(args.config, args.overrides), Path(args.output or Path("runs") / Path(args.config).stem)
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from adalora_deploy.training import train
+    from adalora_deploy.training import train  # lazy: imports torch and transformers; --help stays torch-free
 
     run, output = _load_run(args)
     result = train(run, output, resume=args.resume)
@@ -58,8 +59,6 @@ def _print_training(result) -> None:
 
 def run_run(args: argparse.Namespace) -> int:
     """The whole job; prints each stage as it finishes and where the report is. 1 when a check failed."""
-    from adalora_deploy.job import run_job
-
     run, output = _load_run(args)
 
     def show(name: str, result: dict) -> None:

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from adalora_deploy.errors import DataError
+from adalora_deploy.demo import SAMPLE_TEXT
+from adalora_deploy.errors import DataError, require
 
 __all__ = ["BUILTIN_SAMPLE", "SUFFIXES", "read_records", "resolve_source"]
 
@@ -63,8 +64,6 @@ def resolve_source(reference: str | Path) -> Path:
     if text.startswith("builtin:"):
         if text != BUILTIN_SAMPLE:
             raise DataError(f"unknown builtin data {text!r}; the builtin is {BUILTIN_SAMPLE!r}")
-        from adalora_deploy.demo import SAMPLE_TEXT
-
         return SAMPLE_TEXT
     path = package_file(text) if text.startswith("package:") else Path(text)
     if not path.is_file():
@@ -112,8 +111,6 @@ def _read_csv(path: Path) -> list[dict[str, Any]]:
 
 
 def _read_parquet(path: Path) -> list[dict[str, Any]]:
-    from adalora_deploy.errors import require
-
     parquet = require("pyarrow.parquet", "data", "reading .parquet files")
     try:
         return parquet.read_table(path).to_pylist()

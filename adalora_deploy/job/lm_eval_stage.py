@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
-from adalora_deploy.errors import ConfigError
+from adalora_deploy.errors import ConfigError, require
 
 __all__ = ["lm_eval_scores", "report_lines", "task_names"]
 
@@ -41,11 +41,10 @@ def lm_eval_scores(export_dir: str | Path, files: Sequence[str | Path], *, batch
     """Every metric of every task in ``files`` for the export in ``export_dir``: ``{task: {metric: value}}``."""
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")  # local data files only, never the Hub
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from adalora_deploy.errors import require
-
     lm_eval = require("lm_eval", "lmeval", "task.lm_eval (lm-evaluation-harness tasks)")
     from lm_eval.tasks import TaskManager
 
+    # lazy: imports lm-eval, an optional extra
     from adalora_deploy.export.runtime.lm_eval_model import AdaloraDeployLM
 
     names = task_names(files)

@@ -16,6 +16,7 @@ from typing import Any
 from adalora_deploy.artifacts import atomic_file, write_json
 from adalora_deploy.config import RunConfig
 from adalora_deploy.errors import require
+from adalora_deploy.job.lm_eval_stage import report_lines
 from adalora_deploy.job.stages import STAGES
 from adalora_deploy.peft_format import read_rank_pattern
 
@@ -168,8 +169,6 @@ def write_report(run: RunConfig, output: Path, stages: dict[str, dict[str, Any]]
         for row in rows[2:]:
             lines.append(f"- `{row['label']}` under onnxruntime: {row['accuracy']:.3f} "
                          f"({100 * (row['accuracy'] - trained['accuracy']):+.1f} points against the trained model).")
-    from adalora_deploy.job.lm_eval_stage import report_lines
-
     lines += report_lines(stages.get("evaluate-exports", {}).get("scores", {}))
     if exports:
         lines += ["", "| export | what the graph computes | nodes | export s |", "|---|---|---|---|"]

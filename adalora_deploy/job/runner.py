@@ -13,10 +13,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from adalora_deploy.artifacts import read_json, write_json
+from adalora_deploy.artifacts import atomic_file, read_json, write_json
 from adalora_deploy.config import RunConfig
 from adalora_deploy.errors import ConfigError
+from adalora_deploy.evaluation import choice_tokens, evaluate_examples, graph_logits, torch_logits
+from adalora_deploy.export.contract import ADAPTER_FILE
+from adalora_deploy.export.runtime.session import DecoderSession, create_session
+from adalora_deploy.job.lm_eval_stage import lm_eval_scores
 from adalora_deploy.job.stages import STAGES
+from adalora_deploy.model_sources import cache_dir, materialize
 from adalora_deploy.quantization import is_gptq_folder
 
 __all__ = ["JOB_FILE", "STAGES", "JobResult", "run_job"]
@@ -64,6 +69,7 @@ class _Job:
 
     def tokenizer(self):
         if self._tokenizer is None:
+            # lazy: imports torch; the CLI loads this module for --help
             from adalora_deploy.models import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.base)
@@ -71,6 +77,7 @@ class _Job:
 
     def data(self):
         if self._data is None:
+            # lazy: imports torch; the CLI loads this module for --help
             from adalora_deploy.data import build_training_data
 
             t = self.run.train
@@ -85,8 +92,6 @@ class _Job:
     def choices(self) -> tuple[int, ...] | None:
         if self.run.task.choices is None:
             return None
-        from adalora_deploy.evaluation import choice_tokens
-
         return choice_tokens(self.data().eval_records, self.run.task.choices, self.tokenizer())
 
     def training_texts(self, limit: int | None = None) -> list[str]:
@@ -99,8 +104,6 @@ class _Job:
         return examples[: self.run.task.max_examples] if self.run.task.max_examples else examples
 
     def evaluate(self, logits) -> dict[str, Any]:
-        from adalora_deploy.evaluation import evaluate_examples
-
         started = time.perf_counter()
         result = evaluate_examples(logits, self.held_out(), choices=self.choices(), pad_id=self.pad_id,
                                    batch_size=self.run.train.batch_size)
@@ -114,9 +117,8 @@ class _Job:
 
 
 def _prepare(job: _Job) -> dict[str, Any]:
+    # lazy: imports torch; the CLI loads this module for --help
     from adalora_deploy.architectures import check_model_folder
-    from adalora_deploy.artifacts import atomic_file
-    from adalora_deploy.model_sources import materialize
 
     model_folder = materialize(job.run.model.path)
     check_model_folder(model_folder)  # refused before a base is quantized or anything is written
@@ -134,8 +136,6 @@ def _prepare(job: _Job) -> dict[str, Any]:
 
 def _quantized_base(job: _Job, model_folder: str) -> dict[str, Any]:
     """The GPTQ base of ``model_folder`` with the config's quantize settings, from the cache or made now."""
-    from adalora_deploy.model_sources import cache_dir
-
     q = job.run.quantize
     settings = dataclasses.asdict(q) | {"source": str(Path(model_folder).resolve()), "data": dataclasses.asdict(job.run.data)}
     source_files = sorted(p.name + str(p.stat().st_size) for p in Path(model_folder).glob("*.safetensors"))
@@ -150,9 +150,10 @@ def _quantized_base(job: _Job, model_folder: str) -> dict[str, Any]:
 
 
 def _quantize(job: _Job, model_folder: str, folder: Path) -> dict[str, Any]:
-    from adalora_deploy.data import calibration_blocks  # lazy: torch
-    from adalora_deploy.gptq.folder import quantize_folder  # lazy: torch
-    from adalora_deploy.models import load_tokenizer  # lazy: torch
+    # lazy: these import torch; the CLI loads this module for --help
+    from adalora_deploy.data import calibration_blocks
+    from adalora_deploy.gptq.folder import quantize_folder
+    from adalora_deploy.models import load_tokenizer
 
     q = job.run.quantize
     # the calibration text, else the training data itself, as the model will see it
@@ -170,14 +171,13 @@ def _quantize(job: _Job, model_folder: str, folder: Path) -> dict[str, Any]:
 
 
 def _evaluate_base(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.evaluation import torch_logits
-    from adalora_deploy.models import load_base_model
+    from adalora_deploy.models import load_base_model  # lazy: imports torch; the CLI loads this module for --help
 
     return job.evaluate(torch_logits(load_base_model(dataclasses.replace(job.run.model, path=job.base))))
 
 
 def _train(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.training import train
+    from adalora_deploy.training import train  # lazy: imports torch and transformers
 
     run = dataclasses.replace(job.run, model=dataclasses.replace(job.run.model, path=job.base))
     folder = job.output / "train"
@@ -191,7 +191,7 @@ def _train(job: _Job) -> dict[str, Any]:
 
 
 def _evaluate_trained(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.evaluation import torch_logits
+    # lazy: imports torch; the CLI loads this module for --help
     from adalora_deploy.models import load_trained_model, resolve_quantization
 
     quantization, double_quant = resolve_quantization(job.base, job.adapter())
@@ -200,7 +200,7 @@ def _evaluate_trained(job: _Job) -> dict[str, Any]:
 
 
 def _compact(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.compaction import compact_adapter
+    from adalora_deploy.compaction import compact_adapter  # lazy: imports torch; the CLI loads this module for --help
 
     result = {}
     for format in ("adalora", "lora"):
@@ -212,7 +212,7 @@ def _compact(job: _Job) -> dict[str, Any]:
 
 
 def _export(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.export.api import export_model
+    from adalora_deploy.export.api import export_model  # lazy: imports torch and onnx
 
     result = {}
     for spec in job.run.exports:
@@ -234,8 +234,6 @@ def _calibration_file(job: _Job) -> str | None:
     the training records (written once as text), as the base's quantization does."""
     if job.run.quantize.calibration is not None:
         return job.run.quantize.calibration
-    from adalora_deploy.artifacts import atomic_file
-
     path = job.output / "calibration.jsonl"
     if not path.is_file():
         with atomic_file(path) as temp:
@@ -245,7 +243,7 @@ def _calibration_file(job: _Job) -> str | None:
 
 
 def _check(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.export.judge.check import check_export
+    from adalora_deploy.export.judge.check import check_export  # lazy: imports torch and onnx
 
     result = {}
     for name, export in job.stages["export"]["exports"].items():
@@ -261,25 +259,18 @@ def _check(job: _Job) -> dict[str, Any]:
 
 
 def _evaluate_exports(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.evaluation import graph_logits
-    from adalora_deploy.export.runtime.session import DecoderSession, create_session
-
     result = {}
     for name, export in job.stages["export"]["exports"].items():
         folder = Path(export["folder"])
         decoder = DecoderSession(create_session(folder / "model.onnx"))
         result[name] = job.evaluate(graph_logits(decoder, _adapter_feeds(folder)))
         if job.run.task.lm_eval:
-            from adalora_deploy.job.lm_eval_stage import lm_eval_scores
-
             result[name]["lm_eval"] = lm_eval_scores(folder, job.run.task.lm_eval, batch_size=job.run.train.batch_size)
     return {"scores": result}
 
 
 def _adapter_feeds(folder: Path) -> dict | None:
     """The feeds of an adapter-inputs export's own ``adapter.onnx_adapter`` (None for baked-in adapters)."""
-    from adalora_deploy.export.contract import ADAPTER_FILE
-
     path = folder / ADAPTER_FILE
     if not path.is_file():
         return None
@@ -289,7 +280,7 @@ def _adapter_feeds(folder: Path) -> dict | None:
 
 
 def _report(job: _Job) -> dict[str, Any]:
-    from adalora_deploy.job.report import write_report
+    from adalora_deploy.job.report import write_report  # lazy: imports torch (and matplotlib)
 
     return write_report(job.run, job.output, job.stages)
 
