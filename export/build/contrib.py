@@ -10,9 +10,25 @@ implementation gives ``torch.export`` the output shape, and :data:`CUSTOM_TRANSL
 contrib node for ``torch.onnx.export(..., custom_translation_table=...)``. This route was chosen over
 post-export graph surgery because the node is emitted with its final inputs and attributes at the place
 the module sits, with no name matching afterwards.
+
+One lowering for both builders: a single-node op is a :class:`ContribOp` (node type, the twin's tensors
+and the attributes, in the custom op's argument order) and a twin module's ``lowering()`` returns it with
+the module's values as a :class:`ContribNode`. The twin's forward calls the custom op through it (so the
+dynamo path's translation, generated from the same :class:`ContribOp`, emits it), and the fast path emits
+it through its node list (``fastpath.linear.LinearEmitter``)::
+
+    twin.lowering() ─> ContribNode ─┬─> forward: torch.ops.adalora_export.<op> ─> translation ─> node (dynamo)
+                                    └─> LinearEmitter: initializers + node                         (fast path)
+
+The LLM.int8 emulation is a pattern of standard nodes, not one node: :func:`_int8_lt_matmul_onnx` and the
+fast path's ``LinearEmitter._int8`` still write it once each (the fast path's K and N are static).
 """
 
 from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Callable
 
 import onnx
 import torch
@@ -25,7 +41,11 @@ from adalora_deploy.gptq.int8_compute import fake_quantize_activations
 
 __all__ = [
     "CUSTOM_TRANSLATION_TABLE",
+    "MATMUL_BNB4",
+    "MATMUL_NBITS",
     "MSFT_DOMAIN",
+    "ContribNode",
+    "ContribOp",
     "dequantize_nbits",
     "register_contrib_schemas",
 ]
@@ -153,6 +173,89 @@ def _(x, packed, absmax, K, N, block_size, quant_type):
     return x.new_empty((*x.shape[:-1], N))
 
 
+@dataclass(frozen=True)
+class ContribOp:
+    """A ``com.microsoft`` node that one custom op lowers to: the single description both builders read.
+
+    The custom op's arguments are ``x``, then :attr:`inputs`, then :attr:`attributes`, in this order; the
+    node's inputs are ``x`` and :attr:`inputs` (the twin's buffer names, which the fast path also uses for
+    the initializer names ``<module>.<input>``).
+    """
+
+    op_type: str
+    torch_op: str
+    """The custom op's name in the ``adalora_export`` namespace."""
+    inputs: tuple[str, ...]
+    attributes: tuple[str, ...]
+    """Integer attributes; ``N`` (output features) is summed when the fast path fuses siblings along N."""
+
+
+MATMUL_NBITS = ContribOp("MatMulNBits", "matmul_nbits", ("qweight", "scales", "zero_points"),
+                         ("K", "N", "bits", "block_size", "accuracy_level"))
+MATMUL_BNB4 = ContribOp("MatMulBnb4", "matmul_bnb4", ("packed", "absmax"), ("K", "N", "block_size", "quant_type"))
+
+
+def _no_defaults() -> frozenset[str]:
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class ContribNode:
+    """One twin module's :class:`ContribOp` with its values (what ``lowering()`` returns).
+
+    Attributes:
+        op: the node.
+        inputs: tensors for ``op.inputs``, in order.
+        attributes: values for ``op.attributes``, in order.
+        permutation: gather ``x`` along its last axis first (GPTQ act-order), or None.
+        float32_only: the fast path builds this node in fp32 graphs only.
+        default_inputs: which inputs equal the op's default for a left-out input (same result): the fast path
+            leaves them out, the dynamo path passes every custom op argument. Called only by the fast path
+            (it reads buffer values, which ``torch.export`` cannot).
+    """
+
+    op: ContribOp
+    inputs: tuple[torch.Tensor, ...]
+    attributes: tuple[int, ...]
+    permutation: torch.Tensor | None = None
+    float32_only: bool = False
+    default_inputs: Callable[[], frozenset[str]] = _no_defaults
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The node in torch: the custom op (eager arithmetic; ``torch.export`` records the op itself)."""
+        if self.permutation is not None:
+            x = torch.index_select(x, -1, self.permutation)
+        return getattr(torch.ops.adalora_export, self.op.torch_op)(x, *self.inputs, *self.attributes)
+
+    def named_inputs(self) -> list[tuple[str, torch.Tensor]]:
+        return list(zip(self.op.inputs, self.inputs))
+
+    def attribute_dict(self) -> dict[str, int]:
+        return {name: int(value) for name, value in zip(self.op.attributes, self.attributes)}
+
+
+def _translation(op: ContribOp):
+    """The onnxscript translation of ``op``'s custom op: one node with the same inputs and attributes.
+
+    The exporter reads which arguments are attributes from the signature (``int`` annotations), so the
+    function gets an explicit one built from ``op``."""
+    tensors = ("x", *op.inputs)
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in tensors]
+    parameters += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)
+                   for name in op.attributes]
+    signature = inspect.Signature(parameters)
+
+    def translate(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        return getattr(_MSFT, op.op_type)(*(bound[name] for name in tensors),
+                                          **{name: bound[name] for name in op.attributes})
+
+    translate.__signature__ = signature
+    translate.__annotations__ = {name: int for name in op.attributes}
+    translate.__name__ = translate.__qualname__ = f"_{op.torch_op}_onnx"
+    return translate
+
+
 BNB_INV_127_SQUARED = 6.200124e-05
 """bitsandbytes' int8_mm_dequant constant for 1 / 127**2."""
 
@@ -231,19 +334,8 @@ def _int8_lt_matmul_onnx(x, cb_t, scb, weight_t, bias, threshold: float):
     return _op.Reshape(out, _op.Concat(lead, n, axis=0))
 
 
-def _matmul_nbits_onnx(x, qweight, scales, zero_points, K: int, N: int, bits: int, block_size: int, accuracy_level: int):
-    return _MSFT.MatMulNBits(
-        x, qweight, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level
-    )
-
-
-def _matmul_bnb4_onnx(x, packed, absmax, K: int, N: int, block_size: int, quant_type: int):
-    return _MSFT.MatMulBnb4(x, packed, absmax, K=K, N=N, block_size=block_size, quant_type=quant_type)
-
-
 CUSTOM_TRANSLATION_TABLE = {
-    torch.ops.adalora_export.matmul_nbits.default: _matmul_nbits_onnx,
-    torch.ops.adalora_export.matmul_bnb4.default: _matmul_bnb4_onnx,
+    **{getattr(torch.ops.adalora_export, op.torch_op).default: _translation(op) for op in (MATMUL_NBITS, MATMUL_BNB4)},
     torch.ops.adalora_export.int8_lt_matmul.default: _int8_lt_matmul_onnx,
 }
 """Pass as ``torch.onnx.export(..., custom_translation_table=CUSTOM_TRANSLATION_TABLE)``."""
