@@ -40,6 +40,7 @@ from adalora_deploy.backends.bnb import dequantize_bnb4
 from adalora_deploy.gptq.int8_compute import fake_quantize_activations
 
 __all__ = [
+    "CONTRIB_OPS",
     "CUSTOM_TRANSLATION_TABLE",
     "MATMUL_BNB4",
     "MATMUL_NBITS",
@@ -193,6 +194,8 @@ class ContribOp:
 MATMUL_NBITS = ContribOp("MatMulNBits", "matmul_nbits", ("qweight", "scales", "zero_points"),
                          ("K", "N", "bits", "block_size", "accuracy_level"))
 MATMUL_BNB4 = ContribOp("MatMulBnb4", "matmul_bnb4", ("packed", "absmax"), ("K", "N", "block_size", "quant_type"))
+CONTRIB_OPS = (MATMUL_NBITS, MATMUL_BNB4)
+"""Every single-node op: the dynamo path's translations are generated from these."""
 
 
 def _no_defaults() -> frozenset[str]:
@@ -335,7 +338,7 @@ def _int8_lt_matmul_onnx(x, cb_t, scb, weight_t, bias, threshold: float):
 
 
 CUSTOM_TRANSLATION_TABLE = {
-    **{getattr(torch.ops.adalora_export, op.torch_op).default: _translation(op) for op in (MATMUL_NBITS, MATMUL_BNB4)},
+    **{getattr(torch.ops.adalora_export, op.torch_op).default: _translation(op) for op in CONTRIB_OPS},
     torch.ops.adalora_export.int8_lt_matmul.default: _int8_lt_matmul_onnx,
 }
 """Pass as ``torch.onnx.export(..., custom_translation_table=CUSTOM_TRANSLATION_TABLE)``."""

@@ -113,10 +113,10 @@ class LinearEmitter:
             return self.linear(first, x, path)
         if type(first) is nn.Linear:
             return self._matmul(modules, x, path)
-        if isinstance(first, (NBitsLinear, Bnb4Linear)):
-            return self._contrib(modules, x, path)
         if isinstance(first, Int8EmulationLinear):
             return self._int8(modules, x, path)
+        if callable(getattr(first, "lowering", None)):  # NBitsLinear, Bnb4Linear: one contrib node
+            return self._contrib(modules, x, path)
         raise FastPathUnsupported(f"fast path: no ONNX mapping for {path} ({type(first).__name__})")
 
     def _bias(self, modules: Sequence[nn.Module], y: str, path: str) -> str:
