@@ -551,9 +551,9 @@ class Int8EmulationLinear(nn.Module):
         y = (q @ CB.T) * row_stats * SCB / 127**2 + bias + x[:, outlier_cols] @ W[:, outlier_cols].T
 
     ONNX: Cast/Abs/GreaterOrEqual/Where/ReduceMax/Reciprocal/Mul/Round, MatMulInteger, Mul, Add, MatMul (the
-    node diagram is above ``export.build.contrib._int8_lt_matmul_onnx``). ``127 / row_stats`` is Reciprocal then
-    Mul, as torch evaluates it; a Div flips .5 rounding ties. Slow on CPU: for serving, prefer
-    :meth:`NBitsLinear.from_bnb_int8`.
+    node diagram is on ``export.build.contrib.int8_lt_pattern``, which both builders emit). ``127 / row_stats``
+    is Reciprocal then Mul, as torch evaluates it; a Div flips .5 rounding ties. Slow on CPU: for serving,
+    prefer :meth:`NBitsLinear.from_bnb_int8`.
     """
 
     def __init__(self, cb: torch.Tensor, scb: torch.Tensor, *, threshold: float, bias: torch.Tensor | None = None) -> None:
@@ -581,7 +581,7 @@ class Int8EmulationLinear(nn.Module):
         cb, scb, threshold = linear8bit_state(layer)
         return cls(cb, scb, threshold=threshold, bias=layer.bias)
 
-    # the node graph is drawn above export.build.contrib._int8_lt_matmul_onnx
+    # the node graph is drawn on export.build.contrib.int8_lt_pattern
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.adalora_export.int8_lt_matmul(x, self.cb_t, self.scb, self.weight_t, self.bias, self.threshold)
 

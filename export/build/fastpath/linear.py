@@ -8,8 +8,8 @@ same input, and the LoRA branch::
     nn.Linear             MatMul(W^T) [+ Add(bias)]
     NBitsLinear           lowering(): [Gather(perm)] + com.microsoft.MatMulNBits [+ Add]
     Bnb4Linear            lowering(): com.microsoft.MatMulBnb4 [+ Add]
-    Int8EmulationLinear   the MatMulInteger pattern of export.build.contrib._int8_lt_matmul_onnx, written
-                          again here with static K and N (a node pattern, not one node)
+    Int8EmulationLinear   contrib.int8_lt_pattern (MatMulInteger emulation; shared with the dynamo path
+                          through contrib.PatternBuilder, with static K and N here)
     LowRankBranch         base (scope <m>/base) + MatMul(lora_A) + MatMul(lora_B) + Add (scope <m>)
 
 Quantized tables are parameters of :func:`quantize_table` (bits, ``accuracy_level`` of the lm_head's
@@ -25,7 +25,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 from torch import nn
 
 from adalora_deploy.errors import ExportError
@@ -153,53 +153,47 @@ class LinearEmitter:
         y = g.op1(node.op.op_type, inputs, scope, domain=MSFT, **node.attribute_dict())
         return self._bias(modules, y, path)
 
-    # x ─> Reshape[-1,K] ─> Cast(fp16) ─> Cast(fp32) = a
-    #  a ─> Abs ─> GreaterOrEqual(threshold) = big ─> Cast ─> ReduceMax(rows) ─> Cast(bool) = outlier_cols
-    #  a ─> Where(big, 0) ─> Abs ─> ReduceMax(cols) = row_stats ─> Reciprocal ─> Mul(127) = s
-    #  Mul(a, s) ─> Round ─> Where(outlier_cols, 0) ─> Cast(int8) ─> MatMulInteger(cb_t) ─> Cast(fp32)
-    #    ─> Mul(row_stats * scb) ─> Mul(1/127^2) ─> Add(bias) ─> Add(MatMul(Where(outlier_cols, x, 0), weight_t))
-    #    ─> Reshape[..., N]
+    # x ─> contrib.int8_lt_pattern (MatMulInteger with row int8 activations, outlier columns in float)
     def _int8(self, modules: Sequence[Int8EmulationLinear], x: str, path: str) -> str:
-        """The node pattern of ``export.build.contrib._int8_lt_matmul_onnx``, with static K and N."""
-        g, first, scope = self.g, modules[0], scope_of(path)
+        """The LLM.int8 pattern (:func:`contrib.int8_lt_pattern`, shared with the dynamo path), static K and N."""
+        g, first = self.g, modules[0]
         if g.float_type != np.float32:
             raise FastPathUnsupported("fast path: the LLM.int8 emulation is built for fp32 graphs only")
         if len(modules) > 1:
-            cb_t = torch.cat([m.cb_t for m in modules], 1)
-            scb = torch.cat([m.scb for m in modules])
-            weight_t = torch.cat([m.weight_t for m in modules], 1)
-            bias = torch.cat([m.bias for m in modules])
+            tensors = {"cb_t": torch.cat([m.cb_t for m in modules], 1), "scb": torch.cat([m.scb for m in modules]),
+                       "weight_t": torch.cat([m.weight_t for m in modules], 1),
+                       "bias": torch.cat([m.bias for m in modules])}
         else:
-            cb_t, scb, weight_t, bias = first.cb_t, first.scb, first.weight_t, first.bias
-        k, n = int(cb_t.shape[0]), int(cb_t.shape[1])
-        threshold = float(first.threshold)
-        F, B, I8 = TensorProto.FLOAT, TensorProto.BOOL, TensorProto.INT8
-        zero = g.const(0.0, np.float32)
-        lead = g.op1("Slice", [g.op1("Shape", [x], scope), g.const([0]), g.const([-1])], scope)
-        x2 = g.op1("Reshape", [x, g.const([-1, k])], scope)
-        a = g.op1("Cast", [g.op1("Cast", [x2], scope, to=TensorProto.FLOAT16)], scope, to=F)
-        outlier_cols = None
-        if threshold > 0:
-            big = g.op1("GreaterOrEqual", [g.op1("Abs", [a], scope), g.const(threshold, np.float32)], scope)
-            col_max = g.op1("ReduceMax", [g.op1("Cast", [big], scope, to=F), g.const([0])], scope, keepdims=1)
-            outlier_cols = g.op1("Cast", [col_max], scope, to=B)
-            a = g.op1("Where", [big, zero, a], scope)
-        row_stats = g.op1("ReduceMax", [g.op1("Abs", [a], scope), g.const([1])], scope, keepdims=1)
-        s = g.op1("Mul", [g.op1("Reciprocal", [row_stats], scope), g.const(127.0, np.float32)], scope)
-        q = g.op1("Round", [g.op1("Mul", [a, s], scope)], scope)
-        if outlier_cols is not None:
-            q = g.op1("Where", [outlier_cols, zero, q], scope)
-        acc = g.op1("MatMulInteger", [g.op1("Cast", [q], scope, to=I8), g.initializer(f"{path}.cb_t", cb_t)], scope)
-        stats = g.op1("Mul", [row_stats, g.op1("Unsqueeze", [g.initializer(f"{path}.scb", scb), g.const([0])], scope)],
-                      scope)
-        out = g.op1("Mul", [g.op1("Cast", [acc], scope, to=F), stats], scope)
-        out = g.op1("Mul", [out, g.const(contrib.BNB_INV_127_SQUARED, np.float32)], scope)
-        out = g.op1("Add", [out, g.initializer(f"{path}.bias", bias)], scope)
-        if outlier_cols is not None:
-            dense = g.op1("Where", [outlier_cols, x2, zero], scope)
-            out = g.op1("Add", [out, g.op1("MatMul", [dense, g.initializer(f"{path}.weight_t", weight_t)], scope)],
-                        scope)
-        return g.op1("Reshape", [out, g.op1("Concat", [lead, g.const([n])], scope, axis=0)], scope)
+            tensors = {name: getattr(first, name) for name in ("cb_t", "scb", "weight_t", "bias")}
+        return contrib.int8_lt_pattern(_GraphBuilder(g, path, tensors), x, float(first.threshold))
+
+
+class _GraphBuilder:
+    """``contrib.PatternBuilder`` on the fast path's node list: constants are shared initializers, the layer's
+    tensors initializers ``<path>.<name>`` written on first use, K and N static."""
+
+    def __init__(self, g: Graph, path: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.g, self.path, self.scope, self.tensors = g, path, scope_of(path), tensors
+        self._names: dict[str, str] = {}
+
+    def op(self, op_type: str, *inputs: str, **attributes) -> str:
+        return self.g.op1(op_type, list(inputs), self.scope, **attributes)
+
+    def ints(self, *values: int) -> str:
+        return self.g.const(list(values))
+
+    def float(self, value: float) -> str:
+        return self.g.const(value, np.float32)
+
+    def tensor(self, name: str) -> str:
+        if name not in self._names:
+            self._names[name] = self.g.initializer(f"{self.path}.{name}", self.tensors[name])
+        return self._names[name]
+
+    def rows(self, x: str) -> tuple[str, str, str]:
+        k, n = (int(d) for d in self.tensors["cb_t"].shape)
+        lead = self.op("Slice", self.op("Shape", x), self.ints(0), self.ints(-1))
+        return lead, self.op("Reshape", x, self.ints(-1, k)), self.ints(n)
 
 
 def _fused(nodes: Sequence[contrib.ContribNode]) -> contrib.ContribNode:

@@ -12,9 +12,10 @@ written once and both builders emit it:
 - nothing in the fast path: ``fastpath.linear.LinearEmitter`` emits any twin with a ``lowering()``
   (fusing siblings along N only where ``fastpath.linear._fusable`` knows the kind's rule).
 
-A twin that reuses MatMulNBits or MatMulBnb4 (as the bnb serving twins do) needs none of that. The
-LLM.int8 emulation is a pattern of standard nodes, written once per builder
-(``contrib._int8_lt_matmul_onnx`` and ``LinearEmitter._int8``).
+A twin that reuses MatMulNBits or MatMulBnb4 (as the bnb serving twins do) needs none of that. A twin
+that becomes a pattern of standard nodes (the LLM.int8 emulation) writes it once against
+``contrib.PatternBuilder`` (``contrib.int8_lt_pattern``); its translation and the fast path's emitter
+(``LinearEmitter._int8``, and a dispatch line in ``LinearEmitter._base``) only hand it their builder.
 
     backend kind            file        twin of a base layer (separate mode)
     dense, dense-conv1d     dense.py    the layer itself (fp32 MatMul)
