@@ -10,13 +10,29 @@ implementation gives ``torch.export`` the output shape, and :data:`CUSTOM_TRANSL
 contrib node for ``torch.onnx.export(..., custom_translation_table=...)``. This route was chosen over
 post-export graph surgery because the node is emitted with its final inputs and attributes at the place
 the module sits, with no name matching afterwards.
+
+One lowering for both builders: a single-node op is a :class:`ContribOp` (node type, the twin's tensors
+and the attributes, in the custom op's argument order) and a twin module's ``lowering()`` returns it with
+the module's values as a :class:`ContribNode`. The twin's forward calls the custom op through it (so the
+dynamo path's translation, generated from the same :class:`ContribOp`, emits it), and the fast path emits
+it through its node list (``fastpath.linear.LinearEmitter``)::
+
+    twin.lowering() ─> ContribNode ─┬─> forward: torch.ops.adalora_export.<op> ─> translation ─> node (dynamo)
+                                    └─> LinearEmitter: initializers + node                         (fast path)
+
+The LLM.int8 emulation is a pattern of standard nodes, not one node: :func:`int8_lt_pattern` writes it
+once against a :class:`PatternBuilder`, which the dynamo path's translation and the fast path's
+``LinearEmitter._int8`` each implement (constants, the layer's tensors, and K/N: static in the fast path).
 """
 
 from __future__ import annotations
 
+import inspect
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
 import onnx
 import torch
-from onnxscript import ir as _ir
 from onnxscript import opset18 as _op
 from onnxscript import values as _values
 
@@ -24,9 +40,16 @@ from adalora_deploy.backends.bnb import dequantize_bnb4
 from adalora_deploy.gptq.int8_compute import fake_quantize_activations
 
 __all__ = [
+    "CONTRIB_OPS",
     "CUSTOM_TRANSLATION_TABLE",
+    "MATMUL_BNB4",
+    "MATMUL_NBITS",
     "MSFT_DOMAIN",
+    "ContribNode",
+    "ContribOp",
+    "PatternBuilder",
     "dequantize_nbits",
+    "int8_lt_pattern",
     "register_contrib_schemas",
 ]
 
@@ -153,6 +176,91 @@ def _(x, packed, absmax, K, N, block_size, quant_type):
     return x.new_empty((*x.shape[:-1], N))
 
 
+@dataclass(frozen=True)
+class ContribOp:
+    """A ``com.microsoft`` node that one custom op lowers to: the single description both builders read.
+
+    The custom op's arguments are ``x``, then :attr:`inputs`, then :attr:`attributes`, in this order; the
+    node's inputs are ``x`` and :attr:`inputs` (the twin's buffer names, which the fast path also uses for
+    the initializer names ``<module>.<input>``).
+    """
+
+    op_type: str
+    torch_op: str
+    """The custom op's name in the ``adalora_export`` namespace."""
+    inputs: tuple[str, ...]
+    attributes: tuple[str, ...]
+    """Integer attributes; ``N`` (output features) is summed when the fast path fuses siblings along N."""
+
+
+MATMUL_NBITS = ContribOp("MatMulNBits", "matmul_nbits", ("qweight", "scales", "zero_points"),
+                         ("K", "N", "bits", "block_size", "accuracy_level"))
+MATMUL_BNB4 = ContribOp("MatMulBnb4", "matmul_bnb4", ("packed", "absmax"), ("K", "N", "block_size", "quant_type"))
+CONTRIB_OPS = (MATMUL_NBITS, MATMUL_BNB4)
+"""Every single-node op: the dynamo path's translations are generated from these."""
+
+
+def _no_defaults() -> frozenset[str]:
+    return frozenset()
+
+
+@dataclass(frozen=True)
+class ContribNode:
+    """One twin module's :class:`ContribOp` with its values (what ``lowering()`` returns).
+
+    Attributes:
+        op: the node.
+        inputs: tensors for ``op.inputs``, in order.
+        attributes: values for ``op.attributes``, in order.
+        permutation: gather ``x`` along its last axis first (GPTQ act-order), or None.
+        float32_only: the fast path builds this node in fp32 graphs only.
+        default_inputs: which inputs equal the op's default for a left-out input (same result): the fast path
+            leaves them out, the dynamo path passes every custom op argument. Called only by the fast path
+            (it reads buffer values, which ``torch.export`` cannot).
+    """
+
+    op: ContribOp
+    inputs: tuple[torch.Tensor, ...]
+    attributes: tuple[int, ...]
+    permutation: torch.Tensor | None = None
+    float32_only: bool = False
+    default_inputs: Callable[[], frozenset[str]] = _no_defaults
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The node in torch: the custom op (eager arithmetic; ``torch.export`` records the op itself)."""
+        if self.permutation is not None:
+            x = torch.index_select(x, -1, self.permutation)
+        return getattr(torch.ops.adalora_export, self.op.torch_op)(x, *self.inputs, *self.attributes)
+
+    def named_inputs(self) -> list[tuple[str, torch.Tensor]]:
+        return list(zip(self.op.inputs, self.inputs))
+
+    def attribute_dict(self) -> dict[str, int]:
+        return {name: int(value) for name, value in zip(self.op.attributes, self.attributes)}
+
+
+def _translation(op: ContribOp):
+    """The onnxscript translation of ``op``'s custom op: one node with the same inputs and attributes.
+
+    The exporter reads which arguments are attributes from the signature (``int`` annotations), so the
+    function gets an explicit one built from ``op``."""
+    tensors = ("x", *op.inputs)
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in tensors]
+    parameters += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=int)
+                   for name in op.attributes]
+    signature = inspect.Signature(parameters)
+
+    def translate(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        return getattr(_MSFT, op.op_type)(*(bound[name] for name in tensors),
+                                          **{name: bound[name] for name in op.attributes})
+
+    translate.__signature__ = signature
+    translate.__annotations__ = {name: int for name in op.attributes}
+    translate.__name__ = translate.__qualname__ = f"_{op.torch_op}_onnx"
+    return translate
+
+
 BNB_INV_127_SQUARED = 6.200124e-05
 """bitsandbytes' int8_mm_dequant constant for 1 / 127**2."""
 
@@ -196,54 +304,92 @@ def _(x, cb_t, scb, weight_t, bias, threshold):
     return x.new_empty((*x.shape[:-1], cb_t.shape[1]))
 
 
-def _int8_lt_matmul_onnx(x, cb_t, scb, weight_t, bias, threshold: float):
-    # x ─> Reshape[-1,K] ─> Cast(fp16) ─> Cast(fp32) = a
-    #  a ─> Abs ─> GreaterOrEqual(threshold) = big ─> Cast ─> ReduceMax(rows) ─> Cast(bool) = outlier_cols
-    #  a ─> Where(big, 0) ─> Abs ─> ReduceMax(cols) = row_stats ─> Reciprocal ─> Mul(127) = s
-    #  Mul(a, s) ─> Round ─> Where(outlier_cols, 0) ─> Cast(int8) ─> MatMulInteger(cb_t) ─> Cast(fp32)
-    #    ─> Mul(row_stats * scb) ─> Mul(1/127^2) ─> Add(bias) ─> Add(MatMul(Where(outlier_cols, x, 0), weight_t))
-    #    ─> Reshape[..., N]
-    def ints(*values: int):
+class PatternBuilder(Protocol):
+    """Where a node pattern is emitted: the fast path's node list or onnxscript (the dynamo path)."""
+
+    def op(self, op_type: str, *inputs, **attributes):
+        """One default-domain node; returns its output."""
+
+    def ints(self, *values: int):
+        """A 1-D int64 constant."""
+
+    def float(self, value: float):
+        """A scalar fp32 constant."""
+
+    def tensor(self, name: str):
+        """The layer's tensor ``name`` (the fast path writes its initializer on first use)."""
+
+    def rows(self, x):
+        """``(lead, x2, n)``: x's leading shape, x as ``[-1, K]`` rows, and ``[N]`` (the fast path's K and N are
+        static; onnxscript reads them from ``cb_t``)."""
+
+
+def int8_lt_pattern(b: PatternBuilder, x, threshold: float):
+    """The nodes of :func:`int8_lt_matmul`, written once for both builders (the LLM.int8 lowering)::
+
+        x ─> Reshape[-1,K] ─> Cast(fp16) ─> Cast(fp32) = a
+         a ─> Abs ─> GreaterOrEqual(threshold) = big ─> Cast ─> ReduceMax(rows) ─> Cast(bool) = outlier_cols
+         a ─> Where(big, 0) ─> Abs ─> ReduceMax(cols) = row_stats ─> Reciprocal ─> Mul(127) = s
+         Mul(a, s) ─> Round ─> Where(outlier_cols, 0) ─> Cast(int8) ─> MatMulInteger(cb_t) ─> Cast(fp32)
+           ─> Mul(row_stats * scb) ─> Mul(1/127^2) ─> Add(bias) ─> Add(MatMul(Where(outlier_cols, x, 0), weight_t))
+           ─> Reshape[..., N]
+
+    The outlier nodes exist only with ``threshold > 0``. ``127 / row_stats`` is Reciprocal then Mul, as torch
+    evaluates it (a Div flips .5 rounding ties)."""
+    F, B, I8 = onnx.TensorProto.FLOAT, onnx.TensorProto.BOOL, onnx.TensorProto.INT8
+    lead, x2, n = b.rows(x)
+    a = b.op("Cast", b.op("Cast", x2, to=onnx.TensorProto.FLOAT16), to=F)
+    zero = b.float(0.0)
+    if threshold > 0:
+        big = b.op("GreaterOrEqual", b.op("Abs", a), b.float(threshold))
+        outlier_cols = b.op("Cast", b.op("ReduceMax", b.op("Cast", big, to=F), b.ints(0), keepdims=1), to=B)
+        a = b.op("Where", big, zero, a)
+    row_stats = b.op("ReduceMax", b.op("Abs", a), b.ints(1), keepdims=1)
+    scale = b.op("Mul", b.op("Reciprocal", row_stats), b.float(127.0))
+    q = b.op("Round", b.op("Mul", a, scale))
+    if threshold > 0:
+        q = b.op("Where", outlier_cols, zero, q)
+    acc = b.op("MatMulInteger", b.op("Cast", q, to=I8), b.tensor("cb_t"))
+    out = b.op("Mul", b.op("Cast", acc, to=F), b.op("Mul", row_stats, b.op("Unsqueeze", b.tensor("scb"), b.ints(0))))
+    out = b.op("Add", b.op("Mul", out, b.float(BNB_INV_127_SQUARED)), b.tensor("bias"))
+    if threshold > 0:
+        out = b.op("Add", out, b.op("MatMul", b.op("Where", outlier_cols, x2, zero), b.tensor("weight_t")))
+    return b.op("Reshape", out, b.op("Concat", lead, n, axis=0))
+
+
+class _OnnxScriptBuilder:
+    """:class:`PatternBuilder` on onnxscript: constants are Constant nodes, K and N read from ``cb_t``."""
+
+    def __init__(self, tensors: dict) -> None:
+        self.tensors = tensors
+
+    def op(self, op_type: str, *inputs, **attributes):
+        return getattr(_op, op_type)(*inputs, **attributes)
+
+    def ints(self, *values: int):
         return _op.Constant(value_ints=list(values))
 
-    k_and_n = _op.Shape(cb_t)
-    k = _op.Slice(k_and_n, ints(0), ints(1))
-    n = _op.Slice(k_and_n, ints(1), ints(2))
-    lead = _op.Slice(_op.Shape(x), ints(0), ints(-1))
-    x2 = _op.Reshape(x, _op.Concat(ints(-1), k, axis=0))
-    a = _op.Cast(_op.Cast(x2, to=_ir.DataType.FLOAT16), to=_ir.DataType.FLOAT)
-    zero = _op.Constant(value_float=0.0)
-    if threshold > 0:
-        big = _op.GreaterOrEqual(_op.Abs(a), _op.Constant(value_float=float(threshold)))
-        outlier_cols = _op.Cast(_op.ReduceMax(_op.Cast(big, to=_ir.DataType.FLOAT), ints(0), keepdims=1),
-                                to=_ir.DataType.BOOL)
-        a = _op.Where(big, zero, a)
-    row_stats = _op.ReduceMax(_op.Abs(a), ints(1), keepdims=1)
-    scale = _op.Mul(_op.Reciprocal(row_stats), _op.Constant(value_float=127.0))
-    q = _op.Round(_op.Mul(a, scale))
-    if threshold > 0:
-        q = _op.Where(outlier_cols, zero, q)
-    acc = _op.MatMulInteger(_op.Cast(q, to=_ir.DataType.INT8), cb_t)
-    out = _op.Mul(_op.Cast(acc, to=_ir.DataType.FLOAT), _op.Mul(row_stats, _op.Unsqueeze(scb, ints(0))))
-    out = _op.Add(_op.Mul(out, _op.Constant(value_float=BNB_INV_127_SQUARED)), bias)
-    if threshold > 0:
-        out = _op.Add(out, _op.MatMul(_op.Where(outlier_cols, x2, zero), weight_t))
-    return _op.Reshape(out, _op.Concat(lead, n, axis=0))
+    def float(self, value: float):
+        return _op.Constant(value_float=float(value))
+
+    def tensor(self, name: str):
+        return self.tensors[name]
+
+    def rows(self, x):
+        k_and_n = _op.Shape(self.tensors["cb_t"])
+        k = _op.Slice(k_and_n, self.ints(0), self.ints(1))
+        n = _op.Slice(k_and_n, self.ints(1), self.ints(2))
+        lead = _op.Slice(_op.Shape(x), self.ints(0), self.ints(-1))
+        return lead, _op.Reshape(x, _op.Concat(self.ints(-1), k, axis=0)), n
 
 
-def _matmul_nbits_onnx(x, qweight, scales, zero_points, K: int, N: int, bits: int, block_size: int, accuracy_level: int):
-    return _MSFT.MatMulNBits(
-        x, qweight, scales, zero_points, K=K, N=N, bits=bits, block_size=block_size, accuracy_level=accuracy_level
-    )
-
-
-def _matmul_bnb4_onnx(x, packed, absmax, K: int, N: int, block_size: int, quant_type: int):
-    return _MSFT.MatMulBnb4(x, packed, absmax, K=K, N=N, block_size=block_size, quant_type=quant_type)
+def _int8_lt_matmul_onnx(x, cb_t, scb, weight_t, bias, threshold: float):
+    tensors = {"cb_t": cb_t, "scb": scb, "weight_t": weight_t, "bias": bias}
+    return int8_lt_pattern(_OnnxScriptBuilder(tensors), x, threshold)
 
 
 CUSTOM_TRANSLATION_TABLE = {
-    torch.ops.adalora_export.matmul_nbits.default: _matmul_nbits_onnx,
-    torch.ops.adalora_export.matmul_bnb4.default: _matmul_bnb4_onnx,
+    **{getattr(torch.ops.adalora_export, op.torch_op).default: _translation(op) for op in CONTRIB_OPS},
     torch.ops.adalora_export.int8_lt_matmul.default: _int8_lt_matmul_onnx,
 }
 """Pass as ``torch.onnx.export(..., custom_translation_table=CUSTOM_TRANSLATION_TABLE)``."""

@@ -14,6 +14,9 @@ Swap them in with :func:`swap_module`; :func:`runtime_factors` feeds adapter-inp
 
 Quantized matmuls go through the custom ops in :mod:`adalora_deploy.export.build.contrib`; export with
 ``custom_translation_table=export.build.contrib.CUSTOM_TRANSLATION_TABLE`` (``export.build.graph`` does).
+:class:`NBitsLinear` and :class:`Bnb4Linear` describe their node once, in ``lowering()``
+(:class:`~adalora_deploy.export.build.contrib.ContribNode`): their forward calls the custom op through it
+and the fast path emits it, so both builders write the same node.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from adalora_deploy.gptq.int8_compute import nbits_block_size
 from adalora_deploy.gptq.packing import unpack_rows, unpack_zeros
 from adalora_deploy.gptq.solver import rtn_blocks
 
-from . import contrib  # noqa: F401  (registers the custom ops and schemas)
+from . import contrib  # the custom ops, their schemas and the lowering descriptions
 
 __all__ = ["Bnb4Linear", "Int8EmulationLinear", "LowRankBranch", "NBitsLinear", "runtime_factors", "swap_module"]
 
@@ -444,14 +447,24 @@ class NBitsLinear(nn.Module):
             w = torch.empty_like(w).index_copy_(1, self.perm, w)
         return w
 
+    def lowering(self) -> contrib.ContribNode:
+        """The MatMulNBits node both builders emit (the bias stays outside it)."""
+        return contrib.ContribNode(
+            contrib.MATMUL_NBITS, (self.qweight, self.scales, self.zero_points),
+            (self.in_features, self.out_features, self.bits, self.block_size, self.accuracy_level),
+            permutation=self.perm, default_inputs=self._default_inputs)
+
+    def has_default_zero_points(self) -> bool:
+        """Every zero point equals MatMulNBits' default ``2**(bits-1)``: the input can be left out (same result)."""
+        zp = self.zero_points
+        return bool(torch.equal(zp, default_zero_points(zp.shape[0], int(self.qweight.shape[1]), int(self.bits))))
+
+    def _default_inputs(self) -> frozenset[str]:
+        return frozenset({"zero_points"}) if self.has_default_zero_points() else frozenset()
+
     # x ──> [Gather(perm, axis=-1)] ──> com.microsoft.MatMulNBits ──> [Add(bias)] ──> y
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.perm is not None:
-            x = torch.index_select(x, -1, self.perm)
-        y = torch.ops.adalora_export.matmul_nbits(
-            x, self.qweight, self.scales, self.zero_points, self.in_features, self.out_features, self.bits,
-            self.block_size, self.accuracy_level,
-        )
+        y = self.lowering()(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -512,12 +525,16 @@ class Bnb4Linear(nn.Module):
         return dequantize_bnb4(self.packed, self.absmax, self.in_features, self.out_features,
                                         self.block_size, 1 if self.quant_type == "nf4" else 0)
 
+    def lowering(self) -> contrib.ContribNode:
+        """The MatMulBnb4 node both builders emit (the bias stays outside it)."""
+        return contrib.ContribNode(
+            contrib.MATMUL_BNB4, (self.packed, self.absmax),
+            (self.in_features, self.out_features, self.block_size, 1 if self.quant_type == "nf4" else 0),
+            float32_only=True)
+
     # x ──> com.microsoft.MatMulBnb4 ──> [Add(bias)] ──> y
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.ops.adalora_export.matmul_bnb4(
-            x, self.packed, self.absmax, self.in_features, self.out_features, self.block_size,
-            1 if self.quant_type == "nf4" else 0,
-        )
+        y = self.lowering()(x)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
     def extra_repr(self) -> str:
@@ -534,9 +551,9 @@ class Int8EmulationLinear(nn.Module):
         y = (q @ CB.T) * row_stats * SCB / 127**2 + bias + x[:, outlier_cols] @ W[:, outlier_cols].T
 
     ONNX: Cast/Abs/GreaterOrEqual/Where/ReduceMax/Reciprocal/Mul/Round, MatMulInteger, Mul, Add, MatMul (the
-    node diagram is above ``export.build.contrib._int8_lt_matmul_onnx``). ``127 / row_stats`` is Reciprocal then
-    Mul, as torch evaluates it; a Div flips .5 rounding ties. Slow on CPU: for serving, prefer
-    :meth:`NBitsLinear.from_bnb_int8`.
+    node diagram is on ``export.build.contrib.int8_lt_pattern``, which both builders emit). ``127 / row_stats``
+    is Reciprocal then Mul, as torch evaluates it; a Div flips .5 rounding ties. Slow on CPU: for serving,
+    prefer :meth:`NBitsLinear.from_bnb_int8`.
     """
 
     def __init__(self, cb: torch.Tensor, scb: torch.Tensor, *, threshold: float, bias: torch.Tensor | None = None) -> None:
@@ -564,7 +581,7 @@ class Int8EmulationLinear(nn.Module):
         cb, scb, threshold = linear8bit_state(layer)
         return cls(cb, scb, threshold=threshold, bias=layer.bias)
 
-    # the node graph is drawn above export.build.contrib._int8_lt_matmul_onnx
+    # the node graph is drawn on export.build.contrib.int8_lt_pattern
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.adalora_export.int8_lt_matmul(x, self.cb_t, self.scb, self.weight_t, self.bias, self.threshold)
 

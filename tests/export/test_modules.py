@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 import torch
 from adalora_deploy.export.build.modules import (
@@ -273,3 +274,58 @@ def test_nbits_from_project_quant_linear(tmp_path, linear, x):
     export_module(module, x, tmp_path / "m.onnx")
     with torch.no_grad():
         np.testing.assert_allclose(run_module(tmp_path / "m.onnx", x), module(x).numpy(), rtol=0, atol=FP32_MATMUL_ATOL)
+
+
+def _contrib_node(model_nodes, initializers):
+    """The one com.microsoft node of a graph, as (op_type, attributes, input arrays after the activation)."""
+    (node,) = [n for n in model_nodes if n.domain == "com.microsoft"]
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    return node.op_type, attributes, [initializers[name] for name in node.input[1:]]
+
+
+def _lowered_twins():
+    torch.manual_seed(2)
+    weight = torch.randn(OUT_FEATURES, IN_FEATURES)
+    nbits = NBitsLinear.from_float(weight, bits=4, block_size=32)
+    act_order = NBitsLinear(nbits.qweight, nbits.scales, nbits.zero_points, in_features=IN_FEATURES,
+                            out_features=OUT_FEATURES, bits=4, block_size=32, perm=torch.randperm(IN_FEATURES),
+                            accuracy_level=4)
+    symmetric = NBitsLinear.from_float(weight, bits=8, block_size=32, symmetric=True)
+    packed = torch.randint(0, 256, (OUT_FEATURES * IN_FEATURES // 2,), dtype=torch.uint8)
+    bnb4 = Bnb4Linear(packed, torch.rand(OUT_FEATURES * IN_FEATURES // 64) + 0.5, in_features=IN_FEATURES,
+                      out_features=OUT_FEATURES, block_size=64, quant_type="nf4", bias=torch.randn(OUT_FEATURES))
+    return {"nbits": nbits, "nbits-act-order": act_order, "nbits-default-zero-points": symmetric, "bnb4": bnb4}
+
+
+@pytest.mark.parametrize("name", ["nbits", "nbits-act-order", "nbits-default-zero-points", "bnb4"])
+def test_both_builders_emit_the_twins_lowering(tmp_path, x, name):
+    """The node a twin's ``lowering()`` describes is the node the dynamo path and the fast path emit: same op
+    type, attributes and tensors (the fast path leaves out inputs equal to the op's default)."""
+    from onnx import numpy_helper
+
+    from adalora_deploy.export.build.fastpath.graph import Graph, WeightFile
+    from adalora_deploy.export.build.fastpath.linear import LinearEmitter
+
+    module = _lowered_twins()[name]
+    node = module.lowering()
+    expected_attributes = node.attribute_dict()
+    arrays = [t.numpy() for t in node.inputs]
+
+    dynamo = export_module(module, x, tmp_path / "m.onnx")
+    initializers = {t.name: numpy_helper.to_array(t) for t in dynamo.graph.initializer}
+    op_type, attributes, inputs = _contrib_node(dynamo.graph.node, initializers)
+    assert op_type == node.op.op_type
+    assert expected_attributes.items() <= attributes.items()  # onnxscript adds the schema's defaults (transB=1, ...)
+    assert len(inputs) == len(arrays) and all(np.array_equal(a, b) for a, b in zip(inputs, arrays))
+    assert ("Gather" in op_types(dynamo)) == (node.permutation is not None)
+
+    g = Graph(WeightFile(tmp_path / "w.bin"), np.float32)
+    LinearEmitter(g, {}).linear(module, "x", "layer")
+    g.weights.close()
+    initializers = {t.name: numpy_helper.to_array(t, str(tmp_path)) for t in g.initializers}
+    op_type, attributes, inputs = _contrib_node(g.nodes, initializers)
+    assert (op_type, attributes) == (node.op.op_type, expected_attributes)
+    kept = [a for n, a in zip(node.op.inputs, arrays) if n not in node.default_inputs()]
+    assert len(inputs) == len(kept) and all(np.array_equal(a, b) for a, b in zip(inputs, kept))
+    assert len(kept) < len(arrays) if name == "nbits-default-zero-points" else len(kept) == len(arrays)
+    assert ("Gather" in [n.op_type for n in g.nodes]) == (node.permutation is not None)

@@ -1,13 +1,15 @@
 """Linear lowering: each linear module of the twin (its base kind's torch twin, with or without a LoRA branch)
 as ONNX nodes, alone or fused with its siblings along N; and the quantized tables (embedding / lm_head).
 
-Which nodes a base kind becomes is the kind's own lowering (:mod:`..kinds`); this module adds what every kind
-shares: biases, fusing siblings that read the same input, and the LoRA branch::
+Which node a quantized twin becomes is the twin's own ``lowering()`` (a ``contrib.ContribNode``, the node
+the dynamo path emits too); this module adds what every kind shares: biases, fusing siblings that read the
+same input, and the LoRA branch::
 
     nn.Linear             MatMul(W^T) [+ Add(bias)]
-    NBitsLinear           [Gather(perm)] + com.microsoft.MatMulNBits (buffers and attributes as is) [+ Add]
-    Bnb4Linear            com.microsoft.MatMulBnb4 [+ Add]
-    Int8EmulationLinear   the MatMulInteger pattern of export.build.contrib._int8_lt_matmul_onnx
+    NBitsLinear           lowering(): [Gather(perm)] + com.microsoft.MatMulNBits [+ Add]
+    Bnb4Linear            lowering(): com.microsoft.MatMulBnb4 [+ Add]
+    Int8EmulationLinear   contrib.int8_lt_pattern (MatMulInteger emulation; shared with the dynamo path
+                          through contrib.PatternBuilder, with static K and N here)
     LowRankBranch         base (scope <m>/base) + MatMul(lora_A) + MatMul(lora_B) + Add (scope <m>)
 
 Quantized tables are parameters of :func:`quantize_table` (bits, ``accuracy_level`` of the lm_head's
@@ -17,18 +19,19 @@ MatMulNBits, tied tables share one set of initializers.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
 import numpy as np
 import torch
-from onnx import TensorProto, helper
+from onnx import helper
 from torch import nn
 
 from adalora_deploy.errors import ExportError
 
 from .. import contrib
-from ..modules import Bnb4Linear, Int8EmulationLinear, LowRankBranch, NBitsLinear, default_zero_points
+from ..modules import Bnb4Linear, Int8EmulationLinear, LowRankBranch, NBitsLinear
 from .graph import FastPathUnsupported, Graph, scope_of
 
 __all__ = ["EMBEDDING_BLOCK", "LM_HEAD_ACCURACY_LEVEL", "Branch", "LinearEmitter", "QuantizedTable",
@@ -110,12 +113,10 @@ class LinearEmitter:
             return self.linear(first, x, path)
         if type(first) is nn.Linear:
             return self._matmul(modules, x, path)
-        if isinstance(first, NBitsLinear):
-            return self._nbits(modules, x, path)
-        if isinstance(first, Bnb4Linear):
-            return self._bnb4(modules, x, path)
         if isinstance(first, Int8EmulationLinear):
             return self._int8(modules, x, path)
+        if callable(getattr(first, "lowering", None)):  # NBitsLinear, Bnb4Linear: one contrib node
+            return self._contrib(modules, x, path)
         raise FastPathUnsupported(f"fast path: no ONNX mapping for {path} ({type(first).__name__})")
 
     def _bias(self, modules: Sequence[nn.Module], y: str, path: str) -> str:
@@ -133,92 +134,80 @@ class LinearEmitter:
         w_t = g.floats(f"{path}.MatMul.weight", weight.T)
         return self._bias(modules, g.op1("MatMul", [x, w_t], scope_of(path)), path)
 
-    # x ─> [Gather(perm, axis=-1)] ─> MatMulNBits(q, scales, zero_points) ─> [Add(bias)]
-    def _nbits(self, modules: Sequence[NBitsLinear], x: str, path: str) -> str:
-        g, first, scope = self.g, modules[0], scope_of(path)
-        if first.perm is not None:
-            x = g.op1("Gather", [x, g.initializer(f"{path}.perm", first.perm)], scope, axis=-1)
-        cat = (lambda name: torch.cat([getattr(m, name) for m in modules], 0)) if len(modules) > 1 else \
-            (lambda name: getattr(first, name))
-        scales = cat("scales")
-        if g.float_type == np.float32:
-            scales_name = g.initializer(f"{path}.scales", scales)
-        else:
-            scales_name = g.floats(f"{path}.scales", scales)
-        inputs = [x, g.initializer(f"{path}.qweight", cat("qweight")), scales_name]
-        if not all(_default_zero_points(m) for m in modules):
-            inputs.append(g.initializer(f"{path}.zero_points", cat("zero_points")))
-        n = sum(int(m.out_features) for m in modules)
-        y = g.op1("MatMulNBits", inputs, scope, domain=MSFT, K=int(first.in_features), N=n, bits=int(first.bits),
-                  block_size=int(first.block_size), accuracy_level=int(first.accuracy_level))
+    # x ─> [Gather(perm, axis=-1)] ─> <op>(the twin's tensors, attributes) ─> [Add(bias)]
+    def _contrib(self, modules: Sequence[nn.Module], x: str, path: str) -> str:
+        """The twins' one contrib node (``lowering()``, the node the dynamo path emits too), fused along N."""
+        g, scope = self.g, scope_of(path)
+        node = _fused([m.lowering() for m in modules])
+        if node.float32_only and g.float_type != np.float32:
+            raise FastPathUnsupported(f"fast path: {node.op.op_type} is built for fp32 graphs only")
+        if node.permutation is not None:
+            x = g.op1("Gather", [x, g.initializer(f"{path}.perm", node.permutation)], scope, axis=-1)
+        left_out = node.default_inputs()
+        inputs = [x]
+        for name, tensor in node.named_inputs():
+            if name in left_out:
+                continue
+            keep_dtype = g.float_type == np.float32 or not tensor.is_floating_point()
+            inputs.append(g.initializer(f"{path}.{name}", tensor) if keep_dtype else g.floats(f"{path}.{name}", tensor))
+        y = g.op1(node.op.op_type, inputs, scope, domain=MSFT, **node.attribute_dict())
         return self._bias(modules, y, path)
 
-    # x ─> MatMulBnb4(packed, absmax) ─> [Add(bias)]
-    def _bnb4(self, modules: Sequence[Bnb4Linear], x: str, path: str) -> str:
-        g, first = self.g, modules[0]
-        if g.float_type != np.float32:
-            raise FastPathUnsupported("fast path: MatMulBnb4 is built for fp32 graphs only")
-        packed = torch.cat([m.packed for m in modules]) if len(modules) > 1 else first.packed
-        absmax = torch.cat([m.absmax for m in modules]) if len(modules) > 1 else first.absmax
-        n = sum(int(m.out_features) for m in modules)
-        y = g.op1("MatMulBnb4", [x, g.initializer(f"{path}.packed", packed), g.initializer(f"{path}.absmax", absmax)],
-                  scope_of(path), domain=MSFT, K=int(first.in_features), N=n, block_size=int(first.block_size),
-                  quant_type=1 if first.quant_type == "nf4" else 0)
-        return self._bias(modules, y, path)
-
-    # x ─> Reshape[-1,K] ─> Cast(fp16) ─> Cast(fp32) = a
-    #  a ─> Abs ─> GreaterOrEqual(threshold) = big ─> Cast ─> ReduceMax(rows) ─> Cast(bool) = outlier_cols
-    #  a ─> Where(big, 0) ─> Abs ─> ReduceMax(cols) = row_stats ─> Reciprocal ─> Mul(127) = s
-    #  Mul(a, s) ─> Round ─> Where(outlier_cols, 0) ─> Cast(int8) ─> MatMulInteger(cb_t) ─> Cast(fp32)
-    #    ─> Mul(row_stats * scb) ─> Mul(1/127^2) ─> Add(bias) ─> Add(MatMul(Where(outlier_cols, x, 0), weight_t))
-    #    ─> Reshape[..., N]
+    # x ─> contrib.int8_lt_pattern (MatMulInteger with row int8 activations, outlier columns in float)
     def _int8(self, modules: Sequence[Int8EmulationLinear], x: str, path: str) -> str:
-        """The node pattern of ``export.build.contrib._int8_lt_matmul_onnx``, with static K and N."""
-        g, first, scope = self.g, modules[0], scope_of(path)
+        """The LLM.int8 pattern (:func:`contrib.int8_lt_pattern`, shared with the dynamo path), static K and N."""
+        g, first = self.g, modules[0]
         if g.float_type != np.float32:
             raise FastPathUnsupported("fast path: the LLM.int8 emulation is built for fp32 graphs only")
         if len(modules) > 1:
-            cb_t = torch.cat([m.cb_t for m in modules], 1)
-            scb = torch.cat([m.scb for m in modules])
-            weight_t = torch.cat([m.weight_t for m in modules], 1)
-            bias = torch.cat([m.bias for m in modules])
+            tensors = {"cb_t": torch.cat([m.cb_t for m in modules], 1), "scb": torch.cat([m.scb for m in modules]),
+                       "weight_t": torch.cat([m.weight_t for m in modules], 1),
+                       "bias": torch.cat([m.bias for m in modules])}
         else:
-            cb_t, scb, weight_t, bias = first.cb_t, first.scb, first.weight_t, first.bias
-        k, n = int(cb_t.shape[0]), int(cb_t.shape[1])
-        threshold = float(first.threshold)
-        F, B, I8 = TensorProto.FLOAT, TensorProto.BOOL, TensorProto.INT8
-        zero = g.const(0.0, np.float32)
-        lead = g.op1("Slice", [g.op1("Shape", [x], scope), g.const([0]), g.const([-1])], scope)
-        x2 = g.op1("Reshape", [x, g.const([-1, k])], scope)
-        a = g.op1("Cast", [g.op1("Cast", [x2], scope, to=TensorProto.FLOAT16)], scope, to=F)
-        outlier_cols = None
-        if threshold > 0:
-            big = g.op1("GreaterOrEqual", [g.op1("Abs", [a], scope), g.const(threshold, np.float32)], scope)
-            col_max = g.op1("ReduceMax", [g.op1("Cast", [big], scope, to=F), g.const([0])], scope, keepdims=1)
-            outlier_cols = g.op1("Cast", [col_max], scope, to=B)
-            a = g.op1("Where", [big, zero, a], scope)
-        row_stats = g.op1("ReduceMax", [g.op1("Abs", [a], scope), g.const([1])], scope, keepdims=1)
-        s = g.op1("Mul", [g.op1("Reciprocal", [row_stats], scope), g.const(127.0, np.float32)], scope)
-        q = g.op1("Round", [g.op1("Mul", [a, s], scope)], scope)
-        if outlier_cols is not None:
-            q = g.op1("Where", [outlier_cols, zero, q], scope)
-        acc = g.op1("MatMulInteger", [g.op1("Cast", [q], scope, to=I8), g.initializer(f"{path}.cb_t", cb_t)], scope)
-        stats = g.op1("Mul", [row_stats, g.op1("Unsqueeze", [g.initializer(f"{path}.scb", scb), g.const([0])], scope)],
-                      scope)
-        out = g.op1("Mul", [g.op1("Cast", [acc], scope, to=F), stats], scope)
-        out = g.op1("Mul", [out, g.const(contrib.BNB_INV_127_SQUARED, np.float32)], scope)
-        out = g.op1("Add", [out, g.initializer(f"{path}.bias", bias)], scope)
-        if outlier_cols is not None:
-            dense = g.op1("Where", [outlier_cols, x2, zero], scope)
-            out = g.op1("Add", [out, g.op1("MatMul", [dense, g.initializer(f"{path}.weight_t", weight_t)], scope)],
-                        scope)
-        return g.op1("Reshape", [out, g.op1("Concat", [lead, g.const([n])], scope, axis=0)], scope)
+            tensors = {name: getattr(first, name) for name in ("cb_t", "scb", "weight_t", "bias")}
+        return contrib.int8_lt_pattern(_GraphBuilder(g, path, tensors), x, float(first.threshold))
 
 
-def _default_zero_points(module: NBitsLinear) -> bool:
-    """Every zero point equals MatMulNBits' default ``2**(bits-1)``: the input can be left out (same result)."""
-    zp = module.zero_points
-    return bool(torch.equal(zp, default_zero_points(zp.shape[0], int(module.qweight.shape[1]), int(module.bits))))
+class _GraphBuilder:
+    """``contrib.PatternBuilder`` on the fast path's node list: constants are shared initializers, the layer's
+    tensors initializers ``<path>.<name>`` written on first use, K and N static."""
+
+    def __init__(self, g: Graph, path: str, tensors: dict[str, torch.Tensor]) -> None:
+        self.g, self.path, self.scope, self.tensors = g, path, scope_of(path), tensors
+        self._names: dict[str, str] = {}
+
+    def op(self, op_type: str, *inputs: str, **attributes) -> str:
+        return self.g.op1(op_type, list(inputs), self.scope, **attributes)
+
+    def ints(self, *values: int) -> str:
+        return self.g.const(list(values))
+
+    def float(self, value: float) -> str:
+        return self.g.const(value, np.float32)
+
+    def tensor(self, name: str) -> str:
+        if name not in self._names:
+            self._names[name] = self.g.initializer(f"{self.path}.{name}", self.tensors[name])
+        return self._names[name]
+
+    def rows(self, x: str) -> tuple[str, str, str]:
+        k, n = (int(d) for d in self.tensors["cb_t"].shape)
+        lead = self.op("Slice", self.op("Shape", x), self.ints(0), self.ints(-1))
+        return lead, self.op("Reshape", x, self.ints(-1, k)), self.ints(n)
+
+
+def _fused(nodes: Sequence[contrib.ContribNode]) -> contrib.ContribNode:
+    """Sibling nodes as one along N (:func:`_fusable` said they can be): every input concatenated along its
+    first axis, ``N`` summed, an input left out only where every member leaves it out."""
+    first = nodes[0]
+    if len(nodes) == 1:
+        return first
+    n_index = first.op.attributes.index("N")
+    attributes = list(first.attributes)
+    attributes[n_index] = sum(int(node.attributes[n_index]) for node in nodes)
+    inputs = tuple(torch.cat(parts, 0) for parts in zip(*(node.inputs for node in nodes)))
+    left_out = lambda: frozenset.intersection(*(node.default_inputs() for node in nodes))  # noqa: E731
+    return dataclasses.replace(first, inputs=inputs, attributes=tuple(attributes), default_inputs=left_out)
 
 
 def _fusable(bases: Sequence[nn.Module]) -> bool:
@@ -267,7 +256,7 @@ def quantize_table(weight: torch.Tensor, kind: str, *, accuracy_level: int = LM_
 def table_initializers(g: Graph, table: NBitsLinear, prefix: str) -> tuple[str, str, str | None]:
     """Initializer names of a quantized table, emitted on first use (the embedding and lm_head share them);
     no zero points when they all equal the ops' default ``2**(bits-1)`` (symmetric tables)."""
-    zero_points = None if _default_zero_points(table) else f"{prefix}.zero_points"
+    zero_points = None if table.has_default_zero_points() else f"{prefix}.zero_points"
     names = (f"{prefix}.qweight", f"{prefix}.scales", zero_points)
     if not g.has(names[0]):
         g.initializer(names[0], table.qweight)

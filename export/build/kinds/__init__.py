@@ -2,7 +2,20 @@
 
 Training reads a base layer through its backend (:mod:`adalora_deploy.backends`); export asks the
 matching :class:`ExportKind` for the layer's ONNX twin and for what the graph then computes. A new base
-kind is one backend file there and one kind file here.
+kind is one backend file there and one kind file here; when its twin needs a new ONNX node, that node is
+written once and both builders emit it:
+
+- a twin module in ``export/build/modules.py`` whose ``lowering()`` returns a ``contrib.ContribNode``
+  (its forward calls the custom op through it);
+- in ``export/build/contrib.py``: the op's schema, its custom op (the eager arithmetic) and its
+  ``ContribOp`` added to ``CONTRIB_OPS`` (the dynamo path's translation is generated from it);
+- nothing in the fast path: ``fastpath.linear.LinearEmitter`` emits any twin with a ``lowering()``
+  (fusing siblings along N only where ``fastpath.linear._fusable`` knows the kind's rule).
+
+A twin that reuses MatMulNBits or MatMulBnb4 (as the bnb serving twins do) needs none of that. A twin
+that becomes a pattern of standard nodes (the LLM.int8 emulation) writes it once against
+``contrib.PatternBuilder`` (``contrib.int8_lt_pattern``); its translation and the fast path's emitter
+(``LinearEmitter._int8``, and a dispatch line in ``LinearEmitter._base``) only hand it their builder.
 
     backend kind            file        twin of a base layer (separate mode)
     dense, dense-conv1d     dense.py    the layer itself (fp32 MatMul)
