@@ -398,21 +398,18 @@ def quantize_model(
     if batch_size < 1:
         raise QuantizationError(f"batch_size must be >= 1, got {batch_size}")
     path, layers = _decoder_layers(model)
-    for index, layer in enumerate(layers):
-        for name, module in layer.named_modules():
-            if type(module) is nn.Linear:
-                try:
-                    QuantLinear(module.in_features, module.out_features, bits, group_size)
-                except ValueError as error:
-                    raise QuantizationError(f"{path}.{index}.{name}: {error}") from None
+    targets = [(f"{path}.{index}.{name}", module) for index, layer in enumerate(layers)
+               for name, module in layer.named_modules() if type(module) is nn.Linear]
     if tables:
         head = model.get_output_embeddings()
         if type(head) is not nn.Linear:
             raise QuantizationError(f"tables: the lm_head is {type(head).__name__}, not nn.Linear")
+        targets.append(("tables: lm_head", head))
+    for name, module in targets:  # every layout refused before any work
         try:
-            QuantLinear(head.in_features, head.out_features, bits, group_size)
+            QuantLinear(module.in_features, module.out_features, bits, group_size)
         except ValueError as error:
-            raise QuantizationError(f"tables: lm_head: {error}") from None
+            raise QuantizationError(f"{name}: {error}") from None
     settings = _Settings(
         method=method,
         bits=bits,
