@@ -158,10 +158,16 @@ class QuantLinear(nn.Module):
         self.activation_block = nbits_block_size(self.group_size, self.in_features) if enabled else None
 
     def _activation_order(self) -> torch.Tensor | None:
-        """The exported input-channel order (act-order weights are sorted by group), or None when natural."""
-        if self._contiguous_groups():
-            return None
-        return torch.argsort(self.g_idx, stable=True)
+        """The exported input-channel order (act-order weights are sorted by group), or None when natural.
+
+        Cached per g_idx version like :meth:`_contiguous_groups`: the forward asks on every call, and a natural
+        order (also with a partial last group, e.g. K = 576 in groups of 128) needs no gather at all."""
+        key = (self.g_idx.data_ptr(), self.g_idx._version)
+        if getattr(self, "_order_key", None) != key:
+            order = torch.argsort(self.g_idx, stable=True)
+            natural = torch.equal(order, torch.arange(self.in_features, device=order.device))
+            self._order, self._order_key = None if natural else order, key
+        return self._order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., in)`` of any float dtype -> ``(..., out)`` of the same dtype (weight rounded once to it)."""
