@@ -79,6 +79,12 @@ class Suite:
     quick: bool
     workdir: Path
     threads: int
+    decode_threads: tuple[int, ...] = (1,)
+    """intra-op thread counts the ``shipped`` section times the graphs at."""
+    run_dir: Path | None = None
+    """A finished main job (``adalora-deploy run configs/smollm2-sentiment.yaml``) for the ``shipped`` section."""
+    gptqmodel_python: Path | None = None
+    """An interpreter with gptqmodel for the ``quantize`` section (its own virtual environment)."""
     model: str | None = None
     model_note: str = ""
     results: dict[str, Any] = dataclasses.field(default_factory=dict)

@@ -1,7 +1,8 @@
 """The benchmark suite: every figure ours vs the peer, measured side by side in one run, on SmolLM2-135M.
 
-    python benchmarks/run_all.py [--quick] [--json FILE] [--sections training,export,decode,compaction,quantize]
+    python benchmarks/run_all.py [--quick] [--json FILE] [--sections training,export,decode,shipped,compaction,quantize]
                                  [--workdir DIR] [--threads 1]
+                                 [--decode-threads 1,2] [--run JOB_DIR]
 
 Sections (one module each in ``benchmarks/sections/``, on the harness in ``benchmarks/harness.py``; each prints
 a table; ``--json`` gets every sample, the spread and the commands):
@@ -15,6 +16,9 @@ a table; ``--json`` gets every sample, the spread and the commands):
   exported: our graph under our loop and under onnxruntime-genai, the builder's graph under onnxruntime-genai,
   and torch eager (fp32), runners interleaved; each as a fraction of the memory-bandwidth roofline
   (bandwidth from a numpy copy; bytes read per token = the graph's weight bytes).
+- ``shipped``: the graphs the CLI writes: the main job's shipped graph (its defaults) and the same job's
+  export stage rerun with every documented export option; size, check verdict, accuracy, prefill and decode
+  (our loop and onnxruntime-genai, at 1 and 2 threads) beside the builder's ``-p int4`` graph.
 - ``compaction``: an int4 base with a rank-12 AdaLoRA branch on every projection, the graph at init_r (pruned
   ranks kept as zeros) vs the graph at the surviving ranks (size, prefill, decode).
 - ``quantize``: ``adalora-deploy quantize`` of the whole model, round-to-nearest and GPTQ (gptqmodel when
@@ -55,6 +59,12 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="graphs and checkpoints (default: a temporary folder, removed)")
     parser.add_argument("--threads", type=int, default=1, help="threads of torch (training, eager decode) and "
                         "onnxruntime's intra-op pool (default 1: steadier on a shared machine)")
+    parser.add_argument("--decode-threads", default="1,2", help="shipped section: the intra-op thread counts its "
+                        "graphs are timed at (default 1,2)")
+    parser.add_argument("--run", type=Path, help="shipped section: a finished main job's folder (default: "
+                        "runs/smollm2-sentiment when it holds one, else the job is run in the workdir)")
+    parser.add_argument("--gptqmodel-python", type=Path, help="quantize section: a python with gptqmodel installed "
+                        "(e.g. a separate venv's bin/python; default: ours, when gptqmodel imports)")
     args = parser.parse_args()
     sections = [s.strip() for s in args.sections.split(",") if s.strip()]
     unknown = set(sections) - set(SECTIONS)
@@ -66,7 +76,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="run_all-") as temp:
         workdir = args.workdir or Path(temp)
         workdir.mkdir(parents=True, exist_ok=True)
-        suite = Suite(quick=args.quick, workdir=workdir, threads=args.threads)
+        suite = Suite(quick=args.quick, workdir=workdir, threads=args.threads, run_dir=args.run, gptqmodel_python=args.gptqmodel_python,
+                      decode_threads=tuple(int(n) for n in args.decode_threads.split(",")))
         started = time.perf_counter()
         info = machine()
         print(f"benchmark suite ({'quick' if args.quick else 'full'}): {info}", flush=True)

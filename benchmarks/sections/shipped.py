@@ -1,0 +1,274 @@
+"""``shipped``: the graphs users get from the CLI, beside onnxruntime-genai's builder ``-p int4`` graph.
+
+Nothing here is built by an internal function: the main job (``adalora-deploy run
+configs/smollm2-sentiment.yaml``) makes the shipped graph with its defaults (``exports/separate``), and the same
+job, rerun from its export stage with every documented export option in its ``export`` list, makes the others
+(``--serving``, ``merged`` with each ``--weights``), checks each against the trained model (``check``: tier and
+verdict) and scores each on the held-out task. This section then times what those commands wrote: size, prefill
+of a 128-token prompt (plain onnxruntime, the same harness for every graph) and greedy decode tokens/s at batch 1
+in our loop (``DecoderSession``) and under onnxruntime-genai, at each of ``--decode-threads``, runners
+interleaved, beside the builder's int4 graph of the same base model under onnxruntime-genai.
+
+The job folder is ``--run DIR`` when given, else ``runs/smollm2-sentiment`` when it holds a finished job, else the
+job is run here (its wall time is then reported: a rerun with the cached base, or a fresh run on an empty cache).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import bench_fastpath
+import numpy as np
+import yaml
+from harness import HERE, PYTHON, Suite, ratio, run_child, show, show_ratio, stats, tail
+from sections.decode import graph_prefill, long_prompt
+from sections.export import builder_available, export_folder
+
+REPO = HERE.parent
+CONFIG = REPO / "configs" / "smollm2-sentiment.yaml"
+DEFAULT_RUN = REPO / "runs" / "smollm2-sentiment"
+SHIPPED = "separate"
+"""The export the default config ships (its ``export`` list)."""
+VARIANTS = (
+    # name, the job's export entry (= `adalora-deploy export` options), shown as
+    ("separate", {"mode": "separate"}, "--mode separate (shipped)"),
+    ("serving", {"mode": "separate", "serving": True}, "--mode separate --serving"),
+    ("merged", {"mode": "merged"}, "--mode merged (--weights fp32)"),
+    ("merged-int4", {"mode": "merged", "weights": "int4"}, "--mode merged --weights int4"),
+    ("merged-int8", {"mode": "merged", "weights": "int8"}, "--mode merged --weights int8"),
+    ("merged-fp16", {"mode": "merged", "weights": "fp16"}, "--mode merged --weights fp16"),
+)
+QUICK_VARIANTS = ("separate", "serving")
+SLOW_RUN_S = 20
+"""A decode run slower than this (seconds) is not repeated: its warm-up run is the figure."""
+
+
+def finished_job(folder: Path) -> bool:
+    return (folder / "report" / "report.json").is_file() and (folder / "exports" / SHIPPED / "model.onnx").is_file()
+
+
+def the_job(suite: Suite) -> Path | None:
+    """The main job's folder: ``--run``, the repository's default run, or a run made here."""
+    for folder in (suite.run_dir, DEFAULT_RUN):
+        if folder is not None and finished_job(Path(folder)):
+            print(f"  the main job's folder: {folder}", flush=True)
+            return Path(folder)
+    folder = suite.workdir / "job"
+    argv = [PYTHON, "-m", "adalora_deploy.cli", "run", str(CONFIG), "--output", str(folder)]
+    suite.command("shipped", argv)
+    print(f"  running the main job: {' '.join(argv)}", flush=True)
+    job = run_child(argv, timeout=3600)
+    if job.returncode or not finished_job(folder):
+        suite.skip("shipped", "everything", f"the main job failed: {tail(job.stderr)}")
+        return None
+    suite.results.setdefault("shipped", {})["job_run"] = {"wall_s": job.wall_s, "cpu_s": job.cpu_s,
+                                                          "peak_rss_mb": job.peak_rss_mb}
+    return folder
+
+
+def export_variants(suite: Suite, job: Path, names: list[str]) -> Path | None:
+    """Rerun the job from its export stage, in a copy, with every variant in its ``export`` list."""
+    folder = suite.workdir / "variants"
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(job, folder, ignore=shutil.ignore_patterns("exports", "report"))
+    config = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
+    config["export"] = [{"name": name, **entry} for name, entry, _ in VARIANTS if name in names]
+    config_file = suite.workdir / "variants.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    argv = [PYTHON, "-m", "adalora_deploy.cli", "run", str(config_file), "--output", str(folder), "--from", "export"]
+    suite.command("shipped", f"{CONFIG.name} with export: {config['export']}; {' '.join(argv)}")
+    print(f"  exporting, checking and scoring {len(names)} graphs: {' '.join(argv)}", flush=True)
+    run = run_child(argv, timeout=5400)
+    if not (folder / "report" / "report.json").is_file():
+        suite.skip("shipped", "the export variants", f"the job's export stages failed: {tail(run.stderr)}")
+        return None
+    print(f"  export + check + evaluate of the variants: {run.wall_s:.0f} s", flush=True)
+    return folder
+
+
+def graph_rows(job: Path, variants: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Per graph, from the job's own report: size, export seconds, check verdict and tier, accuracy."""
+    report = json.loads((variants / "report" / "report.json").read_text(encoding="utf-8"))
+    shipped = json.loads((job / "report" / "report.json").read_text(encoding="utf-8"))
+    rows = {}
+    for name in names:
+        export, check = report["exports"].get(name), report["checks"].get(name, {})
+        if export is None:
+            continue
+        parity = variants / "exports" / name / "parity.json"
+        kl = None
+        if parity.is_file():
+            source = [c for c in json.loads(parity.read_text(encoding="utf-8"))["comparisons"] if c["name"] == "source"]
+            kl = source[0]["summary"].get("logits_mean_kl") if source else None
+        rows[name] = {"folder": str(variants / "exports" / name), "graph_bytes": export["graph_bytes"],
+                      "export_s": export["seconds"], "tier": export["tier"], "passed": check.get("passed"),
+                      "top1": check.get("source_top1"), "mean_kl": kl,
+                      "accuracy": report["scores"].get(name, {}).get("accuracy")}
+    rows["_trained_accuracy"] = report["scores"]["trained (torch)"]["accuracy"]
+    rows["_base_accuracy"] = report["scores"]["base"]["accuracy"]
+    rows["_shipped_graph_reproduced"] = same_graph(job / "exports" / SHIPPED, variants / "exports" / SHIPPED)
+    rows["_job_scores"] = shipped["scores"]
+    return rows
+
+
+def same_graph(a: Path, b: Path) -> bool:
+    """The same nodes and the same initializer values (the external data file's layout may differ between
+    versions of the exporter; the values may not)."""
+    import onnx
+    from onnx import numpy_helper
+
+    first, second = onnx.load(str(a / "model.onnx")), onnx.load(str(b / "model.onnx"))
+    if list(first.graph.node) != list(second.graph.node):
+        return False
+    values = {t.name: numpy_helper.to_array(t) for t in first.graph.initializer}
+    return len(values) == len(second.graph.initializer) and all(
+        t.name in values and np.array_equal(values[t.name], numpy_helper.to_array(t)) for t in second.graph.initializer)
+
+
+def builder_graph(suite: Suite) -> Path | None:
+    """The builder's ``-p int4`` graph of the same base model (the export section's, or built here)."""
+    folder = export_folder(suite, "builder", "int4")
+    if (folder / "model.onnx").is_file():
+        return folder
+    argv = [PYTHON, "-m", "onnxruntime_genai.models.builder", "-i", suite.model, "-o", str(folder), "-p", "int4",
+            "-e", "cpu", "-c", str(suite.workdir / "builder-cache")]
+    suite.command("shipped", argv)
+    run = run_child(argv, timeout=1800)
+    if run.returncode:
+        suite.skip("shipped", "the builder's graph", f"failed: {tail(run.stderr)}")
+        return None
+    suite.results.setdefault("shipped", {})["builder_export"] = {"wall_s": run.wall_s, "cpu_s": run.cpu_s}
+    return folder
+
+
+def time_graphs(suite: Suite, graphs: dict[str, Path], builder: Path | None, threads: int) -> dict[str, Any]:
+    """Prefill ms and decode tokens/s of every graph at ``threads``, runners interleaved."""
+    from adalora_deploy.export.runtime.session import DecoderSession, create_session
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(suite.model, local_files_only=True)
+    new_tokens = 32 if suite.quick else 64
+    prompt_ids = tokenizer(bench_fastpath.PROMPT, add_special_tokens=False)["input_ids"]
+    ids = np.asarray([prompt_ids], dtype=np.int64)
+    long_ids = np.asarray([long_prompt(tokenizer, 128)], dtype=np.int64)
+    decoders, prefills = {}, {}
+    for name, folder in graphs.items():
+        session = DecoderSession(create_session(folder / "model.onnx", intra_op_threads=threads))
+
+        def ours_loop(session=session):
+            start = time.perf_counter()
+            sequence = session.generate_greedy(ids, np.ones_like(ids), new_tokens)
+            return time.perf_counter() - start, sequence[0, ids.shape[1]:].tolist()
+
+        decoders[f"{name}, our loop"] = ours_loop
+        og = bench_fastpath._og_model(str(folder), threads)
+        decoders[f"{name}, genai"] = lambda og=og: bench_fastpath._og_decode(og, prompt_ids, new_tokens)[::2]
+        prefills[name] = graph_prefill(folder, suite.model, long_ids, threads)
+    if builder is not None:
+        og = bench_fastpath._og_model(str(builder), threads)
+        decoders["builder -p int4, genai"] = lambda: bench_fastpath._og_decode(og, prompt_ids, new_tokens)[::2]
+        prefills["builder -p int4"] = graph_prefill(builder, suite.model, long_ids, threads)
+    tokens, rates = {}, {}
+    for name, run in decoders.items():  # warm-up, and the tokens
+        seconds, tokens[name] = run()
+        rates[name] = [new_tokens / seconds]
+    slow = {name for name, rate in rates.items() if new_tokens / rate[0] > SLOW_RUN_S}
+    if slow:
+        suite.skip("shipped", f"repeats of {sorted(slow)} at {threads} thread(s)", f"one run took over {SLOW_RUN_S} s: "
+                   "its single (warm-up) run is reported")
+    for name in rates:
+        if name not in slow:
+            rates[name] = []
+    for run in prefills.values():
+        run()
+    latency: dict[str, list[float]] = {name: [] for name in prefills}
+    for _ in range(suite.repeats):
+        for name, run in decoders.items():
+            if name not in slow:
+                rates[name].append(new_tokens / run()[0])
+        for name, run in prefills.items():
+            start = time.perf_counter()
+            run()
+            latency[name].append((time.perf_counter() - start) * 1000)
+    return {"threads": threads, "new_tokens": new_tokens, "prompt_tokens": len(prompt_ids),
+            "decode": {name: stats(values) for name, values in rates.items()},
+            "prefill_ms": {name: stats(values) for name, values in latency.items()},
+            "genai_tokens_equal_our_loop": {name: tokens[f"{name}, genai"] == tokens[f"{name}, our loop"]
+                                            for name in graphs}}
+
+
+def run(suite: Suite) -> None:
+    if suite.model is None:
+        suite.skip("shipped", "everything", "real model missing")
+        return
+    why = builder_available()
+    if why:
+        suite.skip("shipped", "everything", why)
+        return
+    job = the_job(suite)
+    if job is None:
+        return
+    names = [name for name, _, _ in VARIANTS if not suite.quick or name in QUICK_VARIANTS]
+    variants = export_variants(suite, job, names)
+    if variants is None:
+        return
+    rows = graph_rows(job, variants, names)
+    names = [name for name in names if name in rows]
+    builder = builder_graph(suite)
+    builder_bytes = bench_fastpath.graph_size(builder)["bytes"] if builder else None
+    graphs = {name: Path(rows[name]["folder"]) for name in names}
+    timings = {threads: time_graphs(suite, graphs, builder, threads) for threads in suite.decode_threads}
+    suite.results.setdefault("shipped", {}).update({"job": str(job), "graphs": rows, "builder_bytes": builder_bytes,
+                                                    "timings": timings})
+    labels = {name: label for name, _, label in VARIANTS}
+    table = []
+    for name in names:
+        r = rows[name]
+        verdict = "PASS" if r["passed"] else "FAIL"
+        table.append([labels[name], f"{r['graph_bytes'] / 1e6:.1f}",
+                      show_ratio(r["graph_bytes"] / builder_bytes if builder_bytes else None), f"{r['export_s']:.0f}",
+                      f"{r['tier']} {verdict}", f"{r['top1']:.3f}" if r["top1"] is not None else "-",
+                      f"{r['mean_kl']:.1e}" if r["mean_kl"] is not None else "-", f"{r['accuracy']:.3f}"])
+    if builder_bytes:
+        table.append(["builder -p int4", f"{builder_bytes / 1e6:.1f}", "1.00x", "-", "(not checked: no adapter)", "-",
+                      "-", "-"])
+    suite.print_table(f"The CLI's graphs of the main job (trained {rows['_trained_accuracy']:.3f}, base "
+                      f"{rows['_base_accuracy']:.3f} held-out accuracy); shipped graph rebuilt with the same nodes and "
+                      f"weights by the rerun: {'yes' if rows['_shipped_graph_reproduced'] else 'NO'}",
+                      ["export", "MB", "vs builder", "export s", "check vs trained", "top-1", "mean KL", "accuracy"],
+                      table)
+    for threads, t in timings.items():
+        peer = t["decode"].get("builder -p int4, genai")
+        peer_prefill = t["prefill_ms"].get("builder -p int4")
+        table = []
+        for name in [*names, "builder -p int4"]:
+            loop, og = t["decode"].get(f"{name}, our loop"), t["decode"].get(f"{name}, genai")
+            prefill = t["prefill_ms"].get(name)
+            table.append([labels.get(name, name), show(loop), show_ratio(ratio(loop, peer)), show(og),
+                          show_ratio(ratio(og, peer)), show(prefill), show_ratio(ratio(prefill, peer_prefill))])
+        suite.print_table(f"{threads} intra-op thread(s): decode tokens/s ({t['new_tokens']} greedy tokens after a "
+                          f"{t['prompt_tokens']}-token prompt, batch 1) and prefill ms (128 tokens), median [min-max] "
+                          f"of {suite.repeats}, runners interleaved",
+                          ["graph", "our loop tok/s", "vs builder", "genai tok/s", "vs builder", "prefill ms",
+                           "vs builder"], table)
+    shipped, t_rows = rows.get(SHIPPED), []
+    if shipped and builder_bytes:
+        t_rows.append(["size <= 1.05x the builder's", f"{shipped['graph_bytes'] / builder_bytes:.2f}x",
+                       "yes" if shipped["graph_bytes"] <= 1.05 * builder_bytes else "no"])
+        for threads, t in timings.items():
+            peer = t["decode"].get("builder -p int4, genai")
+            for runner in ("our loop", "genai"):
+                value = ratio(t["decode"].get(f"{SHIPPED}, {runner}"), peer)
+                t_rows.append([f"decode >= 1.0x, {runner}, {threads} thread(s)", show_ratio(value),
+                               "yes" if value and value >= 1.0 else "no"])
+            value = ratio(t["prefill_ms"].get(SHIPPED), t["prefill_ms"].get("builder -p int4"))
+            t_rows.append([f"prefill <= 1.0x, {threads} thread(s)", show_ratio(value),
+                           "yes" if value and value <= 1.0 else "no"])
+        t_rows.append(["check PASS at the exact tier vs the trained model", f"{shipped['tier']}, top-1 {shipped['top1']}",
+                       "yes" if shipped["passed"] and shipped["tier"] == "exact" else "no"])
+        suite.print_table("Issue 17's targets for the shipped graph (this run)", ["target", "measured", "met?"], t_rows)
