@@ -118,7 +118,7 @@ def build_decoder(
     Args:
         model: a transformers ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` after
             ``export.build.convert.convert_for_export`` (linears are ``nn.Linear``, :class:`NBitsLinear`,
-            :class:`Bnb4Linear`, :class:`Int8EmulationLinear` or :class:`LowRankBranch` around one of them).
+            a base kind's twin with a ``lowering()`` (``export.build.kinds``) or :class:`LowRankBranch` around one of them).
             fp32 or fp16 (an fp16 model gives fp16 weights, activations and KV cache, fp32 logits).
         output_dir: folder to write ``filename`` and ``filename.data`` into (created if missing).
         opset: default-domain opset (``com.microsoft`` ops are version 1).
