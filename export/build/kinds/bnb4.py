@@ -129,6 +129,7 @@ class Bnb4Kind(ExportKind):
     backend_kinds = ("bnb-4bit",)
     quantizations = ("bnb-nf4", "bnb-fp4")
     label = "bnb-nf4 / bnb-fp4"
+    row = 10
     twins = ("adalora_deploy.export.build.kinds.bnb4.Bnb4Linear.from_bnb (exact) or "
              "adalora_deploy.export.build.modules.NBitsLinear.from_bnb_4bit (serving)")
 

@@ -164,6 +164,7 @@ class Bnb8Kind(ExportKind):
     backend_kinds = ("bnb-int8",)
     quantizations = ("bnb-int8",)
     label = "bnb-int8"
+    row = 20
     twins = ("adalora_deploy.export.build.kinds.bnb8.Int8EmulationLinear.from_bnb (exact) or "
              "adalora_deploy.export.build.modules.NBitsLinear.from_bnb_int8 (serving)")
 
