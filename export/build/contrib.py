@@ -58,6 +58,7 @@ __all__ = [
     "PatternOp",
     "contrib_schema",
     "dequantize_nbits",
+    "quantized_op_names",
     "register_contrib_schemas",
     "register_op",
     "register_schema",
@@ -184,6 +185,8 @@ class ContribOp:
     inputs: tuple[str, ...]
     attributes: tuple[str, ...]
     """Integer attributes; ``N`` (output features) is summed when the fast path fuses siblings along N."""
+    quantized: bool = True
+    """The node computes with quantized weights: the manifest counts it (:func:`quantized_op_names`)."""
 
 
 def _no_defaults() -> frozenset[str]:
@@ -305,6 +308,9 @@ class PatternOp:
     pattern: Callable[..., object]
     n_axes: tuple[int, ...]
     """Per input, the axis along which the fast path concatenates siblings fused along N."""
+    quantized_op: str | None = None
+    """The pattern's node that computes with the quantized weights (e.g. ``MatMulInteger``), which the manifest
+    counts (:func:`quantized_op_names`); None: the manifest counts none of its nodes."""
 
 
 @dataclass(frozen=True)
@@ -388,6 +394,18 @@ def register_op(op: ContribOp | PatternOp) -> ContribOp | PatternOp:
     CUSTOM_TRANSLATION_TABLE[key] = _translation(op) if isinstance(op, ContribOp) else _pattern_translation(op)
     CONTRIB_OPS.append(op)
     return op
+
+
+def quantized_op_names() -> frozenset[str]:
+    """``[domain::]op_type`` of every registered node that computes with quantized weights (the manifest's
+    ``quantized_ops``); a kind's op counts once its kind file is imported."""
+    names = set()
+    for op in CONTRIB_OPS:
+        if isinstance(op, ContribOp) and op.quantized:
+            names.add(f"{MSFT_DOMAIN}::{op.op_type}")
+        elif isinstance(op, PatternOp) and op.quantized_op:
+            names.add(op.quantized_op)
+    return frozenset(names)
 
 
 MATMUL_NBITS = register_op(ContribOp("MatMulNBits", "matmul_nbits", ("qweight", "scales", "zero_points"),

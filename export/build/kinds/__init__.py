@@ -12,7 +12,8 @@ module of this package whose name does not start with ``_`` is imported and regi
   once against ``contrib.PatternBuilder``); the forward calls the op's custom op through it;
 - its op, when it brings one: the schema (``contrib.register_schema``), the custom op (the eager arithmetic,
   ``torch.library.custom_op("adalora_export::...")``) and the ``contrib.ContribOp`` / ``contrib.PatternOp``
-  registered with ``contrib.register_op``, which generates the dynamo path's translation;
+  registered with ``contrib.register_op``, which generates the dynamo path's translation and adds the op to
+  the ones the manifest counts as quantized (:func:`quantized_ops`);
 - the twin's ``can_fuse_with(others)``: whether siblings reading the same input (q/k/v, gate/up) concatenate
   along N into one node in the fast path (without it they stay separate nodes).
 
@@ -45,6 +46,8 @@ from torch import nn
 from adalora_deploy.backends import backend_for, is_supported
 from adalora_deploy.errors import ExportError
 
+from .. import contrib
+
 __all__ = [
     "BRANCH",
     "Arithmetic",
@@ -57,6 +60,7 @@ __all__ = [
     "kind_for_quantization",
     "keeping_exports",
     "kinds",
+    "quantized_ops",
     "register_kind",
     "twin_of",
     "untwinned",
@@ -156,6 +160,14 @@ def _ensure_loaded() -> None:
         for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
             if not info.name.startswith("_"):
                 importlib.import_module(f"{__name__}.{info.name}")
+
+
+def quantized_ops() -> frozenset[str]:
+    """The ops that compute with quantized weights, as the manifest counts them: every kind's registered op
+    (``contrib.quantized_op_names``) and the fast path's quantized table (GatherBlockQuantized; the lm_head's
+    MatMulNBits is the shared op)."""
+    _ensure_loaded()
+    return contrib.quantized_op_names() | {f"{contrib.MSFT_DOMAIN}::GatherBlockQuantized"}
 
 
 def kind_for_quantization(quantization: str) -> ExportKind:

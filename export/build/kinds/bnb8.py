@@ -99,7 +99,7 @@ def int8_lt_pattern(b: contrib.PatternBuilder, x, threshold: float):
 
 INT8_LT = contrib.register_op(contrib.PatternOp(
     "the LLM.int8 emulation", "int8_lt_matmul", ("cb_t", "scb", "weight_t", "bias"), (("threshold", float),),
-    int8_lt_pattern, n_axes=(1, 0, 1, 0)))
+    int8_lt_pattern, n_axes=(1, 0, 1, 0), quantized_op="MatMulInteger"))
 """The LLM.int8 lowering: :func:`int8_lt_matmul` as :func:`int8_lt_pattern`; siblings fuse along N (``cb_t`` and
 ``weight_t`` are ``[K, N]``)."""
 
