@@ -34,7 +34,7 @@ from .build.adapter_file import add_default_adapter_inputs, write_onnx_adapter
 from .build.convert import Mode, Requantize, Weights, convert_for_export, validate_options
 from .build.fastpath import FastPathUnsupported, build_decoder
 from .build.graph import DEFAULT_OPSET, export_decoder
-from .build.kinds import keeping_exports
+from .build.kinds import keeping_exports, quantized_ops
 from .build.manifest import ExportManifest, package_versions, sha256_file
 from .build.source import load_source_model
 from .contract import ADAPTER_FILE, MANIFEST_FILE
@@ -52,9 +52,6 @@ model), external data about 1.3x (+325 MB), which keeps the export within twice 
 
 _ADAPTER_OPS = ("MatMul",)
 BUILDERS = ("auto", "fast", "dynamo")
-QUANTIZED_OPS = ("com.microsoft::MatMulNBits", "com.microsoft::MatMulBnb4", "com.microsoft::GatherBlockQuantized",
-                 "MatMulInteger")
-"""Ops that compute with quantized weights (the manifest counts them; fused float ops are not among them)."""
 CALIBRATION_SAMPLES = 32
 """GPTQ re-quantization: calibration sequences (at most; fewer when the text is short)."""
 CALIBRATION_SEQ_LEN = 128
@@ -187,13 +184,14 @@ def export_model(
             agreement = measure_source_agreement(temp, base, adapter, quantization, double_quant, conversion,
                                            agreement_text, adapter_inputs)
         files = sorted(p.name for p in temp.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
+        counted = quantized_ops()  # ops that compute with quantized weights (every kind's, not fused float ops)
         manifest = ExportManifest(
             mode=mode, weights=weights, serving=serving, adapter_inputs=adapter_inputs, quantization=quantization,
             double_quant=double_quant, base_kind=conversion.base_kind, base_path=str(base.resolve()),
             adapter_path=str(adapter.resolve()), arithmetic=conversion.arithmetic.text, tier=conversion.tier,
             source_tier=conversion.source_tier, ranks=dict(conversion.ranks),
             adapter_matmuls=_adapter_matmuls(result.model_path, branches),
-            quantized_ops={op: n for op, n in result.op_counts.items() if op in QUANTIZED_OPS},
+            quantized_ops={op: n for op, n in result.op_counts.items() if op in counted},
             op_counts=dict(result.op_counts), adapter_input_names=result.adapter_input_names,
             input_names=result.input_names, output_names=result.output_names, opset=result.opset,
             files={name: sha256_file(temp / name) for name in files},

@@ -1,8 +1,9 @@
-"""onnxruntime contrib-op schemas (domain ``com.microsoft``) and the custom torch ops that map onto them.
+"""The lowering machinery both builders share: contrib-op schemas, custom ops and their translations.
 
 onnx ships no schemas for ``com.microsoft`` operators, and onnxscript looks an operator's schema up before
-it emits a node, so each contrib op this package emits is registered once here as an ``onnx.defs.OpSchema``
-(only the inputs and attributes this package uses; onnxruntime validates against its own full schema).
+it emits a node, so each contrib op this package emits is registered once as an ``onnx.defs.OpSchema``
+(:func:`contrib_schema`, :func:`register_schema`: only the inputs and attributes this package uses;
+onnxruntime validates against its own full schema).
 
 Each quantized matmul is a ``torch.library.custom_op`` in the ``adalora_export`` namespace: its eager
 implementation reproduces the onnxruntime kernel's arithmetic at ``accuracy_level`` 0, its fake
@@ -14,51 +15,64 @@ the module sits, with no name matching afterwards.
 One lowering for both builders: a single-node op is a :class:`ContribOp` (node type, the twin's tensors
 and the attributes, in the custom op's argument order) and a twin module's ``lowering()`` returns it with
 the module's values as a :class:`ContribNode`. The twin's forward calls the custom op through it (so the
-dynamo path's translation, generated from the same :class:`ContribOp`, emits it), and the fast path emits
-it through its node list (``fastpath.linear.LinearEmitter``)::
+dynamo path's translation, generated from the same :class:`ContribOp` by :func:`register_op`, emits it),
+and the fast path emits it through its node list (``fastpath.linear.LinearEmitter``)::
 
     twin.lowering() ─> ContribNode ─┬─> forward: torch.ops.adalora_export.<op> ─> translation ─> node (dynamo)
                                     └─> LinearEmitter: initializers + node                         (fast path)
 
-The LLM.int8 emulation is a pattern of standard nodes, not one node: :func:`int8_lt_pattern` writes it
-once against a :class:`PatternBuilder`, which the dynamo path's translation and the fast path's
-``LinearEmitter._int8`` each implement (constants, the layer's tensors, and K/N: static in the fast path).
+A lowering that is a pattern of standard nodes (the LLM.int8 emulation, ``kinds/bnb8.py``) is a
+:class:`PatternOp`: its pattern is written once against a :class:`PatternBuilder`, which the dynamo path's
+translation (onnxscript) and the fast path's emitter each implement (constants, the layer's tensors, and
+K/N: static in the fast path); ``lowering()`` returns it as a :class:`PatternNode`.
+
+Each op is registered where it is defined (:func:`register_op`): MatMulNBits here, the op every
+NBits twin and the fast path's quantized lm_head share; a base kind's own op in its file under
+:mod:`adalora_deploy.export.build.kinds`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Callable, Protocol, Sequence
 
 import onnx
 import torch
 from onnxscript import opset18 as _op
 from onnxscript import values as _values
 
-from adalora_deploy.backends.bnb import dequantize_bnb4
 from adalora_deploy.gptq.int8_compute import fake_quantize_activations
 
 __all__ = [
     "CONTRIB_OPS",
     "CUSTOM_TRANSLATION_TABLE",
-    "MATMUL_BNB4",
+    "FLOAT_TYPES",
     "MATMUL_NBITS",
     "MSFT_DOMAIN",
     "ContribNode",
     "ContribOp",
     "PatternBuilder",
+    "PatternNode",
+    "PatternOp",
+    "contrib_schema",
     "dequantize_nbits",
-    "int8_lt_pattern",
+    "quantized_op_names",
     "register_contrib_schemas",
+    "register_op",
+    "register_schema",
 ]
 
 MSFT_DOMAIN = "com.microsoft"
 
-_FLOAT = ["tensor(float)", "tensor(float16)"]
+FLOAT_TYPES = ["tensor(float)", "tensor(float16)"]
+"""The float types a schema's T1 takes."""
 
 
-def _schema(name: str, inputs, outputs, attributes, type_constraints) -> onnx.defs.OpSchema:
+def contrib_schema(name: str, inputs, outputs, attributes, type_constraints) -> onnx.defs.OpSchema:
+    """A ``com.microsoft`` schema with only what this package emits: ``inputs`` ``(name, type, optional)``,
+    ``outputs`` ``(name, type)``, integer ``attributes`` ``(name, required, default)``."""
     F = onnx.defs.OpSchema.FormalParameter
     O = onnx.defs.OpSchema.FormalParameterOption
     A = onnx.defs.OpSchema.Attribute
@@ -74,31 +88,25 @@ def _schema(name: str, inputs, outputs, attributes, type_constraints) -> onnx.de
     )
 
 
+def register_schema(schema: onnx.defs.OpSchema) -> None:
+    """Register a ``com.microsoft`` schema onnxscript needs before it emits the node (idempotent)."""
+    if not onnx.defs.has(schema.name, MSFT_DOMAIN):
+        onnx.defs.register_schema(schema)
+
+
 def register_contrib_schemas() -> None:
-    """Register the ``com.microsoft`` schemas this package emits (idempotent)."""
-    schemas = [
-        _schema(
-            "MatMulNBits",
-            [("A", "T1", False), ("B", "T2", False), ("scales", "T1", False), ("zero_points", "T3", True),
-             ("g_idx", "T4", True), ("bias", "T1", True)],
-            [("Y", "T1")],
-            [("K", True, 0), ("N", True, 0), ("bits", False, 4), ("block_size", True, 0), ("accuracy_level", False, 0)],
-            [("T1", _FLOAT, ""), ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
-             ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float16)", "tensor(float)"], ""),
-             ("T4", ["tensor(int32)"], "")],
-        ),
-        _schema(
-            "MatMulBnb4",
-            [("A", "T1", False), ("B", "T2", False), ("absmax", "T1", False)],
-            [("Y", "T1")],
-            [("K", True, 0), ("N", True, 0), ("block_size", True, 0), ("quant_type", True, 0),
-             ("training_mode", False, 0), ("transB", False, 1)],
-            [("T1", _FLOAT, ""), ("T2", ["tensor(uint8)"], "")],
-        ),
-    ]
-    for schema in schemas:
-        if not onnx.defs.has(schema.name, MSFT_DOMAIN):
-            onnx.defs.register_schema(schema)
+    """Register the schema of the shared ops defined here (MatMulNBits; idempotent). A kind's own op
+    registers its schema in its kind file with :func:`register_schema`."""
+    register_schema(contrib_schema(
+        "MatMulNBits",
+        [("A", "T1", False), ("B", "T2", False), ("scales", "T1", False), ("zero_points", "T3", True),
+         ("g_idx", "T4", True), ("bias", "T1", True)],
+        [("Y", "T1")],
+        [("K", True, 0), ("N", True, 0), ("bits", False, 4), ("block_size", True, 0), ("accuracy_level", False, 0)],
+        [("T1", FLOAT_TYPES, ""), ("T2", ["tensor(uint8)", "tensor(int32)"], ""),
+         ("T3", ["tensor(uint8)", "tensor(int32)", "tensor(float16)", "tensor(float)"], ""),
+         ("T4", ["tensor(int32)"], "")],
+    ))
 
 
 register_contrib_schemas()
@@ -162,20 +170,6 @@ def _(x, qweight, scales, zero_points, K, N, bits, block_size, accuracy_level):
     return x.new_empty((*x.shape[:-1], N))
 
 
-@torch.library.custom_op("adalora_export::matmul_bnb4", mutates_args=())
-def matmul_bnb4(
-    x: torch.Tensor, packed: torch.Tensor, absmax: torch.Tensor, K: int, N: int, block_size: int, quant_type: int
-) -> torch.Tensor:
-    """``x @ W.T`` with W from :func:`dequantize_bnb4` (what MatMulBnb4 and bnb's CPU forward compute)."""
-    weight = dequantize_bnb4(packed, absmax, K, N, block_size, quant_type).to(x.dtype)
-    return torch.matmul(x, weight.T)
-
-
-@matmul_bnb4.register_fake
-def _(x, packed, absmax, K, N, block_size, quant_type):
-    return x.new_empty((*x.shape[:-1], N))
-
-
 @dataclass(frozen=True)
 class ContribOp:
     """A ``com.microsoft`` node that one custom op lowers to: the single description both builders read.
@@ -191,13 +185,8 @@ class ContribOp:
     inputs: tuple[str, ...]
     attributes: tuple[str, ...]
     """Integer attributes; ``N`` (output features) is summed when the fast path fuses siblings along N."""
-
-
-MATMUL_NBITS = ContribOp("MatMulNBits", "matmul_nbits", ("qweight", "scales", "zero_points"),
-                         ("K", "N", "bits", "block_size", "accuracy_level"))
-MATMUL_BNB4 = ContribOp("MatMulBnb4", "matmul_bnb4", ("packed", "absmax"), ("K", "N", "block_size", "quant_type"))
-CONTRIB_OPS = (MATMUL_NBITS, MATMUL_BNB4)
-"""Every single-node op: the dynamo path's translations are generated from these."""
+    quantized: bool = True
+    """The node computes with quantized weights: the manifest counts it (:func:`quantized_op_names`)."""
 
 
 def _no_defaults() -> frozenset[str]:
@@ -238,6 +227,20 @@ class ContribNode:
     def attribute_dict(self) -> dict[str, int]:
         return {name: int(value) for name, value in zip(self.op.attributes, self.attributes)}
 
+    @staticmethod
+    def along_n(nodes: Sequence[ContribNode]) -> ContribNode:
+        """Sibling nodes as one along N (their twins' ``can_fuse_with`` said they can be): every input
+        concatenated along its first axis, ``N`` summed, an input left out only where every member leaves it out."""
+        first = nodes[0]
+        if len(nodes) == 1:
+            return first
+        n_index = first.op.attributes.index("N")
+        attributes = list(first.attributes)
+        attributes[n_index] = sum(int(node.attributes[n_index]) for node in nodes)
+        inputs = tuple(torch.cat(parts, 0) for parts in zip(*(node.inputs for node in nodes)))
+        left_out = lambda: frozenset.intersection(*(node.default_inputs() for node in nodes))  # noqa: E731
+        return dataclasses.replace(first, inputs=inputs, attributes=tuple(attributes), default_inputs=left_out)
+
 
 def _translation(op: ContribOp):
     """The onnxscript translation of ``op``'s custom op: one node with the same inputs and attributes.
@@ -255,53 +258,14 @@ def _translation(op: ContribOp):
         return getattr(_MSFT, op.op_type)(*(bound[name] for name in tensors),
                                           **{name: bound[name] for name in op.attributes})
 
+    return _named(translate, signature, op.torch_op, {name: int for name in op.attributes})
+
+
+def _named(translate, signature: inspect.Signature, torch_op: str, annotations: dict):
     translate.__signature__ = signature
-    translate.__annotations__ = {name: int for name in op.attributes}
-    translate.__name__ = translate.__qualname__ = f"_{op.torch_op}_onnx"
+    translate.__annotations__ = annotations
+    translate.__name__ = translate.__qualname__ = f"_{torch_op}_onnx"
     return translate
-
-
-BNB_INV_127_SQUARED = 6.200124e-05
-"""bitsandbytes' int8_mm_dequant constant for 1 / 127**2."""
-
-
-@torch.library.custom_op("adalora_export::int8_lt_matmul", mutates_args=())
-def int8_lt_matmul(
-    x: torch.Tensor, cb_t: torch.Tensor, scb: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor, threshold: float
-) -> torch.Tensor:
-    """bitsandbytes LLM.int8 eval forward (0.50 default kernels), written out so ONNX can reproduce it.
-
-    Args:
-        x: [..., K] activations.
-        cb_t: int8 [K, N] weight codes (``CB.T``).
-        scb: fp32 [N] per-output absmax (``SCB``).
-        weight_t: fp32 [K, N] dequantized weight ``(CB * SCB * (1/127)).T`` for the outlier columns.
-        bias: fp32 [N] (zeros when the layer has none).
-        threshold: outlier threshold (<= 0: no outlier decomposition).
-    """
-    k, n = cb_t.shape
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, k)
-    a = x2.to(torch.float16).float()
-    outlier_cols = None
-    if threshold > 0:
-        big = a.abs() >= threshold
-        outlier_cols = big.any(dim=0)
-        a = a.masked_fill(big, 0.0)
-    row_stats = a.abs().amax(dim=1, keepdim=True)
-    q = torch.round(a * (row_stats.reciprocal() * 127.0))  # torch evaluates 127.0 / t as t.reciprocal() * 127
-    if outlier_cols is not None:
-        q = q.masked_fill(outlier_cols, 0.0)
-    acc = torch.matmul(q.to(torch.int64), cb_t.to(torch.int64)).to(torch.int32)  # exact integer products
-    out = acc.float() * (row_stats * scb.unsqueeze(0)) * BNB_INV_127_SQUARED + bias
-    if outlier_cols is not None:
-        out = out + torch.matmul(x2.float().masked_fill(~outlier_cols, 0.0), weight_t)
-    return out.reshape(*lead, n).to(x.dtype)
-
-
-@int8_lt_matmul.register_fake
-def _(x, cb_t, scb, weight_t, bias, threshold):
-    return x.new_empty((*x.shape[:-1], cb_t.shape[1]))
 
 
 class PatternBuilder(Protocol):
@@ -319,46 +283,65 @@ class PatternBuilder(Protocol):
     def tensor(self, name: str):
         """The layer's tensor ``name`` (the fast path writes its initializer on first use)."""
 
-    def rows(self, x):
-        """``(lead, x2, n)``: x's leading shape, x as ``[-1, K]`` rows, and ``[N]`` (the fast path's K and N are
-        static; onnxscript reads them from ``cb_t``)."""
+    def rows(self, x, weight: str):
+        """``(lead, x2, n)``: x's leading shape, x as ``[-1, K]`` rows, and ``[N]``, where the layer's tensor
+        ``weight`` is ``[K, N]`` (the fast path's K and N are static; onnxscript reads them from ``weight``)."""
 
 
-def int8_lt_pattern(b: PatternBuilder, x, threshold: float):
-    """The nodes of :func:`int8_lt_matmul`, written once for both builders (the LLM.int8 lowering)::
+@dataclass(frozen=True)
+class PatternOp:
+    """A twin's lowering that is a pattern of standard nodes, not one contrib node (the LLM.int8 emulation).
 
-        x ─> Reshape[-1,K] ─> Cast(fp16) ─> Cast(fp32) = a
-         a ─> Abs ─> GreaterOrEqual(threshold) = big ─> Cast ─> ReduceMax(rows) ─> Cast(bool) = outlier_cols
-         a ─> Where(big, 0) ─> Abs ─> ReduceMax(cols) = row_stats ─> Reciprocal ─> Mul(127) = s
-         Mul(a, s) ─> Round ─> Where(outlier_cols, 0) ─> Cast(int8) ─> MatMulInteger(cb_t) ─> Cast(fp32)
-           ─> Mul(row_stats * scb) ─> Mul(1/127^2) ─> Add(bias) ─> Add(MatMul(Where(outlier_cols, x, 0), weight_t))
-           ─> Reshape[..., N]
+    The custom op's arguments are ``x``, then :attr:`inputs` (tensors), then :attr:`attributes` (Python
+    scalars), in this order; :attr:`pattern` ``(builder, x, *attributes)`` writes its nodes once against a
+    :class:`PatternBuilder`, and both builders hand it theirs. The pattern computes everything the twin
+    does, bias included (the fast path adds nothing around it).
+    """
 
-    The outlier nodes exist only with ``threshold > 0``. ``127 / row_stats`` is Reciprocal then Mul, as torch
-    evaluates it (a Div flips .5 rounding ties)."""
-    F, B, I8 = onnx.TensorProto.FLOAT, onnx.TensorProto.BOOL, onnx.TensorProto.INT8
-    lead, x2, n = b.rows(x)
-    a = b.op("Cast", b.op("Cast", x2, to=onnx.TensorProto.FLOAT16), to=F)
-    zero = b.float(0.0)
-    if threshold > 0:
-        big = b.op("GreaterOrEqual", b.op("Abs", a), b.float(threshold))
-        outlier_cols = b.op("Cast", b.op("ReduceMax", b.op("Cast", big, to=F), b.ints(0), keepdims=1), to=B)
-        a = b.op("Where", big, zero, a)
-    row_stats = b.op("ReduceMax", b.op("Abs", a), b.ints(1), keepdims=1)
-    scale = b.op("Mul", b.op("Reciprocal", row_stats), b.float(127.0))
-    q = b.op("Round", b.op("Mul", a, scale))
-    if threshold > 0:
-        q = b.op("Where", outlier_cols, zero, q)
-    acc = b.op("MatMulInteger", b.op("Cast", q, to=I8), b.tensor("cb_t"))
-    out = b.op("Mul", b.op("Cast", acc, to=F), b.op("Mul", row_stats, b.op("Unsqueeze", b.tensor("scb"), b.ints(0))))
-    out = b.op("Add", b.op("Mul", out, b.float(BNB_INV_127_SQUARED)), b.tensor("bias"))
-    if threshold > 0:
-        out = b.op("Add", out, b.op("MatMul", b.op("Where", outlier_cols, x2, zero), b.tensor("weight_t")))
-    return b.op("Reshape", out, b.op("Concat", lead, n, axis=0))
+    name: str
+    """What the pattern emulates, for messages."""
+    torch_op: str
+    """The custom op's name in the ``adalora_export`` namespace."""
+    inputs: tuple[str, ...]
+    attributes: tuple[tuple[str, type], ...]
+    """``(name, type)`` of each scalar argument (``int`` or ``float``), equal across fused siblings."""
+    pattern: Callable[..., object]
+    n_axes: tuple[int, ...]
+    """Per input, the axis along which the fast path concatenates siblings fused along N."""
+    quantized_op: str | None = None
+    """The pattern's node that computes with the quantized weights (e.g. ``MatMulInteger``), which the manifest
+    counts (:func:`quantized_op_names`); None: the manifest counts none of its nodes."""
+
+
+@dataclass(frozen=True)
+class PatternNode:
+    """One twin module's :class:`PatternOp` with its values (what ``lowering()`` returns)."""
+
+    op: PatternOp
+    inputs: tuple[torch.Tensor, ...]
+    attributes: tuple
+    float32_only: bool = False
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The pattern in torch: the custom op (eager arithmetic; ``torch.export`` records the op itself)."""
+        return getattr(torch.ops.adalora_export, self.op.torch_op)(x, *self.inputs, *self.attributes)
+
+    def named_inputs(self) -> list[tuple[str, torch.Tensor]]:
+        return list(zip(self.op.inputs, self.inputs))
+
+    @staticmethod
+    def along_n(nodes: Sequence[PatternNode]) -> PatternNode:
+        """Sibling patterns as one along N: each input concatenated along its ``n_axes`` entry (the
+        attributes are the first member's; the twins' ``can_fuse_with`` requires them equal)."""
+        first = nodes[0]
+        if len(nodes) == 1:
+            return first
+        inputs = tuple(torch.cat(parts, axis) for parts, axis in zip(zip(*(n.inputs for n in nodes)), first.op.n_axes))
+        return dataclasses.replace(first, inputs=inputs)
 
 
 class _OnnxScriptBuilder:
-    """:class:`PatternBuilder` on onnxscript: constants are Constant nodes, K and N read from ``cb_t``."""
+    """:class:`PatternBuilder` on onnxscript: constants are Constant nodes, K and N read from the weight."""
 
     def __init__(self, tensors: dict) -> None:
         self.tensors = tensors
@@ -375,21 +358,56 @@ class _OnnxScriptBuilder:
     def tensor(self, name: str):
         return self.tensors[name]
 
-    def rows(self, x):
-        k_and_n = _op.Shape(self.tensors["cb_t"])
+    def rows(self, x, weight: str):
+        k_and_n = _op.Shape(self.tensors[weight])
         k = _op.Slice(k_and_n, self.ints(0), self.ints(1))
         n = _op.Slice(k_and_n, self.ints(1), self.ints(2))
         lead = _op.Slice(_op.Shape(x), self.ints(0), self.ints(-1))
         return lead, _op.Reshape(x, _op.Concat(self.ints(-1), k, axis=0)), n
 
 
-def _int8_lt_matmul_onnx(x, cb_t, scb, weight_t, bias, threshold: float):
-    tensors = {"cb_t": cb_t, "scb": scb, "weight_t": weight_t, "bias": bias}
-    return int8_lt_pattern(_OnnxScriptBuilder(tensors), x, threshold)
+def _pattern_translation(op: PatternOp):
+    """The onnxscript translation of ``op``'s custom op: its pattern on an onnxscript builder."""
+    parameters = [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD) for name in ("x", *op.inputs)]
+    parameters += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=kind)
+                   for name, kind in op.attributes]
+    signature = inspect.Signature(parameters)
+
+    def translate(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        builder = _OnnxScriptBuilder({name: bound[name] for name in op.inputs})
+        return op.pattern(builder, bound["x"], *(bound[name] for name, _ in op.attributes))
+
+    return _named(translate, signature, op.torch_op, dict(op.attributes))
 
 
-CUSTOM_TRANSLATION_TABLE = {
-    **{getattr(torch.ops.adalora_export, op.torch_op).default: _translation(op) for op in CONTRIB_OPS},
-    torch.ops.adalora_export.int8_lt_matmul.default: _int8_lt_matmul_onnx,
-}
-"""Pass as ``torch.onnx.export(..., custom_translation_table=CUSTOM_TRANSLATION_TABLE)``."""
+CONTRIB_OPS: list[ContribOp | PatternOp] = []
+"""Every registered lowering (:func:`register_op`): the dynamo path's translations are generated from these."""
+CUSTOM_TRANSLATION_TABLE: dict = {}
+"""Pass as ``torch.onnx.export(..., custom_translation_table=CUSTOM_TRANSLATION_TABLE)``; filled by
+:func:`register_op` as each op's module is imported (a twin cannot exist before its op is registered)."""
+
+
+def register_op(op: ContribOp | PatternOp) -> ContribOp | PatternOp:
+    """Add a lowering: its custom op ``adalora_export::<op.torch_op>`` (defined before) gets its translation."""
+    key = getattr(torch.ops.adalora_export, op.torch_op).default
+    CUSTOM_TRANSLATION_TABLE[key] = _translation(op) if isinstance(op, ContribOp) else _pattern_translation(op)
+    CONTRIB_OPS.append(op)
+    return op
+
+
+def quantized_op_names() -> frozenset[str]:
+    """``[domain::]op_type`` of every registered node that computes with quantized weights (the manifest's
+    ``quantized_ops``); a kind's op counts once its kind file is imported."""
+    names = set()
+    for op in CONTRIB_OPS:
+        if isinstance(op, ContribOp) and op.quantized:
+            names.add(f"{MSFT_DOMAIN}::{op.op_type}")
+        elif isinstance(op, PatternOp) and op.quantized_op:
+            names.add(op.quantized_op)
+    return frozenset(names)
+
+
+MATMUL_NBITS = register_op(ContribOp("MatMulNBits", "matmul_nbits", ("qweight", "scales", "zero_points"),
+                                     ("K", "N", "bits", "block_size", "accuracy_level")))
+"""The shared op: GPTQ's twin, the bnb serving twins and the fast path's quantized lm_head all lower to it."""

@@ -1,22 +1,22 @@
-"""Export-friendly replacements for adapted and quantized linears.
+"""Export-friendly modules every base kind shares: the LoRA branch and the MatMulNBits twin.
 
 Each module is a few buffers plus one line of math whose torch forward reproduces the arithmetic of the
 ONNX node(s) it exports to, so a torch model built from them is the reference for the exported graph:
 
 - :class:`LowRankBranch`: ``base(x) + (x @ A.T) @ B.T``, two MatMuls beside the base; factors are
   initializers, or graph inputs with a symbolic rank axis (switchable adapters).
-- :class:`NBitsLinear`: onnxruntime ``com.microsoft.MatMulNBits`` (2/4/8-bit blockwise weights), built
-  from GPTQ tensors, a float weight (round-to-nearest), or a bitsandbytes Linear8bitLt / Linear4bit.
-- :class:`Bnb4Linear`: onnxruntime ``com.microsoft.MatMulBnb4``, bitsandbytes' NF4/FP4 layout byte for byte.
-- :class:`Int8EmulationLinear`: bitsandbytes LLM.int8 eval forward, exactly, in standard ops + MatMulInteger.
+- :class:`NBitsLinear`: onnxruntime ``com.microsoft.MatMulNBits`` (2/4/8-bit blockwise weights), the op
+  several kinds share: built from GPTQ tensors, a float weight (round-to-nearest: merged int4/int8 and the
+  fast path's quantized tables), or a bitsandbytes Linear8bitLt / Linear4bit (the bnb serving twins).
 
-Swap them in with :func:`swap_module`; :func:`runtime_factors` feeds adapter-inputs branches in torch.
+A base kind's own twin (``Bnb4Linear``, ``Int8EmulationLinear``) lives in its file under
+:mod:`adalora_deploy.export.build.kinds`, with its op. Swap modules in with :func:`swap_module`;
+:func:`runtime_factors` feeds adapter-inputs branches in torch.
 
-Quantized matmuls go through the custom ops in :mod:`adalora_deploy.export.build.contrib`; export with
-``custom_translation_table=export.build.contrib.CUSTOM_TRANSLATION_TABLE`` (``export.build.graph`` does).
-:class:`NBitsLinear` and :class:`Bnb4Linear` describe their node once, in ``lowering()``
-(:class:`~adalora_deploy.export.build.contrib.ContribNode`): their forward calls the custom op through it
-and the fast path emits it, so both builders write the same node.
+A twin describes its node once, in ``lowering()`` (a ``contrib.ContribNode`` or ``contrib.PatternNode``): its
+forward calls the custom op through it and the fast path emits it, so both builders write the same node;
+``can_fuse_with(others)`` says whether siblings reading the same input concatenate along N into one node.
+Export with ``custom_translation_table=export.build.contrib.CUSTOM_TRANSLATION_TABLE`` (``export.build.graph`` does).
 """
 
 from __future__ import annotations
@@ -24,13 +24,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from adalora_deploy.adapters import replace_module as swap_module
-from adalora_deploy.backends.bnb import dequantize_bnb4, dequantize_int8, linear4bit_state, linear8bit_state
+from adalora_deploy.backends.bnb import linear4bit_state, linear8bit_state
 from adalora_deploy.errors import ConfigError
 from adalora_deploy.gptq.int8_compute import nbits_block_size
 from adalora_deploy.gptq.packing import unpack_rows, unpack_zeros
@@ -38,7 +38,7 @@ from adalora_deploy.gptq.solver import rtn_blocks
 
 from . import contrib  # the custom ops, their schemas and the lowering descriptions
 
-__all__ = ["Bnb4Linear", "Int8EmulationLinear", "LowRankBranch", "NBitsLinear", "runtime_factors", "swap_module"]
+__all__ = ["LowRankBranch", "NBitsLinear", "default_zero_points", "runtime_factors", "swap_module"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +73,7 @@ class LowRankBranch(nn.Module):
         out_features: int | None = None,
     ) -> None:
         """Args:
-        base: the frozen base layer (``nn.Linear``, :class:`NBitsLinear`, :class:`Bnb4Linear`, ...).
+        base: the frozen base layer (``nn.Linear``, :class:`NBitsLinear`, a kind's twin, ...).
         A: ``[r, in]`` down factor (required unless ``factors_as_inputs``).
         B: ``[out, r]`` up factor (required unless ``factors_as_inputs``).
         factors_as_inputs: take the factors from :meth:`set_factors` at call time instead.
@@ -454,6 +454,16 @@ class NBitsLinear(nn.Module):
             (self.in_features, self.out_features, self.bits, self.block_size, self.accuracy_level),
             permutation=self.perm, default_inputs=self._default_inputs)
 
+    def can_fuse_with(self, others: Sequence[nn.Module]) -> bool:
+        """Siblings (same type and K) concatenate along N into one node: same bits, blocks, accuracy level and
+        input permutation."""
+        same = all((b.bits, b.block_size, b.accuracy_level) == (self.bits, self.block_size, self.accuracy_level)
+                   for b in others)
+        perms = [self.perm, *(b.perm for b in others)]
+        same_perm = all(p is None for p in perms) or (
+            all(p is not None for p in perms) and all(torch.equal(p, perms[0]) for p in perms))
+        return same and same_perm
+
     def has_default_zero_points(self) -> bool:
         """Every zero point equals MatMulNBits' default ``2**(bits-1)``: the input can be left out (same result)."""
         zp = self.zero_points
@@ -470,120 +480,3 @@ class NBitsLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"block_size={self.block_size}, act_order={self.perm is not None}, accuracy_level={self.accuracy_level}")
-
-
-class Bnb4Linear(nn.Module):
-    """bitsandbytes 4-bit weights (NF4/FP4) served by onnxruntime ``com.microsoft.MatMulBnb4``.
-
-    The packed bytes are bnb's own (first element in the high nibble); double-quant statistics are
-    dequantized to fp32 absmax at construction. Exact vs bnb's forward (fp32 compute).
-
-    ::
-
-        x ──> MatMulBnb4(packed, absmax) ──> Add(bias) ──> y
-    """
-
-    def __init__(
-        self,
-        packed: torch.Tensor,
-        absmax: torch.Tensor,
-        *,
-        in_features: int,
-        out_features: int,
-        block_size: int,
-        quant_type: str,
-        bias: torch.Tensor | None = None,
-    ) -> None:
-        """Args:
-        packed: uint8 ``[(N * K + 1) // 2]`` bnb-packed codes of the row-major ``[N, K]`` weight.
-        absmax: fp32 ``[ceil(N * K / block_size)]``.
-        in_features, out_features: K and N.
-        block_size: bnb blocksize.
-        quant_type: ``"nf4"`` or ``"fp4"``.
-        bias: optional ``[N]``.
-        """
-        super().__init__()
-        if quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"Bnb4Linear: quant_type {quant_type!r} is not 'nf4' or 'fp4'")
-        self.in_features = in_features
-        self.out_features = out_features
-        self.block_size = block_size
-        self.quant_type = quant_type
-        self.register_buffer("packed", packed.reshape(-1).to(torch.uint8).contiguous())
-        self.register_buffer("absmax", absmax.float().contiguous())
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-
-    @classmethod
-    def from_bnb(cls, layer: nn.Module) -> Bnb4Linear:
-        """From a quantized bitsandbytes ``Linear4bit`` (nf4/fp4, with or without double quant)."""
-        state = linear4bit_state(layer)
-        return cls(state.packed, state.absmax, in_features=state.in_features, out_features=state.out_features,
-                   block_size=state.block_size, quant_type=state.quant_type, bias=layer.bias)
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """fp32 ``[N, K]``."""
-        return dequantize_bnb4(self.packed, self.absmax, self.in_features, self.out_features,
-                                        self.block_size, 1 if self.quant_type == "nf4" else 0)
-
-    def lowering(self) -> contrib.ContribNode:
-        """The MatMulBnb4 node both builders emit (the bias stays outside it)."""
-        return contrib.ContribNode(
-            contrib.MATMUL_BNB4, (self.packed, self.absmax),
-            (self.in_features, self.out_features, self.block_size, 1 if self.quant_type == "nf4" else 0),
-            float32_only=True)
-
-    # x ──> com.microsoft.MatMulBnb4 ──> [Add(bias)] ──> y
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.lowering()(x)
-        return y if self.bias is None else y + self.bias.to(y.dtype)
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"quant_type={self.quant_type}, block_size={self.block_size}")
-
-
-class Int8EmulationLinear(nn.Module):
-    """Exact ONNX emulation of bitsandbytes ``Linear8bitLt``'s eval forward (LLM.int8, arXiv:2208.07339).
-
-    With ``a = fp16(x)``, outlier elements ``|a| >= threshold`` (and their whole columns) go through a
-    float matmul; the rest is row-quantized ``q = round(a * 127 / max|a_row|)`` and multiplied in int32::
-
-        y = (q @ CB.T) * row_stats * SCB / 127**2 + bias + x[:, outlier_cols] @ W[:, outlier_cols].T
-
-    ONNX: Cast/Abs/GreaterOrEqual/Where/ReduceMax/Reciprocal/Mul/Round, MatMulInteger, Mul, Add, MatMul (the
-    node diagram is on ``export.build.contrib.int8_lt_pattern``, which both builders emit). ``127 / row_stats``
-    is Reciprocal then Mul, as torch evaluates it; a Div flips .5 rounding ties. Slow on CPU: for serving,
-    prefer :meth:`NBitsLinear.from_bnb_int8`.
-    """
-
-    def __init__(self, cb: torch.Tensor, scb: torch.Tensor, *, threshold: float, bias: torch.Tensor | None = None) -> None:
-        """Args:
-        cb: int8 ``[N, K]`` weight codes.
-        scb: ``[N]`` per-output absmax.
-        threshold: outlier threshold (bnb's ``llm_int8_threshold``; <= 0 disables outliers).
-        bias: optional ``[N]``.
-        """
-        super().__init__()
-        if cb.dtype != torch.int8 or cb.dim() != 2 or scb.shape != (cb.shape[0],):
-            raise ValueError(f"Int8EmulationLinear: expected int8 CB [N, K] and SCB [N], got {cb.dtype} "
-                             f"{tuple(cb.shape)} and {tuple(scb.shape)}")
-        self.out_features, self.in_features = cb.shape
-        self.threshold = float(threshold)
-        scb = scb.float()
-        self.register_buffer("cb_t", cb.T.contiguous())
-        self.register_buffer("scb", scb.contiguous())
-        self.register_buffer("weight_t", dequantize_int8(cb, scb).T.contiguous())
-        self.register_buffer("bias", torch.zeros(self.out_features) if bias is None else bias.detach().float().clone())
-
-    @classmethod
-    def from_bnb(cls, layer: nn.Module) -> Int8EmulationLinear:
-        """From a quantized bitsandbytes ``Linear8bitLt`` (CB/SCB and its threshold)."""
-        cb, scb, threshold = linear8bit_state(layer)
-        return cls(cb, scb, threshold=threshold, bias=layer.bias)
-
-    # the node graph is drawn on export.build.contrib.int8_lt_pattern
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.adalora_export.int8_lt_matmul(x, self.cb_t, self.scb, self.weight_t, self.bias, self.threshold)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, threshold={self.threshold}"

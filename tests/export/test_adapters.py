@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from adalora_deploy.export.build.graph import DecoderWrapper, export_decoder
+from adalora_deploy.export.build.kinds.bnb4 import Bnb4Linear
+from adalora_deploy.export.build.kinds.bnb8 import Int8EmulationLinear
 from adalora_deploy.export.build.modules import (
-    Bnb4Linear,
-    Int8EmulationLinear,
     LowRankBranch,
     NBitsLinear,
     swap_module,

@@ -22,9 +22,9 @@ from adalora_deploy.export.build.fastpath import (
     quantize_table,
 )
 from adalora_deploy.export.build.graph import DecoderWrapper, adapter_input_names
+from adalora_deploy.export.build.kinds.bnb4 import Bnb4Linear
+from adalora_deploy.export.build.kinds.bnb8 import Int8EmulationLinear
 from adalora_deploy.export.build.modules import (
-    Bnb4Linear,
-    Int8EmulationLinear,
     LowRankBranch,
     NBitsLinear,
     swap_module,

@@ -35,7 +35,8 @@ appends in place): the graph says so in its metadata
 Split as onnxruntime-genai's builder is split::
 
     graph.py    weights (the external data file) and graph bookkeeping (nodes, names, constants)
-    linear.py   linear lowering (each base kind's nodes, fused siblings, LoRA branches) and quantized tables
+    linear.py   linear lowering (each twin's lowering(), fused siblings, LoRA branches: no kind named here)
+                and quantized tables
     family.py   the decoder every family shares, with one hook per architectural difference
     llama.py, qwen2.py   one module per architecture family (a subclass naming its model types)
     __init__    this entry point: pick the family, build, write, check
@@ -118,7 +119,8 @@ def build_decoder(
     Args:
         model: a transformers ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` after
             ``export.build.convert.convert_for_export`` (linears are ``nn.Linear``, :class:`NBitsLinear`,
-            :class:`Bnb4Linear`, :class:`Int8EmulationLinear` or :class:`LowRankBranch` around one of them).
+            a base kind's twin with a ``lowering()`` (``export.build.kinds``) or :class:`LowRankBranch` around
+            one of them).
             fp32 or fp16 (an fp16 model gives fp16 weights, activations and KV cache, fp32 logits).
         output_dir: folder to write ``filename`` and ``filename.data`` into (created if missing).
         opset: default-domain opset (``com.microsoft`` ops are version 1).

@@ -268,16 +268,13 @@ def _emit_embedding(g: Graph, model: nn.Module, tables: dict[str, NBitsLinear]) 
 
 
 # x ─> Reshape[-1, H] ─> Gemm(W [V, H], transB=1) ─> Reshape[B, S, V]   (tied fp32: one copy of the table)
-# x ─> MatMulNBits(shared qweight) / the lm_head module's own nodes      (otherwise)
+# x ─> the table's lowering: MatMulNBits(shared qweight) / the lm_head module's own nodes (otherwise)
 def _emit_lm_head(g: Graph, emitter: LinearEmitter, model: nn.Module, x: str, tables: dict[str, NBitsLinear],
                   geometry: KVGeometry) -> str:
     scope = "lm_head"
     table = tables.get("lm_head")
-    if table is not None:
-        q, s, z = table_initializers(g, table, "lm_head")
-        return g.op1("MatMulNBits", [x, q, s] + ([z] if z else []), scope, domain=MSFT, K=int(table.in_features),
-                     N=int(table.out_features), bits=int(table.bits), block_size=int(table.block_size),
-                     accuracy_level=int(table.accuracy_level))
+    if table is not None:  # the table's own lowering; its initializers are the embedding's when tied
+        return emitter.table(table, x, "lm_head")
     if tied(model) and g.has("model.embed_tokens.weight"):
         lead = g.op1("Slice", [g.op1("Shape", [x], scope), g.const([0]), g.const([-1])], scope)
         x2 = g.op1("Reshape", [x, g.const([-1, geometry.hidden])], scope)

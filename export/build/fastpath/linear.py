@@ -1,25 +1,24 @@
 """Linear lowering: each linear module of the twin (its base kind's torch twin, with or without a LoRA branch)
 as ONNX nodes, alone or fused with its siblings along N; and the quantized tables (embedding / lm_head).
 
-Which node a quantized twin becomes is the twin's own ``lowering()`` (a ``contrib.ContribNode``, the node
-the dynamo path emits too); this module adds what every kind shares: biases, fusing siblings that read the
-same input, and the LoRA branch::
+Which nodes a twin becomes is the twin's own ``lowering()`` (what the dynamo path emits too): a
+``contrib.ContribNode`` (one contrib node) or a ``contrib.PatternNode`` (standard nodes written against
+``contrib.PatternBuilder``, with static K and N here); whether siblings fuse along N is the twin's
+``can_fuse_with``. This module knows no base kind: it adds what every kind shares (biases, fusing siblings
+that read the same input, the LoRA branch)::
 
     nn.Linear             MatMul(W^T) [+ Add(bias)]
-    NBitsLinear           lowering(): [Gather(perm)] + com.microsoft.MatMulNBits [+ Add]
-    Bnb4Linear            lowering(): com.microsoft.MatMulBnb4 [+ Add]
-    Int8EmulationLinear   contrib.int8_lt_pattern (MatMulInteger emulation; shared with the dynamo path
-                          through contrib.PatternBuilder, with static K and N here)
+    ContribNode           [Gather(perm)] + the contrib node (e.g. MatMulNBits, MatMulBnb4) [+ Add(bias)]
+    PatternNode           the pattern's nodes (e.g. kinds/bnb8.py's LLM.int8 emulation), bias included
     LowRankBranch         base (scope <m>/base) + MatMul(lora_A) + MatMul(lora_B) + Add (scope <m>)
 
 Quantized tables are parameters of :func:`quantize_table` (bits, ``accuracy_level`` of the lm_head's
 MatMulNBits, symmetric blocks): the embedding reads them through GatherBlockQuantized, the lm_head through
-MatMulNBits, tied tables share one set of initializers.
+the table's own lowering (MatMulNBits), tied tables share one set of initializers.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 from typing import Literal, Sequence
 
@@ -31,7 +30,7 @@ from torch import nn
 from adalora_deploy.errors import ExportError
 
 from .. import contrib
-from ..modules import Bnb4Linear, Int8EmulationLinear, LowRankBranch, NBitsLinear
+from ..modules import LowRankBranch, NBitsLinear
 from .graph import FastPathUnsupported, Graph, scope_of
 
 __all__ = ["EMBEDDING_BLOCK", "LM_HEAD_ACCURACY_LEVEL", "Branch", "LinearEmitter", "QuantizedTable",
@@ -113,11 +112,18 @@ class LinearEmitter:
             return self.linear(first, x, path)
         if type(first) is nn.Linear:
             return self._matmul(modules, x, path)
-        if isinstance(first, Int8EmulationLinear):
-            return self._int8(modules, x, path)
-        if callable(getattr(first, "lowering", None)):  # NBitsLinear, Bnb4Linear: one contrib node
+        lowering = getattr(first, "lowering", None)
+        node = lowering() if callable(lowering) else None
+        if isinstance(node, contrib.ContribNode):
             return self._contrib(modules, x, path)
+        if isinstance(node, contrib.PatternNode):
+            return self._pattern(modules, x, path)
         raise FastPathUnsupported(f"fast path: no ONNX mapping for {path} ({type(first).__name__})")
+
+    def table(self, table: NBitsLinear, x: str, path: str) -> str:
+        """A quantized table's lowering (the lm_head), its initializers shared with the embedding's
+        (:func:`table_initializers`) when that emitted them first."""
+        return self._contrib([table], x, path, shared=True)
 
     def _bias(self, modules: Sequence[nn.Module], y: str, path: str) -> str:
         biases = [getattr(m, "bias", None) for m in modules]
@@ -135,10 +141,11 @@ class LinearEmitter:
         return self._bias(modules, g.op1("MatMul", [x, w_t], scope_of(path)), path)
 
     # x ─> [Gather(perm, axis=-1)] ─> <op>(the twin's tensors, attributes) ─> [Add(bias)]
-    def _contrib(self, modules: Sequence[nn.Module], x: str, path: str) -> str:
-        """The twins' one contrib node (``lowering()``, the node the dynamo path emits too), fused along N."""
+    def _contrib(self, modules: Sequence[nn.Module], x: str, path: str, *, shared: bool = False) -> str:
+        """The twins' one contrib node (``lowering()``, the node the dynamo path emits too), fused along N;
+        ``shared``: an initializer already in the graph under the same name is read, not written again."""
         g, scope = self.g, scope_of(path)
-        node = _fused([m.lowering() for m in modules])
+        node = contrib.ContribNode.along_n([m.lowering() for m in modules])
         if node.float32_only and g.float_type != np.float32:
             raise FastPathUnsupported(f"fast path: {node.op.op_type} is built for fp32 graphs only")
         if node.permutation is not None:
@@ -148,24 +155,23 @@ class LinearEmitter:
         for name, tensor in node.named_inputs():
             if name in left_out:
                 continue
+            full = f"{path}.{name}"
             keep_dtype = g.float_type == np.float32 or not tensor.is_floating_point()
-            inputs.append(g.initializer(f"{path}.{name}", tensor) if keep_dtype else g.floats(f"{path}.{name}", tensor))
+            if shared and g.has(full):
+                inputs.append(full)
+            else:
+                inputs.append(g.initializer(full, tensor) if keep_dtype else g.floats(full, tensor))
         y = g.op1(node.op.op_type, inputs, scope, domain=MSFT, **node.attribute_dict())
         return self._bias(modules, y, path)
 
-    # x ─> contrib.int8_lt_pattern (MatMulInteger with row int8 activations, outlier columns in float)
-    def _int8(self, modules: Sequence[Int8EmulationLinear], x: str, path: str) -> str:
-        """The LLM.int8 pattern (:func:`contrib.int8_lt_pattern`, shared with the dynamo path), static K and N."""
-        g, first = self.g, modules[0]
-        if g.float_type != np.float32:
-            raise FastPathUnsupported("fast path: the LLM.int8 emulation is built for fp32 graphs only")
-        if len(modules) > 1:
-            tensors = {"cb_t": torch.cat([m.cb_t for m in modules], 1), "scb": torch.cat([m.scb for m in modules]),
-                       "weight_t": torch.cat([m.weight_t for m in modules], 1),
-                       "bias": torch.cat([m.bias for m in modules])}
-        else:
-            tensors = {name: getattr(first, name) for name in ("cb_t", "scb", "weight_t", "bias")}
-        return contrib.int8_lt_pattern(_GraphBuilder(g, path, tensors), x, float(first.threshold))
+    # x ─> the pattern's nodes (contrib.PatternBuilder with static K and N), bias included
+    def _pattern(self, modules: Sequence[nn.Module], x: str, path: str) -> str:
+        """The twins' node pattern (``lowering()``, shared with the dynamo path), fused along N."""
+        g = self.g
+        node = contrib.PatternNode.along_n([m.lowering() for m in modules])
+        if node.float32_only and g.float_type != np.float32:
+            raise FastPathUnsupported(f"fast path: {node.op.name} is built for fp32 graphs only")
+        return node.op.pattern(_GraphBuilder(g, path, dict(node.named_inputs())), x, *node.attributes)
 
 
 class _GraphBuilder:
@@ -190,28 +196,15 @@ class _GraphBuilder:
             self._names[name] = self.g.initializer(f"{self.path}.{name}", self.tensors[name])
         return self._names[name]
 
-    def rows(self, x: str) -> tuple[str, str, str]:
-        k, n = (int(d) for d in self.tensors["cb_t"].shape)
+    def rows(self, x: str, weight: str) -> tuple[str, str, str]:
+        k, n = (int(d) for d in self.tensors[weight].shape)
         lead = self.op("Slice", self.op("Shape", x), self.ints(0), self.ints(-1))
         return lead, self.op("Reshape", x, self.ints(-1, k)), self.ints(n)
 
 
-def _fused(nodes: Sequence[contrib.ContribNode]) -> contrib.ContribNode:
-    """Sibling nodes as one along N (:func:`_fusable` said they can be): every input concatenated along its
-    first axis, ``N`` summed, an input left out only where every member leaves it out."""
-    first = nodes[0]
-    if len(nodes) == 1:
-        return first
-    n_index = first.op.attributes.index("N")
-    attributes = list(first.attributes)
-    attributes[n_index] = sum(int(node.attributes[n_index]) for node in nodes)
-    inputs = tuple(torch.cat(parts, 0) for parts in zip(*(node.inputs for node in nodes)))
-    left_out = lambda: frozenset.intersection(*(node.default_inputs() for node in nodes))  # noqa: E731
-    return dataclasses.replace(first, inputs=inputs, attributes=tuple(attributes), default_inputs=left_out)
-
-
 def _fusable(bases: Sequence[nn.Module]) -> bool:
-    """Whether these base layers can be concatenated along N into one node with the same arithmetic."""
+    """Whether these base layers can be concatenated along N into one node with the same arithmetic: the same
+    type and K, then a dense layer's dtype or the twin's own rule (``can_fuse_with``; none: never)."""
     first = bases[0]
     if any(type(b) is not type(first) for b in bases):
         return False
@@ -219,20 +212,8 @@ def _fusable(bases: Sequence[nn.Module]) -> bool:
         return False
     if type(first) is nn.Linear:
         return all(b.weight.dtype == first.weight.dtype for b in bases)
-    if isinstance(first, NBitsLinear):
-        same = all((b.bits, b.block_size, b.accuracy_level) == (first.bits, first.block_size, first.accuracy_level)
-                   for b in bases)
-        perms = [b.perm for b in bases]
-        same_perm = all(p is None for p in perms) or (
-            all(p is not None for p in perms) and all(torch.equal(p, perms[0]) for p in perms))
-        return same and same_perm
-    if isinstance(first, Bnb4Linear):
-        # bnb blocks run over the flattened [N, K] weight: a member must end on a block boundary
-        return all((b.block_size, b.quant_type) == (first.block_size, first.quant_type) for b in bases) and all(
-            (int(b.out_features) * int(b.in_features)) % (2 * int(b.block_size)) == 0 for b in bases[:-1])
-    if isinstance(first, Int8EmulationLinear):
-        return all(b.threshold == first.threshold for b in bases)
-    return False
+    rule = getattr(first, "can_fuse_with", None)
+    return bool(rule(bases[1:])) if callable(rule) else False
 
 
 # --- quantized tables (embedding / lm_head) ---------------------------------------------------------------

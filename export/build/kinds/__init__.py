@@ -1,27 +1,33 @@
-"""Base kinds on the export side: one plug-in per kind, keyed by the training backend's kind.
+"""Base kinds on the export side: one file per kind, keyed by the training backend's kind.
 
 Training reads a base layer through its backend (:mod:`adalora_deploy.backends`); export asks the
-matching :class:`ExportKind` for the layer's ONNX twin and for what the graph then computes. A new base
-kind is one backend file there and one kind file here; when its twin needs a new ONNX node, that node is
-written once and both builders emit it:
+matching :class:`ExportKind` for the layer's ONNX twin and for what the graph then computes. A kind file
+here is the whole record of a kind, and adding one touches that file and its tests, nothing else (every
+module of this package whose name does not start with ``_`` is imported and registers itself):
 
-- a twin module in ``export/build/modules.py`` whose ``lowering()`` returns a ``contrib.ContribNode``
-  (its forward calls the custom op through it);
-- in ``export/build/contrib.py``: the op's schema, its custom op (the eager arithmetic) and its
-  ``ContribOp`` added to ``CONTRIB_OPS`` (the dynamo path's translation is generated from it);
-- nothing in the fast path: ``fastpath.linear.LinearEmitter`` emits any twin with a ``lowering()``
-  (fusing siblings along N only where ``fastpath.linear._fusable`` knows the kind's rule).
+- its :class:`ExportKind`: the twin of a base layer, the arithmetic and tier of each export mode, the
+  advice ``check`` gives (:meth:`ExportKind.exact_exports`), its row in the table below;
+- its twin module, whose ``lowering()`` is the one ONNX lowering both builders emit: a
+  ``contrib.ContribNode`` (one ``com.microsoft`` node) or a ``contrib.PatternNode`` (standard nodes written
+  once against ``contrib.PatternBuilder``); the forward calls the op's custom op through it;
+- its op, when it brings one: the schema (``contrib.register_schema``), the custom op (the eager arithmetic,
+  ``torch.library.custom_op("adalora_export::...")``) and the ``contrib.ContribOp`` / ``contrib.PatternOp``
+  registered with ``contrib.register_op``, which generates the dynamo path's translation and adds the op to
+  the ones the manifest counts as quantized (:func:`quantized_ops`);
+- the twin's ``can_fuse_with(others)``: whether siblings reading the same input (q/k/v, gate/up) concatenate
+  along N into one node in the fast path (without it they stay separate nodes).
 
-A twin that reuses MatMulNBits or MatMulBnb4 (as the bnb serving twins do) needs none of that. A twin
-that becomes a pattern of standard nodes (the LLM.int8 emulation) writes it once against
-``contrib.PatternBuilder`` (``contrib.int8_lt_pattern``); its translation and the fast path's emitter
-(``LinearEmitter._int8``, and a dispatch line in ``LinearEmitter._base``) only hand it their builder.
+The shared machinery asks the kind through these hooks and names none: ``fastpath.linear.LinearEmitter``
+emits any ``ContribNode`` / ``PatternNode``, ``contrib.CUSTOM_TRANSLATION_TABLE`` holds every registered op.
+A twin that reuses MatMulNBits (``modules.NBitsLinear``, shared by gptq, the bnb serving twins and the fast
+path's quantized lm_head; its op is in ``contrib``) needs no op of its own. tests/export/test_new_kind.py
+adds a kind from a test file alone and exports it through both builders.
 
     backend kind            file        twin of a base layer (separate mode)
     dense, dense-conv1d     dense.py    the layer itself (fp32 MatMul)
-    bnb-4bit                bnb4.py     MatMulBnb4 (exact) | MatMulNBits int4 (serving)
-    bnb-int8                bnb8.py     LLM.int8 emulation (exact) | MatMulNBits 8-bit (serving)
-    gptq                    gptq.py     MatMulNBits repacked exactly (accuracy 0 | serving: 4)
+    bnb-4bit                bnb4.py     Bnb4Linear: MatMulBnb4 (exact) | NBitsLinear int4 (serving)
+    bnb-int8                bnb8.py     Int8EmulationLinear: LLM.int8 pattern (exact) | NBitsLinear 8-bit (serving)
+    gptq                    gptq.py     NBitsLinear repacked exactly (accuracy 0 | serving: 4)
 
 :func:`arithmetic_table` renders every kind's description; the README's "Export modes" table is that
 rendering (a test keeps them equal), so the arithmetic is written in one place.
@@ -31,6 +37,7 @@ from __future__ import annotations
 
 import abc
 import importlib
+import pkgutil
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
@@ -38,6 +45,8 @@ from torch import nn
 
 from adalora_deploy.backends import backend_for, is_supported
 from adalora_deploy.errors import ExportError
+
+from .. import contrib
 
 __all__ = [
     "BRANCH",
@@ -51,6 +60,7 @@ __all__ = [
     "kind_for_quantization",
     "keeping_exports",
     "kinds",
+    "quantized_ops",
     "register_kind",
     "twin_of",
     "untwinned",
@@ -89,6 +99,7 @@ class ExportKind(abc.ABC):
         label: the base column of :func:`arithmetic_table`.
         twins: the export modules :meth:`twin` builds, for messages (empty when the layer is its own twin).
         trained_int4: the base itself is the int4 a deployment wants (GPTQ): no advice to re-quantize.
+        row: the kind's place in :func:`arithmetic_table` (and in :func:`kinds`); new kinds go last by default.
     """
 
     backend_kinds: ClassVar[tuple[str, ...]]
@@ -96,6 +107,7 @@ class ExportKind(abc.ABC):
     label: ClassVar[str]
     twins: ClassVar[str] = ""
     trained_int4: ClassVar[bool] = False
+    row: ClassVar[int] = 100
 
     @abc.abstractmethod
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
@@ -124,29 +136,38 @@ class ExportKind(abc.ABC):
         return self.separate(serving=True) != self.separate(serving=False)
 
 
-_KIND_MODULES = ("dense", "bnb4", "bnb8", "gptq")
 _registry: list[ExportKind] = []
 _loaded = False
 
 
 def register_kind(kind: ExportKind) -> ExportKind:
-    """Add an export kind (later registrations are consulted first)."""
+    """Add an export kind (a kind file calls it when imported; its table row follows :attr:`ExportKind.row`)."""
     _registry.insert(0, kind)
     return kind
 
 
 def kinds() -> tuple[ExportKind, ...]:
-    """Every registered kind, in table order."""
+    """Every registered kind, in table order (:attr:`ExportKind.row`, then registration order)."""
     _ensure_loaded()
-    return tuple(reversed(_registry))
+    return tuple(sorted(reversed(_registry), key=lambda kind: kind.row))
 
 
 def _ensure_loaded() -> None:
+    """Import every kind file of this package (each registers its kind): a new file needs no list entry."""
     global _loaded
     if not _loaded:
         _loaded = True
-        for name in _KIND_MODULES:
-            importlib.import_module(f"{__name__}.{name}")
+        for info in sorted(pkgutil.iter_modules(__path__), key=lambda info: info.name):
+            if not info.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{info.name}")
+
+
+def quantized_ops() -> frozenset[str]:
+    """The ops that compute with quantized weights, as the manifest counts them: every kind's registered op
+    (``contrib.quantized_op_names``) and the fast path's quantized table (GatherBlockQuantized; the lm_head's
+    MatMulNBits is the shared op)."""
+    _ensure_loaded()
+    return contrib.quantized_op_names() | {f"{contrib.MSFT_DOMAIN}::GatherBlockQuantized"}
 
 
 def kind_for_quantization(quantization: str) -> ExportKind:

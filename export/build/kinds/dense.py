@@ -11,6 +11,7 @@ class DenseKind(ExportKind):
     backend_kinds = ("dense", "dense-conv1d")
     quantizations = ("none",)
     label = "none"
+    row = 0
 
     def twin(self, module: nn.Module, *, serving: bool) -> nn.Module:
         return module

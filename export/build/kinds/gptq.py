@@ -14,6 +14,7 @@ class GPTQKind(ExportKind):
     backend_kinds = ("gptq",)
     quantizations = ("gptq",)
     label = "gptq (2/4/8-bit, act-order)"
+    row = 30
     twins = "adalora_deploy.export.build.modules.NBitsLinear.from_gptq"
     trained_int4 = True
 
