@@ -70,6 +70,7 @@ from ..modules import LowRankBranch, NBitsLinear
 from .family import DecoderFamily, float_type, tied
 from .graph import FastPathUnsupported, Graph, WeightFile, register_checker_schemas, value_info
 from .linear import LM_HEAD_ACCURACY_LEVEL, MSFT, Branch, QuantizedTable, quantize_table
+from .gemma import GemmaFamily
 from .llama import LlamaFamily
 from .mistral import MistralFamily
 from .qwen2 import Qwen2Family
@@ -85,7 +86,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: tuple[type[DecoderFamily], ...] = (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family)
+FAMILIES: tuple[type[DecoderFamily], ...] = (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family, GemmaFamily)
 """Architecture families the fast path builds; a new family is a :class:`DecoderFamily` subclass added here."""
 SUPPORTED_MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
 """``config.model_type`` values the fast path builds; anything else raises :class:`FastPathUnsupported`."""
