@@ -73,6 +73,7 @@ from .linear import LM_HEAD_ACCURACY_LEVEL, MSFT, Branch, QuantizedTable, quanti
 from .gemma import GemmaFamily
 from .llama import LlamaFamily
 from .mistral import MistralFamily
+from .phi3 import Phi3Family
 from .qwen2 import Qwen2Family
 from .qwen3 import Qwen3Family
 
@@ -86,7 +87,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: tuple[type[DecoderFamily], ...] = (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family, GemmaFamily)
+FAMILIES: tuple[type[DecoderFamily], ...] = (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family, GemmaFamily, Phi3Family)
 """Architecture families the fast path builds; a new family is a :class:`DecoderFamily` subclass added here."""
 SUPPORTED_MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
 """``config.model_type`` values the fast path builds; anything else raises :class:`FastPathUnsupported`."""
