@@ -1,4 +1,4 @@
-"""Direct ONNX graph builder ("fast path") for Llama-family decoders (llama, mistral, qwen2): the build entry point.
+"""Direct ONNX graph builder ("fast path") for pre-norm GQA decoders (llama, mistral, qwen2, qwen3, gemma, phi3): the build entry point.
 
 Instead of tracing the model with ``torch.onnx.export(dynamo=True)`` (minutes, an unfused graph), this
 module walks the export twin (a transformers causal LM after ``export.build.convert.convert_for_export``) and emits
@@ -37,7 +37,8 @@ Split as onnxruntime-genai's builder is split::
     graph.py    weights (the external data file) and graph bookkeeping (nodes, names, constants)
     linear.py   linear lowering (each base kind's nodes, fused siblings, LoRA branches) and quantized tables
     family.py   the decoder every family shares, with one hook per architectural difference
-    llama.py, qwen2.py   one module per architecture family (a subclass naming its model types)
+    llama.py, mistral.py, qwen2.py, qwen3.py, gemma.py, phi3.py
+                one module per architecture family (a subclass naming its model types, overriding hooks)
     __init__    this entry point: pick the family, build, write, check
 
 Branch MatMuls are named ``/<m>/MatMul_0`` and ``/<m>/MatMul_1``, the base ``/<m>/base/...`` or, when the
@@ -87,7 +88,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: tuple[type[DecoderFamily], ...] = (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family, GemmaFamily, Phi3Family)
+FAMILIES: tuple[type[DecoderFamily], ...] = (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family, GemmaFamily,
+                                             Phi3Family)
 """Architecture families the fast path builds; a new family is a :class:`DecoderFamily` subclass added here."""
 SUPPORTED_MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
 """``config.model_type`` values the fast path builds; anything else raises :class:`FastPathUnsupported`."""
@@ -117,10 +119,10 @@ def build_decoder(
     table_symmetric: bool = False,
     check: bool = True,
 ) -> ExportResult:
-    """Build the KV-cache decoding graph of a Llama-family twin directly (no tracing).
+    """Build the KV-cache decoding graph of a twin of one of :data:`FAMILIES` directly (no tracing).
 
     Args:
-        model: a transformers ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` after
+        model: a transformers causal LM of a ``model_type`` in :data:`SUPPORTED_MODEL_TYPES` after
             ``export.build.convert.convert_for_export`` (linears are ``nn.Linear``, :class:`NBitsLinear`,
             :class:`Bnb4Linear`, :class:`Int8EmulationLinear` or :class:`LowRankBranch` around one of them).
             fp32 or fp16 (an fp16 model gives fp16 weights, activations and KV cache, fp32 logits).
