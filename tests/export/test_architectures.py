@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from adalora_deploy.architectures import ARCHITECTURES
+from adalora_deploy.architectures import ARCHITECTURES, architecture_for
 from adalora_deploy.export.api import export_model
 from adalora_deploy.export.judge.check import ADAPTER_EFFECT_MIN, check_export
 
@@ -97,6 +97,8 @@ def test_family_exports_pass_check(family_root, tmp_path, model_type, kind, mode
     manifest = export_model(base, adapter, output=tmp_path / "export", mode=mode,
                             quantization="auto" if kind == "gptq" else kind)
     assert manifest.quantization == kind
+    # the families the fast path builds take it (auto); the rest are traced
+    assert manifest.builder == ("fast" if architecture_for(model_type).fast_path else "dynamo")
     report = check_export(tmp_path / "export", max_new_tokens=10)
     assert report.adapter_effect > ADAPTER_EFFECT_MIN  # the adapter changes the output, so equality means something
     assert report.passed, report.failures
