@@ -83,8 +83,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("Gemma", ("gemma",), "model.layers", ("q_proj", "v_proj"), "Linear",
                  "embedding scale, (1 + w) RMSNorm, GeLU (tanh)", fast_path=True),
     Architecture("Gemma2", ("gemma2",), "model.layers", ("q_proj", "v_proj"), "Linear",
-                 "alternating sliding-window layers, logit soft-capping, norms after attention and MLP "
-                 "(fast path not built yet)"),
+                 "alternating sliding-window layers, attention and logit soft-capping, norms after attention and MLP",
+                 fast_path=True),
     Architecture("Gemma3", ("gemma3_text",), "model.layers", ("q_proj", "v_proj"), "Linear",
                  "alternating sliding-window layers, q/k norm, a second RoPE base for local layers "
                  "(fast path not built yet)"),

@@ -24,14 +24,16 @@ from torch import nn
 from tests.export.test_fastpath import _KINDS, _assert_exact, _prompt_logits
 from tests.tiny_families import CONFIGS, SLIDING_WINDOW, TOKENS
 
-FAMILIES = ["mistral", "qwen2-sliding", "qwen3", "gemma", "phi3"]
+FAMILIES = ["mistral", "qwen2-sliding", "qwen3", "gemma", "phi3", "gemma2"]
 """Cases: a ``model_type`` of :data:`tests.tiny_families.CONFIGS`, ``-suffix`` naming config overrides."""
-WINDOWED = ["mistral", "qwen2-sliding", "phi3-sliding"]
-"""Cases with a sliding window of :data:`~tests.tiny_families.SLIDING_WINDOW` (Qwen2: layer 1 only)."""
+WINDOWED = ["mistral", "qwen2-sliding", "phi3-sliding", "gemma2"]
+"""Cases with a sliding window of :data:`~tests.tiny_families.SLIDING_WINDOW` (Qwen2: layer 1 only, Gemma2: layer 0)."""
 _OVERRIDES = {
     "qwen2-sliding": {"use_sliding_window": True, "sliding_window": SLIDING_WINDOW, "max_window_layers": 1},
     "phi3-sliding": {"sliding_window": SLIDING_WINDOW},
     "gemma": {"head_dim": 32},  # head_dim != hidden / heads (16)
+    # caps small enough to bend the tiny model's scores and logits (the defaults, 50 and 30, barely touch them)
+    "gemma2-softcap": {"attn_logit_softcapping": 0.05, "final_logit_softcapping": 0.3, "query_pre_attn_scalar": 3},
 }
 FASTPATH_FAMILIES_MEASURED = 2.7e-7
 """Largest max abs logits difference seen over these tests (onnxruntime 1.32, transformers 5.25, fp32); every
@@ -48,7 +50,7 @@ def _tiny(case: str) -> nn.Module:
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "norm" in name:  # Gemma stores w of (1 + w), zero at init
-                param.normal_(0.0 if model_type == "gemma" else 1.0, 0.3)
+                param.normal_(0.0 if model_type.startswith("gemma") else 1.0, 0.3)
             elif name.endswith(".bias"):
                 param.normal_(0.0, 0.5)
     return model
@@ -89,7 +91,7 @@ def _parity(model, tmp_path, seq=20, **build):
 
 
 @pytest.mark.parametrize("seq", [20, 4], ids=["prompt-over-window", "decode-over-window"])
-@pytest.mark.parametrize("case", FAMILIES + ["phi3-sliding"])
+@pytest.mark.parametrize("case", FAMILIES + ["phi3-sliding", "gemma2-softcap"])
 def test_family_matches_transformers(case, seq, tmp_path):
     """A float model (what a merged export builds) against transformers, prompt and decode."""
     result, report = _parity(_tiny(case), tmp_path, seq)
@@ -127,13 +129,23 @@ def test_the_window_is_seen_and_off_by_one_fails(case, tmp_path, monkeypatch):
 
     model = _tiny(case)
     _assert_exact(_parity(model, tmp_path / "ok")[1])
-    # no window on a sliding layer is refused by the layer-type check (Qwen2), so only Mistral/Phi-3 try -1
-    for wrong in (SLIDING_WINDOW - 1, SLIDING_WINDOW + 1) + ((-1,) if case != "qwen2-sliding" else ()):
+    # no window on a layer_types sliding layer is refused (Qwen2, Gemma2), so only Mistral/Phi-3 try -1
+    for wrong in (SLIDING_WINDOW - 1, SLIDING_WINDOW + 1) + ((-1,) if case in ("mistral", "phi3-sliding") else ()):
         for module in (family_module, mistral, phi3):
             monkeypatch.setattr(module, "gqa_window", lambda s, w=wrong: w if s is not None else -1)
         _, report = _parity(model, tmp_path / str(wrong))
         assert not report.passed, wrong
         assert max(o.max_abs for o in report.outputs if o.name.endswith("logits")) > 1e-3, wrong
+
+
+@pytest.mark.parametrize("cap", ["attention_softcap", "final_softcap"])
+def test_gemma2_softcaps_are_seen(cap, tmp_path, monkeypatch):
+    from adalora_deploy.export.build.fastpath.gemma2 import Gemma2Family
+
+    monkeypatch.setattr(Gemma2Family, cap, lambda self, config: 0.0 if cap == "attention_softcap" else None)
+    _, report = _parity(_tiny("gemma2-softcap"), tmp_path)
+    assert not report.passed
+    assert max(o.max_abs for o in report.outputs if o.name.endswith("logits")) > 1e-4
 
 
 def test_a_window_needs_a_measured_onnxruntime(tmp_path, monkeypatch):
@@ -149,7 +161,7 @@ def test_a_window_needs_a_measured_onnxruntime(tmp_path, monkeypatch):
     ("gemma", {"hidden_act": "gelu_new"}, "hidden_act 'gelu_new'"),
     ("qwen3", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
     ("phi3", {"partial_rotary_factor": 0.5}, "partial rotary"),
-    ("gemma2", {}, "model_type 'gemma2'"),
+    ("gemma2", {"hidden_activation": "gelu_new"}, "hidden_activation 'gelu_new'"),
     ("gemma3_text", {}, "model_type 'gemma3_text'"),
 ])
 def test_what_the_graph_would_get_wrong_is_refused(case, change, match, tmp_path):

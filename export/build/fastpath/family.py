@@ -2,7 +2,7 @@
 
 :class:`DecoderFamily` emits a pre-norm decoder (RMSNorm, rotary embedding, GroupQueryAttention, gated MLP)
 node by node; a family (:mod:`.llama`, :mod:`.mistral`, :mod:`.qwen2`, :mod:`.qwen3`, :mod:`.gemma`,
-:mod:`.phi3`) is a subclass that names its ``model_type`` values and overrides only the hooks its architecture
+:mod:`.phi3`, :mod:`.gemma2`) is a subclass that names its ``model_type`` values and overrides only the hooks its architecture
 needs::
 
     hook                      default (Llama)                         overridden by
@@ -15,9 +15,14 @@ needs::
     embedding_scale(config)   none                                    Gemma: x sqrt(hidden)
     activation(g, gate)       SiLU                                    Gemma: GeLU (tanh)
     mlp(...)                  gate_proj, up_proj (fused when allowed) Phi3: one gate_up_proj module
-    attention_softcap(config) 0 (GQA's softcap attribute left out)    (none yet: Gemma2 is not built)
-    final_softcap(config)     none                                    (none yet: Gemma2 is not built)
-    local_window_size(i)      -1 (full attention)                     Mistral: sliding_window
+    mlp_input_norm            post_attention_layernorm                Gemma2: pre_feedforward_layernorm
+    attention_output_norm     none                                    Gemma2: post_attention_layernorm
+    mlp_output_norm           none                                    Gemma2: post_feedforward_layernorm
+    attention_softcap(config) 0 (GQA's softcap attribute left out)    Gemma2: attn_logit_softcapping
+    final_softcap(config)     none                                    Gemma2: final_logit_softcapping
+    local_window_size(i)      -1 (full attention)                     Mistral, Phi3: sliding_window; Qwen2/3,
+                                                                      Gemma2/3: the layer_types' sliding layers
+    ropes(model), rope_key(i) one rotary embedding                    Gemma3: one per layer type (two bases)
 
 Attention biases need no hook: the linear lowering (:mod:`.linear`) adds any projection's bias (Qwen2's q/k/v).
 
@@ -45,7 +50,7 @@ from ..modules import NBitsLinear
 from .graph import FastPathUnsupported, Graph, scope_of
 from .linear import MSFT, Branch, LinearEmitter, table_initializers
 
-__all__ = ["WINDOW_VERIFIED_ORT", "DecoderFamily", "Geometry", "gqa_window", "layer_window"]
+__all__ = ["WINDOW_VERIFIED_ORT", "DecoderFamily", "Geometry", "Rope", "gqa_window", "layer_window"]
 
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 """RoPE types whose inverse frequencies do not depend on the sequence length (a fixed cos/sin table)."""
@@ -97,6 +102,15 @@ def _onnxruntime_version() -> tuple[int, int] | None:
 
 
 @dataclass(frozen=True)
+class Rope:
+    """One rotary embedding's inverse frequencies, cos/sin scale and transformers' ``rope_type``."""
+
+    inv_freq: torch.Tensor
+    attention_scaling: float
+    rope_type: str
+
+
+@dataclass(frozen=True)
 class Geometry:
     """The graph's KV geometry (:class:`~adalora_deploy.export.contract.KVGeometry`) and the attention scale."""
 
@@ -111,6 +125,12 @@ class DecoderFamily:
     """``config.model_type`` values this family builds."""
     hidden_acts: ClassVar[tuple[str, ...]] = ("silu",)
     """``config.hidden_act`` values :meth:`activation` computes."""
+    mlp_input_norm: ClassVar[str] = "post_attention_layernorm"
+    """The decoder layer's attribute holding the norm before the MLP (fused with the residual add)."""
+    attention_output_norm: ClassVar[str | None] = None
+    """A norm of the attention's output before its residual add (Gemma2/3: ``post_attention_layernorm``)."""
+    mlp_output_norm: ClassVar[str | None] = None
+    """A norm of the MLP's output before its residual add (Gemma2/3: ``post_feedforward_layernorm``)."""
 
     # --- hooks --------------------------------------------------------------------------------------------
 
@@ -123,8 +143,9 @@ class DecoderFamily:
         for i, kind in enumerate(getattr(config, "layer_types", None) or ()):
             # a sliding layer is built only by a family that gives it a window
             if kind != "full_attention" and not (kind == "sliding_attention" and self.local_window_size(config, i) > 0):
-                raise FastPathUnsupported(f"fast path: layer {i} is {kind!r} (built: full_attention"
-                                          f"{', sliding_attention' if type(self).local_window_size is not DecoderFamily.local_window_size else ''})")
+                raise FastPathUnsupported(f"fast path: {config.model_type} layer {i} is {kind!r} and gets no window "
+                                          "(built: full_attention, and sliding_attention where the family gives it "
+                                          "a window)")
 
     def qkv(self, attn: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
         """The q, k, v projections (module path, module), fused into one base node when compatible."""
@@ -164,12 +185,30 @@ class DecoderFamily:
         """GroupQueryAttention's ``local_window_size`` for one layer (-1: full attention)."""
         return -1
 
+    def ropes(self, model: nn.Module) -> dict[str, Rope]:
+        """The model's rotary embeddings by :meth:`rope_key` (one, ``""``, here: ``model.model.rotary_emb``)."""
+        rotary = model.model.rotary_emb
+        return {"": Rope(rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)),
+                         getattr(rotary, "rope_type", "default"))}
+
+    def rope_key(self, config: Any, layer: int) -> str:
+        """Which of :meth:`ropes` layer ``layer`` rotates with."""
+        return ""
+
 
     def _norm_weight(self, g: Graph, module: nn.Module, path: str) -> tuple[str, float]:
         eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
         if eps is None or not hasattr(module, "weight"):
             raise FastPathUnsupported(f"fast path: {path} ({type(module).__name__}) is not an RMSNorm")
         return g.floats(f"{path}.weight", self.norm_gamma(module)), float(eps)
+
+    # sublayer output ─> SimplifiedLayerNormalization (a norm before the residual add; none: as it is)
+    def _sandwich(self, g: Graph, layer: nn.Module, name: str | None, x: str, path: str) -> str:
+        if name is None:
+            return x
+        gamma, eps = self._norm_weight(g, getattr(layer, name), f"{path}.{name}")
+        return g.op1("SimplifiedLayerNormalization", [x, gamma], scope_of(f"{path}.{name}"), epsilon=eps, axis=-1,
+                     stash_type=1)
 
     # --- the decoder --------------------------------------------------------------------------------------
 
@@ -181,14 +220,14 @@ class DecoderFamily:
         for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
             if inner is None or not hasattr(inner, attr):
                 raise FastPathUnsupported(f"fast path: {type(model).__name__} has no model.{attr}")
-        rope_type = getattr(inner.rotary_emb, "rope_type", "default")
-        if rope_type not in _STATIC_ROPE_TYPES:
-            raise FastPathUnsupported(f"fast path: rope_type {rope_type!r} depends on the sequence length "
-                                      f"(built: {_STATIC_ROPE_TYPES})")
         kv = KVGeometry.of(config)
-        if 2 * int(inner.rotary_emb.inv_freq.numel()) != kv.head_dim:
-            raise FastPathUnsupported(f"fast path: partial rotary ({2 * inner.rotary_emb.inv_freq.numel()} of "
-                                      f"{kv.head_dim} dims) is not built")
+        for rope in self.ropes(model).values():
+            if rope.rope_type not in _STATIC_ROPE_TYPES:
+                raise FastPathUnsupported(f"fast path: rope_type {rope.rope_type!r} depends on the sequence length "
+                                          f"(built: {_STATIC_ROPE_TYPES})")
+            if 2 * int(rope.inv_freq.numel()) != kv.head_dim:
+                raise FastPathUnsupported(f"fast path: partial rotary ({2 * rope.inv_freq.numel()} of "
+                                          f"{kv.head_dim} dims) is not built")
         if not isinstance(inner.embed_tokens, nn.Embedding):
             raise FastPathUnsupported(f"fast path: embed_tokens is {type(inner.embed_tokens).__name__}, not nn.Embedding")
         attn = inner.layers[0].self_attn
@@ -201,7 +240,7 @@ class DecoderFamily:
         inner, config = model.model, model.config
         mask_bias = float(np.finfo(np.float32).min) if g.float_type == np.float32 else _FP16_MASK_BIAS
         positions, bias, seqlens, total, query_seqlens = _mask_subgraph(g, mask_bias)
-        cos, sin = _rope_tables(model, g)
+        ropes = {key: _rope_tables(model, g, rope, f"_{key}" if key else "") for key, rope in self.ropes(model).items()}
         hidden = _emit_embedding(g, model, tables)
         scale = self.embedding_scale(config)
         if scale is not None:
@@ -224,6 +263,7 @@ class DecoderFamily:
             q, k, v = self.project_qkv(g, emitter, attn, x, apath, fused_qkv)
             q, k = self.qk_norm(g, attn, q, k, apath)
             ascope = scope_of(apath)
+            cos, sin = ropes[self.rope_key(config, i)]
             q = g.op1("RotaryEmbedding", [q, positions, cos, sin], ascope, domain=MSFT)
             k = g.op1("RotaryEmbedding", [k, positions, cos, sin], ascope, domain=MSFT)
             gqa = dict(num_heads=geometry.kv.num_heads, kv_num_heads=geometry.kv.num_kv_heads,
@@ -236,9 +276,12 @@ class DecoderFamily:
                        ascope, outputs=[f"{ascope}/GroupQueryAttention/output_0", present[2 * i], present[2 * i + 1]],
                        domain=MSFT, **gqa)[0]
             attn_out = emitter.linear(attn.o_proj, out, f"{apath}.o_proj")
-            gamma, eps = self._norm_weight(g, layer.post_attention_layernorm, f"{path}.post_attention_layernorm")
-            x, residual = _skip_norm(g, attn_out, residual, gamma, eps, f"{path}.post_attention_layernorm")
+            attn_out = self._sandwich(g, layer, self.attention_output_norm, attn_out, path)
+            norm_name = self.mlp_input_norm
+            gamma, eps = self._norm_weight(g, getattr(layer, norm_name), f"{path}.{norm_name}")
+            x, residual = _skip_norm(g, attn_out, residual, gamma, eps, f"{path}.{norm_name}")
             hidden = self.mlp(g, emitter, layer.mlp, x, f"{path}.mlp", fused_gate_up)
+            hidden = self._sandwich(g, layer, self.mlp_output_norm, hidden, path)
         gamma, eps = self._norm_weight(g, inner.norm, "model.norm")
         x, _ = _skip_norm(g, hidden, residual, gamma, eps, "model.norm")
         logits = _emit_lm_head(g, emitter, model, x, tables, geometry.kv)
@@ -309,15 +352,14 @@ def _mask_subgraph(g: Graph, mask_bias: float) -> tuple[str, str, str, str, str]
     return positions, bias, seqlens, total32, query_seqlens
 
 
-def _rope_tables(model: nn.Module, g: Graph) -> tuple[str, str]:
-    """``cos_cache`` / ``sin_cache`` [max_positions, head_dim / 2], computed as transformers computes them."""
+def _rope_tables(model: nn.Module, g: Graph, rope: Rope, suffix: str) -> tuple[str, str]:
+    """``cos_cache`` / ``sin_cache`` (+ ``suffix``) [max_positions, head_dim / 2], as transformers computes them."""
     rotary = model.model.rotary_emb
-    inv_freq = rotary.inv_freq.detach().float()
+    inv_freq = rope.inv_freq.detach().float()
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(rotary, "max_seq_len_cached")
     freqs = torch.arange(int(positions), dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-    scale = float(getattr(rotary, "attention_scaling", 1.0))
-    cos, sin = freqs.cos() * scale, freqs.sin() * scale
-    return g.floats("cos_cache", cos), g.floats("sin_cache", sin)
+    cos, sin = freqs.cos() * rope.attention_scaling, freqs.sin() * rope.attention_scaling
+    return g.floats(f"cos_cache{suffix}", cos), g.floats(f"sin_cache{suffix}", sin)
 
 
 def _emit_embedding(g: Graph, model: nn.Module, tables: dict[str, NBitsLinear]) -> str:
