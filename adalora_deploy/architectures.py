@@ -86,8 +86,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  "alternating sliding-window layers, attention and logit soft-capping, norms after attention and MLP",
                  fast_path=True),
     Architecture("Gemma3", ("gemma3_text",), "model.layers", ("q_proj", "v_proj"), "Linear",
-                 "alternating sliding-window layers, q/k norm, a second RoPE base for local layers "
-                 "(fast path not built yet)"),
+                 "alternating sliding-window layers, q/k norm, a second RoPE base for local layers", fast_path=True),
     Architecture("GPT-2", ("gpt2",), "transformer.h", ("c_attn",), "Conv1D",
                  "Conv1D (weight stored (in, out)), fused c_attn, learned positions"),
     Architecture("GPT-NeoX", ("gpt_neox",), "gpt_neox.layers", ("query_key_value",), "Linear",

@@ -37,7 +37,7 @@ Split as onnxruntime-genai's builder is split::
     graph.py    weights (the external data file) and graph bookkeeping (nodes, names, constants)
     linear.py   linear lowering (each base kind's nodes, fused siblings, LoRA branches) and quantized tables
     family.py   the decoder every family shares, with one hook per architectural difference
-    llama.py, mistral.py, qwen2.py, qwen3.py, gemma.py, gemma2.py, phi3.py
+    llama.py, mistral.py, qwen2.py, qwen3.py, gemma.py, gemma2.py, gemma3.py, phi3.py
                 one module per architecture family (a subclass naming its model types, overriding hooks)
     __init__    this entry point: pick the family, build, write, check
 
@@ -73,6 +73,7 @@ from .graph import FastPathUnsupported, Graph, WeightFile, register_checker_sche
 from .linear import LM_HEAD_ACCURACY_LEVEL, MSFT, Branch, QuantizedTable, quantize_table
 from .gemma import GemmaFamily
 from .gemma2 import Gemma2Family
+from .gemma3 import Gemma3Family
 from .llama import LlamaFamily
 from .mistral import MistralFamily
 from .phi3 import Phi3Family
@@ -90,7 +91,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FAMILIES: tuple[type[DecoderFamily], ...] = (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family, GemmaFamily,
-                                             Gemma2Family, Phi3Family)
+                                             Gemma2Family, Gemma3Family, Phi3Family)
 """Architecture families the fast path builds; a new family is a :class:`DecoderFamily` subclass added here."""
 SUPPORTED_MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
 """``config.model_type`` values the fast path builds; anything else raises :class:`FastPathUnsupported`."""

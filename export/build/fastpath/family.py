@@ -2,15 +2,15 @@
 
 :class:`DecoderFamily` emits a pre-norm decoder (RMSNorm, rotary embedding, GroupQueryAttention, gated MLP)
 node by node; a family (:mod:`.llama`, :mod:`.mistral`, :mod:`.qwen2`, :mod:`.qwen3`, :mod:`.gemma`,
-:mod:`.phi3`, :mod:`.gemma2`) is a subclass that names its ``model_type`` values and overrides only the hooks its architecture
-needs::
+:mod:`.gemma2`, :mod:`.gemma3`, :mod:`.phi3`) is a subclass that names its ``model_type`` values and overrides
+only the hooks its architecture needs::
 
     hook                      default (Llama)                         overridden by
     check(model)              refuse what the base class cannot build  every family, for its own configs
     qkv(attn, path)           q_proj, k_proj, v_proj (fused here when  -
                               their bases allow)
     project_qkv(...)          qkv() through one (fused) group          Phi3: one qkv_proj module, Split after
-    qk_norm(g, attn, q, k)    none                                    Qwen3: RMSNorm per head
+    qk_norm(g, attn, q, k)    none                                    Qwen3, Gemma3: RMSNorm per head
     norm_gamma(module)        the RMSNorm's weight                    Gemma: 1 + w
     embedding_scale(config)   none                                    Gemma: x sqrt(hidden)
     activation(g, gate)       SiLU                                    Gemma: GeLU (tanh)
@@ -50,7 +50,7 @@ from ..modules import NBitsLinear
 from .graph import FastPathUnsupported, Graph, scope_of
 from .linear import MSFT, Branch, LinearEmitter, table_initializers
 
-__all__ = ["WINDOW_VERIFIED_ORT", "DecoderFamily", "Geometry", "Rope", "gqa_window", "layer_window"]
+__all__ = ["WINDOW_VERIFIED_ORT", "DecoderFamily", "Geometry", "Rope", "gqa_window", "layer_window", "per_head_norms"]
 
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 """RoPE types whose inverse frequencies do not depend on the sequence length (a fixed cos/sin table)."""
@@ -303,6 +303,27 @@ class DecoderFamily:
         scope = scope_of(path)
         act = self.activation(g, gate, scope)
         return emitter.linear(mlp.down_proj, g.op1("Mul", [act, up], scope), f"{path}.down_proj")
+
+
+# q [B, S, H * D] ─> Reshape [B, S, H, D] ─> SimplifiedLayerNormalization(q_norm) ─> Reshape [B, S, H * D]; k alike
+def per_head_norms(family: DecoderFamily, g: Graph, attn: nn.Module, q: str, k: str, path: str) -> tuple[str, str]:
+    """``attn.q_norm`` / ``attn.k_norm`` (RMSNorms over ``head_dim``, one weight shared by the heads, its multiplier
+    from ``family.norm_gamma``) on queries and keys: Qwen3's and Gemma3's :meth:`DecoderFamily.qk_norm`."""
+    head_dim = int(attn.head_dim)
+    scope = scope_of(path)
+    heads = g.const([0, 0, -1, head_dim])
+    flat = g.const([0, 0, -1])
+    out = []
+    for x, name in ((q, "q_norm"), (k, "k_norm")):
+        norm = getattr(attn, name, None)
+        if norm is None or tuple(norm.weight.shape) != (head_dim,):
+            raise FastPathUnsupported(f"fast path: {path}.{name} is not an RMSNorm over head_dim {head_dim}")
+        gamma, eps = family._norm_weight(g, norm, f"{path}.{name}")
+        per_head = g.op1("Reshape", [x, heads], f"{scope}/{name}")
+        normed = g.op1("SimplifiedLayerNormalization", [per_head, gamma], f"{scope}/{name}", epsilon=eps, axis=-1,
+                       stash_type=1)
+        out.append(g.op1("Reshape", [normed, flat], f"{scope}/{name}"))
+    return out[0], out[1]
 
 
 def float_type(model: nn.Module) -> np.dtype:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .graph import FastPathUnsupported, Graph, scope_of
+from .family import per_head_norms
+from .graph import Graph
 from .qwen2 import Qwen2Family
 
 __all__ = ["Qwen3Family"]
@@ -16,20 +17,5 @@ class Qwen3Family(Qwen2Family):
 
     model_types = ("qwen3",)
 
-    # q [B, S, H * D] ─> Reshape [B, S, H, D] ─> SimplifiedLayerNormalization(q_norm) ─> Reshape [B, S, H * D]
     def qk_norm(self, g: Graph, attn: nn.Module, q: str, k: str, path: str) -> tuple[str, str]:
-        head_dim = int(attn.head_dim)
-        scope = scope_of(path)
-        heads = g.const([0, 0, -1, head_dim])
-        flat = g.const([0, 0, -1])
-        out = []
-        for x, name in ((q, "q_norm"), (k, "k_norm")):
-            norm = getattr(attn, name, None)
-            if norm is None or tuple(norm.weight.shape) != (head_dim,):
-                raise FastPathUnsupported(f"fast path: {path}.{name} is not an RMSNorm over head_dim {head_dim}")
-            gamma, eps = self._norm_weight(g, norm, f"{path}.{name}")
-            per_head = g.op1("Reshape", [x, heads], f"{scope}/{name}")
-            normed = g.op1("SimplifiedLayerNormalization", [per_head, gamma], f"{scope}/{name}", epsilon=eps, axis=-1,
-                           stash_type=1)
-            out.append(g.op1("Reshape", [normed, flat], f"{scope}/{name}"))
-        return out[0], out[1]
+        return per_head_norms(self, g, attn, q, k, path)
