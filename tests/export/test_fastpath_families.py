@@ -115,6 +115,17 @@ def test_family_with_branches_on_every_base_kind(case, kind, tmp_path):
     assert ("com.microsoft::MatMulNBits" in names) == (kind == "nbits")
 
 
+@pytest.mark.parametrize("case", ["mistral", "qwen3", "gemma", "phi3-sliding", "gemma2", "gemma3_text-mixed"])
+def test_fp16_family_graph_matches_its_fp16_model(case, tmp_path):
+    """fp16 weights, activations and KV cache (judged by the lossy tier: fp16 rounding differs), greedy tokens equal."""
+    ids, mask = _batch(20)
+    model = _tiny(case).half()
+    result = build_decoder(model, tmp_path)
+    report = decoder_parity(model, DecoderSession(create_session(result.model_path)), ids, mask, tier="lossy",
+                            decode_steps=3, max_new_tokens=8)
+    assert report.passed and report.tokens_equal, report.failures
+
+
 def test_phi3_branch_sits_on_the_fused_module(tmp_path):
     from adalora_deploy.export.api import _adapter_matmuls
 
