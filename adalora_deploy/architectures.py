@@ -78,7 +78,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("Qwen3", ("qwen3",), "model.layers", ("q_proj", "v_proj"), "Linear", "RMSNorm on q and k",
                  fast_path=True),
     Architecture("Phi-3", ("phi3",), "model.layers", ("qkv_proj",), "Linear",
-                 "fused qkv_proj and gate_up_proj (adapted as one module); partial rotary and longrope: generic",
+                 "fused qkv_proj and gate_up_proj (adapted as one module), partial rotary; longrope: generic",
                  fast_path=True),
     Architecture("Gemma", ("gemma",), "model.layers", ("q_proj", "v_proj"), "Linear",
                  "embedding scale, (1 + w) RMSNorm, GeLU (tanh)", fast_path=True),

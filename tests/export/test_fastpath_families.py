@@ -24,13 +24,14 @@ from torch import nn
 from tests.export.test_fastpath import _KINDS, _assert_exact, _prompt_logits
 from tests.tiny_families import CONFIGS, SLIDING_WINDOW, TOKENS
 
-FAMILIES = ["mistral", "qwen2-sliding", "qwen3", "gemma", "phi3", "gemma2", "gemma3_text-mixed"]
+FAMILIES = ["mistral", "qwen2-sliding", "qwen3", "gemma", "phi3", "phi3-partial", "gemma2", "gemma3_text-mixed"]
 """Cases: a ``model_type`` of :data:`tests.tiny_families.CONFIGS`, ``-suffix`` naming config overrides."""
 WINDOWED = ["mistral", "qwen2-sliding", "phi3-sliding", "gemma2", "gemma3_text-mixed"]
 """Cases with a sliding window of :data:`~tests.tiny_families.SLIDING_WINDOW` (Qwen2: layer 1 only, Gemma2/3: layer 0)."""
 _OVERRIDES = {
     "qwen2-sliding": {"use_sliding_window": True, "sliding_window": SLIDING_WINDOW, "max_window_layers": 1},
     "phi3-sliding": {"sliding_window": SLIDING_WINDOW},
+    "phi3-partial": {"partial_rotary_factor": 0.75, "head_dim": 32},  # RoPE on 24 of 32 dims (as Phi-4-mini)
     "gemma": {"head_dim": 32},  # head_dim != hidden / heads (16)
     # caps small enough to bend the tiny model's scores and logits (the defaults, 50 and 30, barely touch them)
     # one sliding layer (local RoPE base 1e4) and one full layer (global base 1e6); the default pattern is 5:1
@@ -186,7 +187,7 @@ def test_a_window_needs_a_measured_onnxruntime(tmp_path, monkeypatch):
 @pytest.mark.parametrize(("case", "change", "match"), [
     ("gemma", {"hidden_act": "gelu_new"}, "hidden_act 'gelu_new'"),
     ("qwen3", {"hidden_act": "gelu"}, "hidden_act 'gelu'"),
-    ("phi3", {"partial_rotary_factor": 0.5}, "partial rotary"),
+    ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, "rope_type 'dynamic'"),
     ("gemma2", {"hidden_activation": "gelu_new"}, "hidden_activation 'gelu_new'"),
     ("gemma3_text", {"use_bidirectional_attention": True}, "use_bidirectional_attention"),
 ])

@@ -25,6 +25,8 @@ only the hooks its architecture needs::
     ropes(model), rope_key(i) one rotary embedding                    Gemma3: one per layer type (two bases)
 
 Attention biases need no hook: the linear lowering (:mod:`.linear`) adds any projection's bias (Qwen2's q/k/v).
+Nor does a partial rotary (``partial_rotary_factor``: RoPE on the first dims of each head, the rest passed
+through): RotaryEmbedding's ``rotary_embedding_dim`` takes it from the table's width.
 
 GroupQueryAttention's ``local_window_size`` w: in onnxruntime 1.32's CPU kernel a query at cache index i sees
 the w keys ``(i - w, i]`` (it zeroes ``[0, i + 1 - w)``), which is transformers' ``sliding_window`` s (``kv > i - s``):
@@ -225,9 +227,9 @@ class DecoderFamily:
             if rope.rope_type not in _STATIC_ROPE_TYPES:
                 raise FastPathUnsupported(f"fast path: rope_type {rope.rope_type!r} depends on the sequence length "
                                           f"(built: {_STATIC_ROPE_TYPES})")
-            if 2 * int(rope.inv_freq.numel()) != kv.head_dim:
-                raise FastPathUnsupported(f"fast path: partial rotary ({2 * rope.inv_freq.numel()} of "
-                                          f"{kv.head_dim} dims) is not built")
+            rotary_dim = 2 * int(rope.inv_freq.numel())
+            if rotary_dim > kv.head_dim or rotary_dim % 2:
+                raise FastPathUnsupported(f"fast path: rotary over {rotary_dim} of {kv.head_dim} dims")
         if not isinstance(inner.embed_tokens, nn.Embedding):
             raise FastPathUnsupported(f"fast path: embed_tokens is {type(inner.embed_tokens).__name__}, not nn.Embedding")
         attn = inner.layers[0].self_attn
@@ -241,6 +243,7 @@ class DecoderFamily:
         mask_bias = float(np.finfo(np.float32).min) if g.float_type == np.float32 else _FP16_MASK_BIAS
         positions, bias, seqlens, total, query_seqlens = _mask_subgraph(g, mask_bias)
         ropes = {key: _rope_tables(model, g, rope, f"_{key}" if key else "") for key, rope in self.ropes(model).items()}
+        cos_dims = {ropes[key][0]: 2 * int(rope.inv_freq.numel()) for key, rope in self.ropes(model).items()}
         hidden = _emit_embedding(g, model, tables)
         scale = self.embedding_scale(config)
         if scale is not None:
@@ -264,8 +267,10 @@ class DecoderFamily:
             q, k = self.qk_norm(g, attn, q, k, apath)
             ascope = scope_of(apath)
             cos, sin = ropes[self.rope_key(config, i)]
-            q = g.op1("RotaryEmbedding", [q, positions, cos, sin], ascope, domain=MSFT)
-            k = g.op1("RotaryEmbedding", [k, positions, cos, sin], ascope, domain=MSFT)
+            q = g.op1("RotaryEmbedding", [q, positions, cos, sin], ascope, domain=MSFT,
+                      **_partial_rotary(cos_dims[cos], geometry.kv.head_dim, geometry.kv.num_heads))
+            k = g.op1("RotaryEmbedding", [k, positions, cos, sin], ascope, domain=MSFT,
+                      **_partial_rotary(cos_dims[cos], geometry.kv.head_dim, geometry.kv.num_kv_heads))
             gqa = dict(num_heads=geometry.kv.num_heads, kv_num_heads=geometry.kv.num_kv_heads,
                        scale=geometry.scaling, do_rotary=0, local_window_size=self.local_window_size(config, i))
             if softcap:
@@ -371,6 +376,12 @@ def _mask_subgraph(g: Graph, mask_bias: float) -> tuple[str, str, str, str, str]
     seqlens = g.op1("Expand", [g.op1("Sub", [total32, g.const(1, np.int32)], scope), batch], scope)
     query_seqlens = g.op1("Expand", [g.op1("Cast", [seq], scope, to=TensorProto.INT32), batch], scope)
     return positions, bias, seqlens, total32, query_seqlens
+
+
+def _partial_rotary(rotary_dim: int, head_dim: int, heads: int) -> dict[str, int]:
+    """RotaryEmbedding's attributes for rotating the first ``rotary_dim`` of ``head_dim`` dims of each head
+    (transformers' ``partial_rotary_factor``: the rest pass through); none for a full rotation."""
+    return {} if rotary_dim == head_dim else {"rotary_embedding_dim": rotary_dim, "num_heads": heads}
 
 
 def _rope_tables(model: nn.Module, g: Graph, rope: Rope, suffix: str) -> tuple[str, str]:

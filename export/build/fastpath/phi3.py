@@ -17,7 +17,8 @@ class Phi3Family(DecoderFamily):
     """Phi-3: one ``qkv_proj`` and one ``gate_up_proj`` module each; an adapter on either is a branch on the fused
     module (AdaLoRA adapts it as one), so the branch is added to the fused output and the sum is split, as
     transformers slices the module's output. ``config.sliding_window`` (every layer, as Mistral's) is GQA's
-    ``local_window_size``; partial rotary and ``longrope`` are refused by the shared geometry check."""
+    ``local_window_size``; a partial rotary (``partial_rotary_factor``, Phi-4-mini) is the shared decoder's;
+    ``longrope`` (its factors switch with the sequence length) is refused by the shared geometry check."""
 
     model_types = ("phi3",)
 
