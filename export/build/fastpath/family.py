@@ -223,6 +223,8 @@ class DecoderFamily:
             if inner is None or not hasattr(inner, attr):
                 raise FastPathUnsupported(f"fast path: {type(model).__name__} has no model.{attr}")
         kv = KVGeometry.of(config)
+        for i in range(kv.num_layers):  # a window the installed onnxruntime cannot be trusted with: refused now
+            self.local_window_size(config, i)
         for rope in self.ropes(model).values():
             if rope.rope_type not in _STATIC_ROPE_TYPES:
                 raise FastPathUnsupported(f"fast path: rope_type {rope.rope_type!r} depends on the sequence length "
