@@ -127,6 +127,32 @@ def test_fp16_family_graph_matches_its_fp16_model(case, tmp_path):
     assert report.passed and report.tokens_equal, report.failures
 
 
+@pytest.mark.parametrize("model_type", ["gemma", "gemma3_text"])
+def test_gemma_scaled_embedding_from_a_tied_quantized_table(model_type, tmp_path):
+    """Gemma ties its embeddings: one int4 table (GatherBlockQuantized, then x sqrt(hidden); MatMulNBits for the
+    logits) against the model holding that table dequantized."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from adalora_deploy.export.build.fastpath import quantize_table
+
+    def tied():
+        torch.manual_seed(0)
+        config = AutoConfig.for_model(model_type, **(CONFIGS[model_type] | {"tie_word_embeddings": True}), **TOKENS)
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+
+    model = tied()
+    result = build_decoder(model, tmp_path, quantize_embeddings="int4", quantize_lm_head="int4", table_accuracy_level=0)
+    assert result.op_counts["com.microsoft::GatherBlockQuantized"] == 1
+    table = quantize_table(model.model.embed_tokens.weight, "int4", accuracy_level=0)
+    twin = tied()
+    twin.model.embed_tokens.weight.data = table.dequantized_weight()
+    swap_module(twin, "lm_head", table)
+    ids, mask = _batch(20)
+    report = decoder_parity(twin, DecoderSession(create_session(result.model_path)), ids, mask, decode_steps=3,
+                            max_new_tokens=8)
+    _assert_exact(report)
+
+
 def test_phi3_branch_sits_on_the_fused_module(tmp_path):
     from adalora_deploy.export.api import _adapter_matmuls
 
