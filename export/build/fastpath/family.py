@@ -30,9 +30,9 @@ through): RotaryEmbedding's ``rotary_embedding_dim`` takes it from the table's w
 
 GroupQueryAttention's ``local_window_size`` w: in onnxruntime 1.32's CPU kernel a query at cache index i sees
 the w keys ``(i - w, i]`` (it zeroes ``[0, i + 1 - w)``), which is transformers' ``sliding_window`` s (``kv > i - s``):
-``local_window_size = s`` (:func:`gqa_window`). Older kernels (and the contrib op's first CPU version) zeroed
-``[0, i - w)``, one key more; so a window is built only where the installed onnxruntime is one whose kernel was
-measured against transformers (:data:`WINDOW_VERIFIED_ORT`): prompts and decode steps longer than the window,
+``local_window_size = s`` (:func:`gqa_window`). Earlier versions of the kernel's source zero ``[0, i - w)``, one
+key more (read, not measured here); so a window is built only where the installed onnxruntime is one whose kernel
+was measured against transformers (:data:`WINDOW_VERIFIED_ORT`): prompts and decode steps longer than the window,
 s - 1 and s + 1 both off by ~0.1 in the logits, s exact (tests/export/test_fastpath_families.py).
 """
 
@@ -86,7 +86,7 @@ def gqa_window(sliding_window: int | None) -> int:
 
 
 def layer_window(config: Any, layer: int) -> int:
-    """``local_window_size`` of layer ``layer`` where ``config.layer_types`` names the sliding layers (Qwen2/3)."""
+    """``local_window_size`` of layer ``layer`` where ``config.layer_types`` names the sliding layers (Qwen2/3, Gemma2/3)."""
     layer_types = getattr(config, "layer_types", None) or ()
     if layer < len(layer_types) and layer_types[layer] == "sliding_attention":
         return gqa_window(getattr(config, "sliding_window", None))
@@ -197,7 +197,6 @@ class DecoderFamily:
         """Which of :meth:`ropes` layer ``layer`` rotates with."""
         return ""
 
-
     def _norm_weight(self, g: Graph, module: nn.Module, path: str) -> tuple[str, float]:
         eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
         if eps is None or not hasattr(module, "weight"):
@@ -230,7 +229,7 @@ class DecoderFamily:
                 raise FastPathUnsupported(f"fast path: rope_type {rope.rope_type!r} depends on the sequence length "
                                           f"(built: {_STATIC_ROPE_TYPES})")
             rotary_dim = 2 * int(rope.inv_freq.numel())
-            if rotary_dim > kv.head_dim or rotary_dim % 2:
+            if rotary_dim > kv.head_dim:
                 raise FastPathUnsupported(f"fast path: rotary over {rotary_dim} of {kv.head_dim} dims")
         if not isinstance(inner.embed_tokens, nn.Embedding):
             raise FastPathUnsupported(f"fast path: embed_tokens is {type(inner.embed_tokens).__name__}, not nn.Embedding")
