@@ -130,8 +130,8 @@ def export_model(
         external_data: weights in ``model.onnx.data`` (``None``: above :data:`EXTERNAL_DATA_MIN_BYTES`, which
             bounds the export's peak memory near 1.3x the model).
         force: accept a ``quantization``/``double_quant`` that contradicts the training run record.
-        builder: ``fast`` (:mod:`.fastpath`: the graph built node by node with onnxruntime's fused ops, Llama
-            family), ``dynamo`` (``torch.onnx.export``, any architecture transformers can trace), or ``auto``
+        builder: ``fast`` (:mod:`.fastpath`: the graph built node by node with onnxruntime's fused ops: the
+            families whose ``fast_path`` is set in :mod:`adalora_deploy.architectures`), ``dynamo`` (``torch.onnx.export``, any architecture transformers can trace), or ``auto``
             (fast when the architecture allows, else dynamo). The manifest records which one built the graph.
         requantize: merged int4/int8: ``gptq`` (error-compensating, on ``calibration``; default) or ``rtn``.
         calibration: text file (.txt/.jsonl) for GPTQ re-quantization (``None``: the packaged sample text;

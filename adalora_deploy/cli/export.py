@@ -56,7 +56,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "adapters) plus adapter.onnx_adapter")
     export.add_argument("--builder", choices=("auto", "fast", "dynamo"), default="auto",
                         help="fast: build the graph node by node with onnxruntime's fused ops (Llama, Mistral, "
-                             "Qwen2); dynamo: torch.onnx.export (any traceable model); auto: fast when possible")
+                             "Qwen2, Qwen3, Gemma, Gemma2, Gemma3, Phi-3); dynamo: torch.onnx.export (any "
+                             "traceable model); auto: fast when possible")
     export.add_argument("--opset", type=int, default=None, help="default-domain opset (default: 20)")
     export.add_argument("--output", required=True, metavar="DIR", help="export folder")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output folder")

@@ -1,4 +1,4 @@
-"""Direct ONNX graph builder ("fast path") for Llama-family decoders (llama, mistral, qwen2): the build entry point.
+"""Direct ONNX graph builder ("fast path") for pre-norm GQA decoders (:data:`FAMILIES`): the build entry point.
 
 Instead of tracing the model with ``torch.onnx.export(dynamo=True)`` (minutes, an unfused graph), this
 module walks the export twin (a transformers causal LM after ``export.build.convert.convert_for_export``) and emits
@@ -38,7 +38,8 @@ Split as onnxruntime-genai's builder is split::
     linear.py   linear lowering (each twin's lowering(), fused siblings, LoRA branches: no kind named here)
                 and quantized tables
     family.py   the decoder every family shares, with one hook per architectural difference
-    llama.py, qwen2.py   one module per architecture family (a subclass naming its model types)
+    llama.py, mistral.py, qwen2.py, qwen3.py, gemma.py, gemma2.py, gemma3.py, phi3.py
+                one module per architecture family (a subclass naming its model types, overriding hooks)
     __init__    this entry point: pick the family, build, write, check
 
 Branch MatMuls are named ``/<m>/MatMul_0`` and ``/<m>/MatMul_1``, the base ``/<m>/base/...`` or, when the
@@ -71,8 +72,14 @@ from ..modules import LowRankBranch, NBitsLinear
 from .family import DecoderFamily, float_type, tied
 from .graph import FastPathUnsupported, Graph, WeightFile, register_checker_schemas, value_info
 from .linear import LM_HEAD_ACCURACY_LEVEL, MSFT, Branch, QuantizedTable, quantize_table
+from .gemma import GemmaFamily
+from .gemma2 import Gemma2Family
+from .gemma3 import Gemma3Family
 from .llama import LlamaFamily
+from .mistral import MistralFamily
+from .phi3 import Phi3Family
 from .qwen2 import Qwen2Family
+from .qwen3 import Qwen3Family
 
 __all__ = [
     "FAMILIES",
@@ -84,7 +91,8 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-FAMILIES: tuple[type[DecoderFamily], ...] = (LlamaFamily, Qwen2Family)
+FAMILIES: tuple[type[DecoderFamily], ...] = (LlamaFamily, MistralFamily, Qwen2Family, Qwen3Family, GemmaFamily,
+                                             Gemma2Family, Gemma3Family, Phi3Family)
 """Architecture families the fast path builds; a new family is a :class:`DecoderFamily` subclass added here."""
 SUPPORTED_MODEL_TYPES = tuple(t for family in FAMILIES for t in family.model_types)
 """``config.model_type`` values the fast path builds; anything else raises :class:`FastPathUnsupported`."""
@@ -114,10 +122,10 @@ def build_decoder(
     table_symmetric: bool = False,
     check: bool = True,
 ) -> ExportResult:
-    """Build the KV-cache decoding graph of a Llama-family twin directly (no tracing).
+    """Build the KV-cache decoding graph of a twin of one of :data:`FAMILIES` directly (no tracing).
 
     Args:
-        model: a transformers ``LlamaForCausalLM`` / ``MistralForCausalLM`` / ``Qwen2ForCausalLM`` after
+        model: a transformers causal LM of a ``model_type`` in :data:`SUPPORTED_MODEL_TYPES` after
             ``export.build.convert.convert_for_export`` (linears are ``nn.Linear``, :class:`NBitsLinear`,
             a base kind's twin with a ``lowering()`` (``export.build.kinds``) or :class:`LowRankBranch` around
             one of them).

@@ -1,25 +1,45 @@
 """The decoder every fast-path architecture family shares, with one hook per place where families differ.
 
 :class:`DecoderFamily` emits a pre-norm decoder (RMSNorm, rotary embedding, GroupQueryAttention, gated MLP)
-node by node; a family (:mod:`.llama`, :mod:`.qwen2`) is a subclass that names its ``model_type`` values and
-overrides only the hooks its architecture needs::
+node by node; a family (:mod:`.llama`, :mod:`.mistral`, :mod:`.qwen2`, :mod:`.qwen3`, :mod:`.gemma`,
+:mod:`.gemma2`, :mod:`.gemma3`, :mod:`.phi3`) is a subclass that names its ``model_type`` values and overrides
+only the hooks its architecture needs::
 
-    hook                      default (Llama)                         overridden by, e.g.
-    check(model)              refuse what the base class cannot build  Mistral/Qwen2 sliding windows
-    qkv(attn, path)           q_proj, k_proj, v_proj (fused here when  Phi3: one qkv_proj module
+    hook                      default (Llama)                         overridden by
+    check(model)              refuse what the base class cannot build  every family, for its own configs
+    qkv(attn, path)           q_proj, k_proj, v_proj (fused here when  -
                               their bases allow)
+    project_qkv(...)          qkv() through one (fused) group          Phi3: one qkv_proj module, Split after
     qk_norm(g, attn, q, k)    none                                    Qwen3, Gemma3: RMSNorm per head
+    norm_gamma(module)        the RMSNorm's weight                    Gemma: 1 + w
     embedding_scale(config)   none                                    Gemma: x sqrt(hidden)
-    attention_softcap(config) 0 (GQA's softcap attribute left out)    Gemma2
-    final_softcap(config)     none                                    Gemma2: c tanh(logits / c)
-    local_window_size(i)      -1 (full attention)                     Mistral, Gemma2/3 sliding layers
+    activation(g, gate)       SiLU                                    Gemma: GeLU (tanh)
+    mlp(...)                  gate_proj, up_proj (fused when allowed) Phi3: one gate_up_proj module
+    mlp_input_norm            post_attention_layernorm                Gemma2: pre_feedforward_layernorm
+    attention_output_norm     none                                    Gemma2: post_attention_layernorm
+    mlp_output_norm           none                                    Gemma2: post_feedforward_layernorm
+    attention_softcap(config) 0 (GQA's softcap attribute left out)    Gemma2: attn_logit_softcapping
+    final_softcap(config)     none                                    Gemma2: final_logit_softcapping
+    local_window_size(i)      -1 (full attention)                     Mistral, Phi3: sliding_window; Qwen2/3,
+                                                                      Gemma2/3: the layer_types' sliding layers
+    ropes(model), rope_key(i) one rotary embedding                    Gemma3: one per layer type (two bases)
 
 Attention biases need no hook: the linear lowering (:mod:`.linear`) adds any projection's bias (Qwen2's q/k/v).
+Nor does a partial rotary (``partial_rotary_factor``: RoPE on the first dims of each head, the rest passed
+through): RotaryEmbedding's ``rotary_embedding_dim`` takes it from the table's width.
+
+GroupQueryAttention's ``local_window_size`` w: in onnxruntime 1.32's CPU kernel a query at cache index i sees
+the w keys ``(i - w, i]`` (it zeroes ``[0, i + 1 - w)``), which is transformers' ``sliding_window`` s (``kv > i - s``):
+``local_window_size = s`` (:func:`gqa_window`). Earlier versions of the kernel's source zero ``[0, i - w)``, one
+key more (read, not measured here); so a window is built only where the installed onnxruntime is one whose kernel
+was measured against transformers (:data:`WINDOW_VERIFIED_ORT`): prompts and decode steps longer than the window,
+s - 1 and s + 1 both off by ~0.1 in the logits, s exact (tests/export/test_fastpath_families.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any, ClassVar
 
 import numpy as np
@@ -32,7 +52,7 @@ from ..modules import NBitsLinear
 from .graph import FastPathUnsupported, Graph, scope_of
 from .linear import MSFT, Branch, LinearEmitter, table_initializers
 
-__all__ = ["DecoderFamily", "Geometry"]
+__all__ = ["WINDOW_VERIFIED_ORT", "DecoderFamily", "Geometry", "Rope", "gqa_window", "layer_window", "per_head_norms"]
 
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 """RoPE types whose inverse frequencies do not depend on the sequence length (a fixed cos/sin table)."""
@@ -41,6 +61,55 @@ _FP16_MASK_BIAS = -1e4
 """Additive mask for pad keys in fp16 graphs: large enough that exp() underflows to 0, small enough that a fully
 masked (pad) query row stays finite (finfo(fp16).min plus a negative score overflows to -inf, and an all -inf
 row would put NaN into the pad positions' keys and values). fp32 graphs use finfo(fp32).min, as transformers."""
+
+
+WINDOW_VERIFIED_ORT = (1, 32)
+"""The oldest onnxruntime whose GroupQueryAttention window was measured equal to transformers' sliding window."""
+
+
+def gqa_window(sliding_window: int | None) -> int:
+    """GroupQueryAttention's ``local_window_size`` for transformers' ``sliding_window`` (``None``: -1, none).
+
+    Raises:
+        FastPathUnsupported: a window, and no installed onnxruntime at least :data:`WINDOW_VERIFIED_ORT`.
+    """
+    if sliding_window is None:
+        return -1
+    if int(sliding_window) < 1:
+        raise FastPathUnsupported(f"fast path: sliding_window {sliding_window!r} (expected >= 1)")
+    version = _onnxruntime_version()
+    if version is None or version < WINDOW_VERIFIED_ORT:
+        raise FastPathUnsupported(f"fast path: a sliding window needs onnxruntime >= "
+                                  f"{'.'.join(map(str, WINDOW_VERIFIED_ORT))} (its GroupQueryAttention window was "
+                                  f"measured there; older kernels see one key more), found {version}")
+    return int(sliding_window)
+
+
+def layer_window(config: Any, layer: int) -> int:
+    """``local_window_size`` of layer ``layer`` where ``config.layer_types`` names the sliding layers (Qwen2/3, Gemma2/3)."""
+    layer_types = getattr(config, "layer_types", None) or ()
+    if layer < len(layer_types) and layer_types[layer] == "sliding_attention":
+        return gqa_window(getattr(config, "sliding_window", None))
+    return -1
+
+
+def _onnxruntime_version() -> tuple[int, int] | None:
+    for dist in ("onnxruntime", "onnxruntime-gpu"):
+        try:
+            major, minor = metadata.version(dist).split(".")[:2]
+            return int(major), int(minor)
+        except (metadata.PackageNotFoundError, ValueError):
+            continue
+    return None
+
+
+@dataclass(frozen=True)
+class Rope:
+    """One rotary embedding's inverse frequencies, cos/sin scale and transformers' ``rope_type``."""
+
+    inv_freq: torch.Tensor
+    attention_scaling: float
+    rope_type: str
 
 
 @dataclass(frozen=True)
@@ -56,25 +125,51 @@ class DecoderFamily:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     """``config.model_type`` values this family builds."""
+    hidden_acts: ClassVar[tuple[str, ...]] = ("silu",)
+    """``config.hidden_act`` values :meth:`activation` computes."""
+    mlp_input_norm: ClassVar[str] = "post_attention_layernorm"
+    """The decoder layer's attribute holding the norm before the MLP (fused with the residual add)."""
+    attention_output_norm: ClassVar[str | None] = None
+    """A norm of the attention's output before its residual add (Gemma2/3: ``post_attention_layernorm``)."""
+    mlp_output_norm: ClassVar[str | None] = None
+    """A norm of the MLP's output before its residual add (Gemma2/3: ``post_feedforward_layernorm``)."""
 
     # --- hooks --------------------------------------------------------------------------------------------
 
     def check(self, model: nn.Module) -> None:
         """Raise :class:`FastPathUnsupported` for a model of this family that the graph would compute wrongly."""
         config = model.config
-        if getattr(config, "hidden_act", "silu") != "silu":
-            raise FastPathUnsupported(f"fast path: hidden_act {config.hidden_act!r} (only silu is built)")
-        layer_types = getattr(config, "layer_types", None)
-        if layer_types and any(t != "full_attention" for t in layer_types):
-            raise FastPathUnsupported(f"fast path: layer types {sorted(set(layer_types))} (only full_attention)")
+        if getattr(config, "hidden_act", self.hidden_acts[0]) not in self.hidden_acts:
+            raise FastPathUnsupported(f"fast path: {config.model_type} hidden_act {config.hidden_act!r} (built: "
+                                      f"{', '.join(self.hidden_acts)})")
+        for i, kind in enumerate(getattr(config, "layer_types", None) or ()):
+            # a sliding layer is built only by a family that gives it a window
+            if kind != "full_attention" and not (kind == "sliding_attention" and self.local_window_size(config, i) > 0):
+                raise FastPathUnsupported(f"fast path: {config.model_type} layer {i} is {kind!r} and gets no window "
+                                          "(built: full_attention, and sliding_attention where the family gives it "
+                                          "a window)")
 
     def qkv(self, attn: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
         """The q, k, v projections (module path, module), fused into one base node when compatible."""
         return [(f"{path}.{n}", getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")]
 
+    def project_qkv(self, g: Graph, emitter: LinearEmitter, attn: nn.Module, x: str, path: str,
+                    fuse: bool) -> tuple[str, str, str]:
+        """Queries, keys and values [B, S, heads * head_dim] from the normed hidden state ``x``."""
+        q, k, v = emitter.group(self.qkv(attn, path), x, f"{path}.qkv_proj", fuse)
+        return q, k, v
+
     def qk_norm(self, g: Graph, attn: nn.Module, q: str, k: str, path: str) -> tuple[str, str]:
         """Queries and keys after any per-head normalization, before rotary embedding (none here)."""
         return q, k
+
+    def norm_gamma(self, module: nn.Module) -> torch.Tensor:
+        """The multiplier of an RMSNorm's normalized input (its weight here)."""
+        return module.weight
+
+    def activation(self, g: Graph, gate: str, scope: str) -> str:
+        """The gated MLP's activation of the gate projection (SiLU here)."""
+        return g.op1("Mul", [gate, g.op1("Sigmoid", [gate], f"{scope}/act_fn")], f"{scope}/act_fn")
 
     def embedding_scale(self, config: Any) -> float | None:
         """A factor the embedding output is multiplied by (none here)."""
@@ -92,6 +187,30 @@ class DecoderFamily:
         """GroupQueryAttention's ``local_window_size`` for one layer (-1: full attention)."""
         return -1
 
+    def ropes(self, model: nn.Module) -> dict[str, Rope]:
+        """The model's rotary embeddings by :meth:`rope_key` (one, ``""``, here: ``model.model.rotary_emb``)."""
+        rotary = model.model.rotary_emb
+        return {"": Rope(rotary.inv_freq, float(getattr(rotary, "attention_scaling", 1.0)),
+                         getattr(rotary, "rope_type", "default"))}
+
+    def rope_key(self, config: Any, layer: int) -> str:
+        """Which of :meth:`ropes` layer ``layer`` rotates with."""
+        return ""
+
+    def _norm_weight(self, g: Graph, module: nn.Module, path: str) -> tuple[str, float]:
+        eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
+        if eps is None or not hasattr(module, "weight"):
+            raise FastPathUnsupported(f"fast path: {path} ({type(module).__name__}) is not an RMSNorm")
+        return g.floats(f"{path}.weight", self.norm_gamma(module)), float(eps)
+
+    # sublayer output ─> SimplifiedLayerNormalization (a norm before the residual add; none: as it is)
+    def _sandwich(self, g: Graph, layer: nn.Module, name: str | None, x: str, path: str) -> str:
+        if name is None:
+            return x
+        gamma, eps = self._norm_weight(g, getattr(layer, name), f"{path}.{name}")
+        return g.op1("SimplifiedLayerNormalization", [x, gamma], scope_of(f"{path}.{name}"), epsilon=eps, axis=-1,
+                     stash_type=1)
+
     # --- the decoder --------------------------------------------------------------------------------------
 
     def geometry(self, model: nn.Module) -> Geometry:
@@ -102,14 +221,16 @@ class DecoderFamily:
         for attr in ("embed_tokens", "layers", "norm", "rotary_emb"):
             if inner is None or not hasattr(inner, attr):
                 raise FastPathUnsupported(f"fast path: {type(model).__name__} has no model.{attr}")
-        rope_type = getattr(inner.rotary_emb, "rope_type", "default")
-        if rope_type not in _STATIC_ROPE_TYPES:
-            raise FastPathUnsupported(f"fast path: rope_type {rope_type!r} depends on the sequence length "
-                                      f"(built: {_STATIC_ROPE_TYPES})")
         kv = KVGeometry.of(config)
-        if 2 * int(inner.rotary_emb.inv_freq.numel()) != kv.head_dim:
-            raise FastPathUnsupported(f"fast path: partial rotary ({2 * inner.rotary_emb.inv_freq.numel()} of "
-                                      f"{kv.head_dim} dims) is not built")
+        for i in range(kv.num_layers):  # a window the installed onnxruntime cannot be trusted with: refused now
+            self.local_window_size(config, i)
+        for rope in self.ropes(model).values():
+            if rope.rope_type not in _STATIC_ROPE_TYPES:
+                raise FastPathUnsupported(f"fast path: rope_type {rope.rope_type!r} depends on the sequence length "
+                                          f"(built: {_STATIC_ROPE_TYPES})")
+            rotary_dim = 2 * int(rope.inv_freq.numel())
+            if rotary_dim > kv.head_dim:
+                raise FastPathUnsupported(f"fast path: rotary over {rotary_dim} of {kv.head_dim} dims")
         if not isinstance(inner.embed_tokens, nn.Embedding):
             raise FastPathUnsupported(f"fast path: embed_tokens is {type(inner.embed_tokens).__name__}, not nn.Embedding")
         attn = inner.layers[0].self_attn
@@ -122,7 +243,8 @@ class DecoderFamily:
         inner, config = model.model, model.config
         mask_bias = float(np.finfo(np.float32).min) if g.float_type == np.float32 else _FP16_MASK_BIAS
         positions, bias, seqlens, total, query_seqlens = _mask_subgraph(g, mask_bias)
-        cos, sin = _rope_tables(model, g)
+        ropes = {key: _rope_tables(model, g, rope, f"_{key}" if key else "") for key, rope in self.ropes(model).items()}
+        cos_dims = {ropes[key][0]: 2 * int(rope.inv_freq.numel()) for key, rope in self.ropes(model).items()}
         hidden = _emit_embedding(g, model, tables)
         scale = self.embedding_scale(config)
         if scale is not None:
@@ -133,7 +255,7 @@ class DecoderFamily:
         x = None
         for i, layer in enumerate(inner.layers):
             path = f"model.layers.{i}"
-            gamma, eps = _norm_weight(g, layer.input_layernorm, f"{path}.input_layernorm")
+            gamma, eps = self._norm_weight(g, layer.input_layernorm, f"{path}.input_layernorm")
             if residual is None:
                 x = g.op1("SimplifiedLayerNormalization", [hidden, gamma], f"{scope_of(path)}/input_layernorm",
                           epsilon=eps, axis=-1, stash_type=1)
@@ -142,11 +264,14 @@ class DecoderFamily:
                 x, residual = _skip_norm(g, hidden, residual, gamma, eps, f"{path}.input_layernorm")
             attn = layer.self_attn
             apath = f"{path}.self_attn"
-            q, k, v = emitter.group(self.qkv(attn, apath), x, f"{apath}.qkv_proj", fused_qkv)
+            q, k, v = self.project_qkv(g, emitter, attn, x, apath, fused_qkv)
             q, k = self.qk_norm(g, attn, q, k, apath)
             ascope = scope_of(apath)
-            q = g.op1("RotaryEmbedding", [q, positions, cos, sin], ascope, domain=MSFT)
-            k = g.op1("RotaryEmbedding", [k, positions, cos, sin], ascope, domain=MSFT)
+            cos, sin = ropes[self.rope_key(config, i)]
+            q = g.op1("RotaryEmbedding", [q, positions, cos, sin], ascope, domain=MSFT,
+                      **_partial_rotary(cos_dims[cos], geometry.kv.head_dim, geometry.kv.num_heads))
+            k = g.op1("RotaryEmbedding", [k, positions, cos, sin], ascope, domain=MSFT,
+                      **_partial_rotary(cos_dims[cos], geometry.kv.head_dim, geometry.kv.num_kv_heads))
             gqa = dict(num_heads=geometry.kv.num_heads, kv_num_heads=geometry.kv.num_kv_heads,
                        scale=geometry.scaling, do_rotary=0, local_window_size=self.local_window_size(config, i))
             if softcap:
@@ -157,10 +282,13 @@ class DecoderFamily:
                        ascope, outputs=[f"{ascope}/GroupQueryAttention/output_0", present[2 * i], present[2 * i + 1]],
                        domain=MSFT, **gqa)[0]
             attn_out = emitter.linear(attn.o_proj, out, f"{apath}.o_proj")
-            gamma, eps = _norm_weight(g, layer.post_attention_layernorm, f"{path}.post_attention_layernorm")
-            x, residual = _skip_norm(g, attn_out, residual, gamma, eps, f"{path}.post_attention_layernorm")
+            attn_out = self._sandwich(g, layer, self.attention_output_norm, attn_out, path)
+            norm_name = self.mlp_input_norm
+            gamma, eps = self._norm_weight(g, getattr(layer, norm_name), f"{path}.{norm_name}")
+            x, residual = _skip_norm(g, attn_out, residual, gamma, eps, f"{path}.{norm_name}")
             hidden = self.mlp(g, emitter, layer.mlp, x, f"{path}.mlp", fused_gate_up)
-        gamma, eps = _norm_weight(g, inner.norm, "model.norm")
+            hidden = self._sandwich(g, layer, self.mlp_output_norm, hidden, path)
+        gamma, eps = self._norm_weight(g, inner.norm, "model.norm")
         x, _ = _skip_norm(g, hidden, residual, gamma, eps, "model.norm")
         logits = _emit_lm_head(g, emitter, model, x, tables, geometry.kv)
         cap = self.final_softcap(config)
@@ -175,12 +303,33 @@ class DecoderFamily:
 
     # x ─> gate/up projection (fused) ─> Split ─> [+ LoRA] ─> Sigmoid/Mul/Mul ─> down_proj
     def mlp(self, g: Graph, emitter: LinearEmitter, mlp: nn.Module, x: str, path: str, fuse: bool) -> str:
-        """The gated SiLU MLP."""
+        """The gated MLP: ``down_proj(activation(gate_proj(x)) * up_proj(x))``."""
         gate, up = emitter.group([(f"{path}.{n}", getattr(mlp, n)) for n in ("gate_proj", "up_proj")], x,
                                  f"{path}.gate_up_proj", fuse)
         scope = scope_of(path)
-        act = g.op1("Mul", [gate, g.op1("Sigmoid", [gate], f"{scope}/act_fn")], f"{scope}/act_fn")
+        act = self.activation(g, gate, scope)
         return emitter.linear(mlp.down_proj, g.op1("Mul", [act, up], scope), f"{path}.down_proj")
+
+
+# q [B, S, H * D] ─> Reshape [B, S, H, D] ─> SimplifiedLayerNormalization(q_norm) ─> Reshape [B, S, H * D]; k alike
+def per_head_norms(family: DecoderFamily, g: Graph, attn: nn.Module, q: str, k: str, path: str) -> tuple[str, str]:
+    """``attn.q_norm`` / ``attn.k_norm`` (RMSNorms over ``head_dim``, one weight shared by the heads, its multiplier
+    from ``family.norm_gamma``) on queries and keys: Qwen3's and Gemma3's :meth:`DecoderFamily.qk_norm`."""
+    head_dim = int(attn.head_dim)
+    scope = scope_of(path)
+    heads = g.const([0, 0, -1, head_dim])
+    flat = g.const([0, 0, -1])
+    out = []
+    for x, name in ((q, "q_norm"), (k, "k_norm")):
+        norm = getattr(attn, name, None)
+        if norm is None or tuple(norm.weight.shape) != (head_dim,):
+            raise FastPathUnsupported(f"fast path: {path}.{name} is not an RMSNorm over head_dim {head_dim}")
+        gamma, eps = family._norm_weight(g, norm, f"{path}.{name}")
+        per_head = g.op1("Reshape", [x, heads], f"{scope}/{name}")
+        normed = g.op1("SimplifiedLayerNormalization", [per_head, gamma], f"{scope}/{name}", epsilon=eps, axis=-1,
+                       stash_type=1)
+        out.append(g.op1("Reshape", [normed, flat], f"{scope}/{name}"))
+    return out[0], out[1]
 
 
 def float_type(model: nn.Module) -> np.dtype:
@@ -230,22 +379,20 @@ def _mask_subgraph(g: Graph, mask_bias: float) -> tuple[str, str, str, str, str]
     return positions, bias, seqlens, total32, query_seqlens
 
 
-def _rope_tables(model: nn.Module, g: Graph) -> tuple[str, str]:
-    """``cos_cache`` / ``sin_cache`` [max_positions, head_dim / 2], computed as transformers computes them."""
+def _partial_rotary(rotary_dim: int, head_dim: int, heads: int) -> dict[str, int]:
+    """RotaryEmbedding's attributes for rotating the first ``rotary_dim`` of ``head_dim`` dims of each head
+    (transformers' ``partial_rotary_factor``: the rest pass through); none for a full rotation."""
+    return {} if rotary_dim == head_dim else {"rotary_embedding_dim": rotary_dim, "num_heads": heads}
+
+
+def _rope_tables(model: nn.Module, g: Graph, rope: Rope, suffix: str) -> tuple[str, str]:
+    """``cos_cache`` / ``sin_cache`` (+ ``suffix``) [max_positions, head_dim / 2], as transformers computes them."""
     rotary = model.model.rotary_emb
-    inv_freq = rotary.inv_freq.detach().float()
+    inv_freq = rope.inv_freq.detach().float()
     positions = getattr(model.config, "max_position_embeddings", None) or getattr(rotary, "max_seq_len_cached")
     freqs = torch.arange(int(positions), dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-    scale = float(getattr(rotary, "attention_scaling", 1.0))
-    cos, sin = freqs.cos() * scale, freqs.sin() * scale
-    return g.floats("cos_cache", cos), g.floats("sin_cache", sin)
-
-
-def _norm_weight(g: Graph, module: nn.Module, path: str) -> tuple[str, float]:
-    eps = getattr(module, "variance_epsilon", None) or getattr(module, "eps", None)
-    if eps is None or not hasattr(module, "weight"):
-        raise FastPathUnsupported(f"fast path: {path} ({type(module).__name__}) is not an RMSNorm")
-    return g.floats(f"{path}.weight", module.weight), float(eps)
+    cos, sin = freqs.cos() * rope.attention_scaling, freqs.sin() * rope.attention_scaling
+    return g.floats(f"cos_cache{suffix}", cos), g.floats(f"sin_cache{suffix}", sin)
 
 
 def _emit_embedding(g: Graph, model: nn.Module, tables: dict[str, NBitsLinear]) -> str:

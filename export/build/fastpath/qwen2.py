@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from torch import nn
+from typing import Any
 
-from .graph import FastPathUnsupported
-from .llama import LlamaFamily
+from .family import DecoderFamily, layer_window
 
 __all__ = ["Qwen2Family"]
 
 
-class Qwen2Family(LlamaFamily):
-    """Qwen2: Llama's graph; ``use_sliding_window`` is refused (GQA's local window semantics unverified)."""
+class Qwen2Family(DecoderFamily):
+    """Qwen2: Llama's graph; with ``use_sliding_window`` the layers ``config.layer_types`` names sliding get GQA's
+    ``local_window_size`` (:func:`~.family.layer_window`)."""
 
     model_types = ("qwen2",)
 
-    def check(self, model: nn.Module) -> None:
-        super().check(model)
-        if getattr(model.config, "use_sliding_window", False):
-            raise FastPathUnsupported("fast path: qwen2 with use_sliding_window is not built")
+    def local_window_size(self, config: Any, layer: int) -> int:
+        return layer_window(config, layer)
