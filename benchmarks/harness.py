@@ -122,7 +122,7 @@ class ChildRun:
     stderr: str
 
 
-def run_child(argv: list[str], timeout: float = 3600) -> ChildRun:
+def run_child(argv: list[str], timeout: float = 3600, cwd: Path | None = None) -> ChildRun:
     """Run ``argv``: CPU time from ``os.wait4`` (exactly this child), peak RSS sampled every 10 ms.
 
     Not ``ru_maxrss``: a child's maxrss starts from the parent's RSS at the fork (Linux carries the old
@@ -132,7 +132,7 @@ def run_child(argv: list[str], timeout: float = 3600) -> ChildRun:
 
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
         start = time.perf_counter()
-        process = subprocess.Popen(argv, stdout=out, stderr=err)
+        process = subprocess.Popen(argv, stdout=out, stderr=err, cwd=cwd)
         watched, peak = psutil.Process(process.pid), 0
         while True:
             pid, status, usage = os.wait4(process.pid, os.WNOHANG)

@@ -64,7 +64,7 @@ def run_gptqmodel(suite: Suite, calibration: str, samples: int, seq_len: int) ->
     argv = [python, str(HERE / "gptqmodel_quantize.py"), suite.model, "--ids", str(ids_file), "--output",
             str(suite.workdir / "quantized-gptqmodel"), "--bits", "4", "--group-size", "128", "--damp", "0.01"]
     suite.command("quantize", argv)
-    run = run_child(argv, timeout=7200)
+    run = run_child(argv, timeout=7200, cwd=suite.workdir)  # gptqmodel writes logs/ into its working folder
     if run.returncode:
         suite.skip("quantize", "gptqmodel side by side", f"failed: {tail(run.stderr)}")
         return None
