@@ -221,6 +221,25 @@ _KINDS = {
 }
 
 
+def attach_branches(model: nn.Module, kind: str, targets: tuple[str, ...], generator: torch.Generator,
+                    ids: torch.Tensor, mask: torch.Tensor) -> nn.Module:
+    """Every decoder linear as base ``kind`` (:data:`_KINDS`), a random non-zero rank-4 branch on the modules
+    named ``targets``; asserts that the branches change the prompt's logits (a parity test of them means
+    something)."""
+    plain = _prompt_logits(model, ids, mask)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Linear and name.startswith("model.layers"):
+            base = _KINDS[kind](module, generator)
+            if name.rsplit(".", 1)[-1] in targets:
+                n, k = module.weight.shape
+                A = torch.randn(4, k, generator=generator) * 0.2
+                B = torch.randn(n, 4, generator=generator) * 0.2
+                base = LowRankBranch(base, A, B, in_features=k, out_features=n)
+            swap_module(model, name, base)
+    assert (_prompt_logits(model, ids, mask) - plain).abs().max() > ADAPTER_EFFECT_MIN
+    return model
+
+
 @pytest.mark.parametrize(("kind", "fused"), [(kind, True) for kind in sorted(_KINDS)] + [("nbits", False)],
                          ids=lambda v: v if isinstance(v, str) else ("fused" if v else "unfused"))
 def test_every_base_kind_with_branches_matches_the_twin(kind, fused, tmp_path):
@@ -230,17 +249,7 @@ def test_every_base_kind_with_branches_matches_the_twin(kind, fused, tmp_path):
     ids = torch.randint(0, 256, (2, 7), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
-    plain = _prompt_logits(model, ids, mask)
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and name.startswith("model.layers"):
-            base = _KINDS[kind](module, generator)
-            if name.endswith(("q_proj", "up_proj")):
-                n, k = module.weight.shape
-                A = torch.randn(4, k, generator=generator) * 0.2
-                B = torch.randn(n, 4, generator=generator) * 0.2
-                base = LowRankBranch(base, A, B, in_features=k, out_features=n)
-            swap_module(model, name, base)
-    assert (_prompt_logits(model, ids, mask) - plain).abs().max() > ADAPTER_EFFECT_MIN
+    attach_branches(model, kind, ("q_proj", "up_proj"), generator, ids, mask)
     result, report = _parity(model, tmp_path, ids, mask, fused_qkv=fused, fused_gate_up=fused)
     _assert_exact(report)
     proto = onnx.load(str(result.model_path), load_external_data=False)

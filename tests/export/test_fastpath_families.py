@@ -16,12 +16,11 @@ from adalora_deploy.architectures import ARCHITECTURES, architecture_for
 from adalora_deploy.export.build.fastpath import SUPPORTED_MODEL_TYPES, FastPathUnsupported, build_decoder
 from adalora_deploy.export.build.fastpath import family as family_module
 from adalora_deploy.export.build.modules import LowRankBranch, swap_module
-from adalora_deploy.export.judge.check import ADAPTER_EFFECT_MIN
 from adalora_deploy.export.judge.parity import decoder_parity
 from adalora_deploy.export.runtime.session import DecoderSession, create_session
 from torch import nn
 
-from tests.export.test_fastpath import _KINDS, _assert_exact, _prompt_logits
+from tests.export.test_fastpath import _assert_exact, attach_branches
 from tests.tiny_families import CONFIGS, SLIDING_WINDOW, TOKENS
 
 FAMILIES = ["mistral", "qwen2-sliding", "qwen3", "gemma", "phi3", "phi3-partial", "gemma2", "gemma3_text-mixed"]
@@ -72,20 +71,8 @@ def _batch(seq: int) -> tuple[torch.Tensor, torch.Tensor]:
 def _with_branches(model: nn.Module, kind: str) -> nn.Module:
     """Every decoder linear as base ``kind``; the default targets and the MLP's up projection get a branch."""
     targets = architecture_for(model.config.model_type).target_modules + ("up_proj", "gate_up_proj")
-    generator = torch.Generator().manual_seed(1)
     ids, mask = _batch(20)
-    plain = _prompt_logits(model, ids, mask)
-    for name, module in list(model.named_modules()):
-        if type(module) is nn.Linear and name.startswith("model.layers"):
-            base = _KINDS[kind](module, generator)
-            if name.rsplit(".", 1)[-1] in targets:
-                n, k = module.weight.shape
-                A = torch.randn(4, k, generator=generator) * 0.2
-                B = torch.randn(n, 4, generator=generator) * 0.2
-                base = LowRankBranch(base, A, B, in_features=k, out_features=n)
-            swap_module(model, name, base)
-    assert (_prompt_logits(model, ids, mask) - plain).abs().max() > ADAPTER_EFFECT_MIN
-    return model
+    return attach_branches(model, kind, targets, torch.Generator().manual_seed(1), ids, mask)
 
 
 def _parity(model, tmp_path, seq=20, **build):
