@@ -94,7 +94,8 @@ def graph_prefill(folder: Path, model_dir: str, ids: np.ndarray, threads: int) -
     feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids)}
     for item in session.get_inputs():
         if item.name.startswith("past_key_values."):
-            feeds[item.name] = np.zeros((ids.shape[0], heads, 0, head_dim), np.float32)
+            dtype = np.float16 if item.type == "tensor(float16)" else np.float32
+            feeds[item.name] = np.zeros((ids.shape[0], heads, 0, head_dim), dtype)
     return lambda: session.run(["logits"], feeds)
 
 

@@ -73,15 +73,23 @@ def the_job(suite: Suite) -> Path | None:
 def export_variants(suite: Suite, job: Path, names: list[str]) -> Path | None:
     """Rerun the job from its export stage, in a copy, with every variant in its ``export`` list."""
     folder = suite.workdir / "variants"
-    if folder.exists():
-        shutil.rmtree(folder)
-    shutil.copytree(job, folder, ignore=shutil.ignore_patterns("exports", "report"))
     config = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
     config["export"] = [{"name": name, **entry} for name, entry, _ in VARIANTS if name in names]
     config_file = suite.workdir / "variants.yaml"
-    config_file.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
+    text = yaml.safe_dump(config, sort_keys=False)
     argv = [PYTHON, "-m", "adalora_deploy.cli", "run", str(config_file), "--output", str(folder), "--from", "export"]
     suite.command("shipped", f"{CONFIG.name} with export: {config['export']}; {' '.join(argv)}")
+    source = job / "train" / "adapter" / "adapter_model.safetensors"
+    copied = folder / "train" / "adapter" / "adapter_model.safetensors"
+    if (folder / "report" / "report.json").is_file() and config_file.is_file() and \
+            config_file.read_text(encoding="utf-8") == text and copied.is_file() and \
+            copied.read_bytes() == source.read_bytes():
+        print(f"  reusing the export variants in {folder} (--workdir of an earlier run, same adapter and list)")
+        return folder
+    if folder.exists():
+        shutil.rmtree(folder)
+    shutil.copytree(job, folder, ignore=shutil.ignore_patterns("exports", "report"))
+    config_file.write_text(text, encoding="utf-8")
     print(f"  exporting, checking and scoring {len(names)} graphs: {' '.join(argv)}", flush=True)
     run = run_child(argv, timeout=5400)
     if not (folder / "report" / "report.json").is_file():
