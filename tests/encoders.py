@@ -13,7 +13,7 @@ FILLER = ("the", "film", "was", "a", "plot", "very", "and", "cast", "story", "it
 
 
 def write_encoder(folder: Path, model_type: str, seed: int = 0) -> Path:
-    """A 2-layer, hidden-32 encoder saved as its base model (no head) with the byte tokenizer."""
+    """A 2-layer, hidden-64 encoder saved as its base model (no head) with the byte tokenizer."""
     import torch
     from transformers import AutoConfig, AutoModel
 
@@ -22,8 +22,8 @@ def write_encoder(folder: Path, model_type: str, seed: int = 0) -> Path:
     extra = {"type_vocab_size": 2} if model_type != "deberta-v2" else {
         "relative_attention": True, "position_buckets": 16, "max_relative_positions": 64,
         "pos_att_type": ["p2c", "c2p"], "position_biased_input": False, "type_vocab_size": 0}
-    config = AutoConfig.for_model(model_type, vocab_size=259, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64, pad_token_id=258,
+    config = AutoConfig.for_model(model_type, vocab_size=259, hidden_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, intermediate_size=128, pad_token_id=258,
                                   max_position_embeddings=128, hidden_dropout_prob=0.0,
                                   attention_probs_dropout_prob=0.0, **extra)
     torch.manual_seed(seed)
