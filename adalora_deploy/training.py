@@ -65,6 +65,7 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "make_optimizer",
+    "seed_everything",
     "train",
 ]
 
@@ -131,6 +132,11 @@ class TrainResult:
     final_loss: float
     live_ranks: dict[str, int]
     resumed_from: int | None
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (a classifier's fresh head is drawn from torch's generator)."""
+    _seed_everything(seed)
 
 
 def _seed_everything(seed: int) -> None:

@@ -33,13 +33,13 @@ def write_encoder(folder: Path, model_type: str, seed: int = 0) -> Path:
 
 
 def labelled_records(n: int, seed: int = 0) -> list[dict[str, str]]:
-    """Short sentences whose label is the sentiment word they hold."""
+    """Short sentences whose label is the sentiment word they open with (a random encoder pools the first
+    token, and the byte tokenizer adds no [CLS]: the word first keeps the task learnable in a few steps)."""
     rng = random.Random(seed)
     records = []
     for i in range(n):
         label = "positive" if i % 2 == 0 else "negative"
-        words = [rng.choice(FILLER) for _ in range(3)] + [rng.choice(POSITIVE if label == "positive" else NEGATIVE)]
-        rng.shuffle(words)
+        words = [rng.choice(POSITIVE if label == "positive" else NEGATIVE)] + [rng.choice(FILLER) for _ in range(3)]
         records.append({"text": " ".join(words), "label": label})
     return records
 
@@ -58,5 +58,6 @@ def classification_config(model: Path, data: Path, *, quantization: str = "none"
         "train": {"steps": steps, "batch_size": 16, "seq_len": 32, "lr": 1.0e-2, "seed": 0, "eval_every": 0},
     }
     for key, value in sections.items():
-        config[key] = {**config.get(key, {}), **value} if isinstance(value, dict) else value
+        current = config.get(key)
+        config[key] = {**current, **value} if isinstance(value, dict) and isinstance(current, dict) else value
     return config

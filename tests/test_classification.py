@@ -1,0 +1,172 @@
+"""``task: classification`` end to end on tiny random encoders: train (AdaLoRA + the head in full), compact,
+export merged and separate, check, and the exported graph predicts exactly what the trained model predicts."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from adalora_deploy.config import ConfigError, parse_run_config
+from tests.encoders import classification_config, write_encoder, write_labelled
+
+TARGETS = {"bert": ["query", "key", "value", "dense"],
+           "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
+                          "output.dense"]}
+
+
+def test_task_classification_config():
+    run = parse_run_config(classification_config("m", "d.jsonl"))
+    assert run.task.kind == "classification" and run.task.label == "label"
+    assert run.adapter.task_type == "SEQ_CLS"  # PEFT's task type for sequence classifiers
+    config = classification_config("m", "d.jsonl")
+    del config["task"]
+    assert parse_run_config(config).task.kind == "causal-lm"  # the default
+    assert parse_run_config(classification_config("m", "d.jsonl", task={"kind": "classification", "label": "y"})
+                            ).task.label == "y"
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("task", {"kind": "classification", "choices": ["a", "b"]}, r"task.choices .* applies to causal-lm"),
+    ("task", {"kind": "regression"}, r"task.kind = 'regression': must be one of"),
+    ("data", {"train": "d.jsonl", "prompt": "{text}", "completion": "{label}"}, r"data.prompt .* text and a label"),
+    ("model", {"path": "m", "quantization": "gptq"}, r"model.quantization = 'gptq': is not supported for task"),
+])
+def test_classification_config_refusals(section, values, message):
+    config = classification_config("m", "d.jsonl")
+    config[section] = values
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config(config)
+
+
+def _labelled_accuracy(logits, tokenizer, data, seq_len):
+    from adalora_deploy.classification import classifier_accuracy
+
+    return classifier_accuracy(logits, tokenizer, data.eval_texts, data.eval_labels, max_length=seq_len)
+
+
+def test_encoder_trains_and_carries_its_head(tmp_path):
+    """The fast part of the chain: trained accuracy above the untrained head's, the head saved under PEFT's keys and
+    carried unchanged by compaction (the whole chain is the slow test below)."""
+    from safetensors.torch import load_file
+
+    from adalora_deploy.classification import build_labelled_data, torch_classifier_logits
+    from adalora_deploy.compaction import compact_adapter
+    from adalora_deploy.models import load_base_model, load_tokenizer, load_trained_model
+    from adalora_deploy.training import seed_everything, train
+
+    model = write_encoder(tmp_path / "model", "bert")
+    run = parse_run_config(classification_config(model, write_labelled(tmp_path / "data.jsonl"), steps=30,
+                                                 adapter={"target_modules": TARGETS["bert"]}))
+    adapter = train(run, tmp_path / "run", progress=False).adapter_dir
+    tokenizer = load_tokenizer(str(model))
+    data = build_labelled_data(run.data, "label", seed=0)
+    seed_everything(0)
+    untrained = _labelled_accuracy(torch_classifier_logits(load_base_model(run.model, labels=data.labels)),
+                                   tokenizer, data, 32)
+    trained = _labelled_accuracy(torch_classifier_logits(load_trained_model(model, adapter, quantization="none")),
+                                 tokenizer, data, 32)
+    assert trained["accuracy"] > untrained["accuracy"], (untrained, trained)
+    original = load_file(adapter / "adapter_model.safetensors")
+    assert {k for k in original if ".lora_" not in k} == {"base_model.model.classifier.weight",
+                                                           "base_model.model.classifier.bias"}
+    compacted = load_file(compact_adapter(adapter, tmp_path / "compact").output_dir / "adapter_model.safetensors")
+    assert all(torch_equal(compacted[k], original[k]) for k in ("base_model.model.classifier.weight",
+                                                                "base_model.model.classifier.bias"))
+    run_record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert run_record["labels"] == ["negative", "positive"] and run_record["target_modules"] == TARGETS["bert"]
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))
+
+
+@pytest.mark.slow  # 25 s each on 2 CPU cores: two dynamo exports and two checks
+@pytest.mark.parametrize("model_type, quantization", [
+    ("bert", "none"),
+    ("deberta-v2", "none"),
+    ("bert", "bnb-nf4"),
+    ("deberta-v2", "bnb-nf4"),
+])
+def test_encoder_end_to_end(model_type, quantization, tmp_path):
+    from safetensors.torch import load_file
+
+    from adalora_deploy.classification import build_labelled_data, torch_classifier_logits
+    from adalora_deploy.compaction import compact_adapter
+    from adalora_deploy.export.api import export_model
+    from adalora_deploy.export.judge.check import check_export
+    from adalora_deploy.export.runtime.classifier import ClassifierSession
+    from adalora_deploy.models import load_base_model, load_tokenizer, load_trained_model
+    from adalora_deploy.training import seed_everything, train
+
+    model = write_encoder(tmp_path / "model", model_type)
+    data_file = write_labelled(tmp_path / "data.jsonl")
+    run = parse_run_config(classification_config(model, data_file, quantization=quantization, steps=30,
+                                                 adapter={"target_modules": TARGETS[model_type]},
+                                                 train={"lr": 1.0e-2}))
+    result = train(run, tmp_path / "run", progress=False)
+    adapter = result.adapter_dir
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    head = ["classifier"] if model_type == "bert" else ["pooler", "classifier"]
+    assert config["modules_to_save"] == head and config["task_type"] == "SEQ_CLS"
+    saved = {k for k in load_file(adapter / "adapter_model.safetensors") if ".lora_" not in k}
+    assert saved and all(k.startswith(tuple(f"base_model.model.{m}." for m in head)) for k in saved)
+    assert config["adalora_deploy"]["labels"] == ["negative", "positive"]
+
+    tokenizer = load_tokenizer(str(model))
+    data = build_labelled_data(run.data, "label", seed=0)
+    seed_everything(0)
+    untrained = _labelled_accuracy(torch_classifier_logits(load_base_model(run.model, labels=data.labels)),
+                                   tokenizer, data, 32)
+    trained_model = load_trained_model(model, adapter, quantization=quantization)
+    trained = _labelled_accuracy(torch_classifier_logits(trained_model), tokenizer, data, 32)
+    assert trained["accuracy"] > untrained["accuracy"], (untrained, trained)
+
+    compacted = compact_adapter(adapter, tmp_path / "adapter-compact")  # the head goes along, unchanged
+    compact_saved = load_file(compacted.output_dir / "adapter_model.safetensors")
+    original = load_file(adapter / "adapter_model.safetensors")
+    assert all((compact_saved[k] == original[k]).all() for k in saved)
+    for mode in ("merged", "separate"):
+        export = tmp_path / f"export-{mode}"
+        manifest = export_model(model, adapter, output=export, mode=mode)
+        assert manifest.task == "classification" and manifest.labels == ("negative", "positive")
+        assert manifest.input_names == ("input_ids", "attention_mask") and manifest.output_names == ("logits",)
+        if quantization == "bnb-nf4" and mode == "separate":
+            assert manifest.quantized_ops.get("com.microsoft::MatMulBnb4", 0) > 0
+        report = check_export(export)
+        assert report.passed, report.failures
+        assert report["source"].report.tier == "exact" and report.adapter_effect > 1e-3
+        graph = ClassifierSession(export)
+        exported = _labelled_accuracy(graph.logits, tokenizer, data, 32)
+        assert exported["predictions"] == trained["predictions"]
+        assert exported["accuracy"] == trained["accuracy"]
+
+
+def test_check_refuses_an_untrained_adapter(tmp_path):
+    """A zero adapter (Λ = 0) leaves the logits unchanged: check refuses to call that parity."""
+    import torch
+
+    from adalora_deploy.adapters import inject_adapters
+    from adalora_deploy.config import AdaLoraConfig
+    from adalora_deploy.errors import VacuousCheckError
+    from adalora_deploy.export.api import export_model
+    from adalora_deploy.export.judge.check import check_export
+    from adalora_deploy.models import load_base_model
+    from adalora_deploy.config import ModelConfig
+    from adalora_deploy.peft_format import save_adapter
+
+    model_dir = write_encoder(tmp_path / "model", "bert")
+    labels = ("negative", "positive")
+    torch.manual_seed(0)
+    model = load_base_model(ModelConfig(path=str(model_dir), device="cpu"), labels=labels)
+    config = AdaLoraConfig(total_step=10, init_r=4, target_r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+    adapters = inject_adapters(model, config)
+    save_adapter(adapters, config, tmp_path / "adapter", str(model_dir), model=model, modules_to_save=("classifier",),
+                 labels=labels)
+    export_model(model_dir, tmp_path / "adapter", output=tmp_path / "export", mode="merged")
+    with pytest.raises(VacuousCheckError, match="changes the logits by at most 0"):
+        check_export(tmp_path / "export")
