@@ -7,6 +7,7 @@ bitsandbytes goes through transformers' ``BitsAndBytesConfig`` (its CPU backend 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -65,6 +66,21 @@ def load_tokenizer(path: str):
         raise ArtifactError(f"cannot load a tokenizer from {folder} ({error})") from None
 
 
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers' loading warnings (the multi-line LOAD REPORT of missing weights) silenced: :func:`refuse_fresh_weights` refuses
+    them in one line, and a classifier's fresh head (its ``modules_to_save``) is expected."""
+    quieted = [logging.getLogger(name) for name in ("transformers", "transformers.modeling_utils")]
+    levels = [each.level for each in quieted]
+    for each in quieted:
+        each.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for each, level in zip(quieted, levels):
+            each.setLevel(level)
+
+
 def load_base_model(config: ModelConfig, labels: tuple[str, ...] | None = None) -> torch.nn.Module:
     """Load the base model described by ``config``, frozen, in eval mode.
 
@@ -104,7 +120,8 @@ def load_base_model(config: ModelConfig, labels: tuple[str, ...] | None = None) 
                           label2id={label: i for i, label in enumerate(labels)})
         auto = AutoModelForSequenceClassification if labels is not None else AutoModelForCausalLM
         try:
-            model, loading_info = auto.from_pretrained(folder, output_loading_info=True, **kwargs)
+            with _quiet_load_report():
+                model, loading_info = auto.from_pretrained(folder, output_loading_info=True, **kwargs)
         except (OSError, ValueError) as error:
             what = "a sequence classifier" if labels is not None else "a causal LM"
             raise ArtifactError(f"cannot load {what} from {folder} ({error})") from None
