@@ -170,3 +170,66 @@ def test_check_refuses_an_untrained_adapter(tmp_path):
     export_model(model_dir, tmp_path / "adapter", output=tmp_path / "export", mode="merged")
     with pytest.raises(VacuousCheckError, match="changes the logits by at most 0"):
         check_export(tmp_path / "export")
+
+
+@pytest.fixture(scope="module")
+def bert_export(tmp_path_factory):
+    """A trained tiny BERT classifier exported merged (float base)."""
+    from adalora_deploy.export.api import export_model
+    from adalora_deploy.training import train
+
+    root = tmp_path_factory.mktemp("bert-export")
+    model = write_encoder(root / "model", "bert")
+    run = parse_run_config(classification_config(model, write_labelled(root / "data.jsonl"), steps=30,
+                                                 adapter={"target_modules": TARGETS["bert"]}))
+    adapter = train(run, root / "run", progress=False).adapter_dir
+    export_model(model, adapter, output=root / "export", mode="merged")
+    return root / "export"
+
+
+@pytest.mark.slow  # the fixture trains and exports (18 s on 2 CPU cores); the server's own time is under 1 s
+def test_server_predict_names_the_labels_with_the_graphs_softmax(bert_export):
+    """text-embeddings-inference's POST /predict: labels sorted by score, scores the softmax of the graph's logits."""
+    from fastapi.testclient import TestClient
+
+    from adalora_deploy.export.runtime.classifier import ClassifierSession, softmax
+    from adalora_deploy.export.runtime.server import ServerSettings, create_classifier_app
+
+    classifier = ClassifierSession(bert_export)
+    client = TestClient(create_classifier_app(classifier, ServerSettings(api_key="k")))
+    headers = {"Authorization": "Bearer k"}
+    texts = ["good the film was", "bad plot and cast", "great story"]
+    expected = softmax(classifier.logits(*classifier.encode(texts)))
+    batch = client.post("/predict", json={"inputs": texts}, headers=headers)
+    assert batch.status_code == 200, batch.text
+    answers = batch.json()
+    assert len(answers) == 3
+    for answer, row in zip(answers, expected):
+        assert [a["label"] for a in answer] == sorted(["negative", "positive"], key=lambda l: -row[["negative",
+                                                                                                     "positive"].index(l)])
+        assert {a["label"]: a["score"] for a in answer} == pytest.approx(
+            {"negative": float(row[0]), "positive": float(row[1])}, abs=1e-7)
+        assert answer[0]["score"] >= answer[1]["score"]
+    assert answers[0][0]["label"] == "positive" and answers[1][0]["label"] == "negative"  # the trained task
+    single = client.post("/predict", json={"inputs": texts[0]}, headers=headers).json()
+    assert single == answers[0]  # a single text answers one list, not a list of lists
+    assert client.post("/predict", json={"inputs": texts[0]}).status_code == 401
+    assert client.post("/predict", json={"inputs": []}, headers=headers).status_code == 400
+    assert client.post("/predict", json={"input": "x"}, headers=headers).status_code == 400
+    info = client.get("/info", headers=headers).json()
+    assert info["model_type"]["classifier"]["id2label"] == {"0": "negative", "1": "positive"}
+
+
+@pytest.mark.slow  # shares the exported fixture above
+def test_runtime_classifier_imports_no_torch(bert_export):
+    """The served path (ClassifierSession and the server) runs in a process without torch."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
+            "from adalora_deploy.export.runtime.classifier import ClassifierSession\n"
+            "import adalora_deploy.export.runtime.server\n"
+            f"print(ClassifierSession({str(bert_export)!r}).predict(['good film'])[0][0]['label'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() in ("negative", "positive")
