@@ -233,3 +233,26 @@ def test_runtime_classifier_imports_no_torch(bert_export):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() in ("negative", "positive")
+
+
+@pytest.mark.slow  # 24 s on 2 CPU cores: every stage, two exports
+def test_run_job_classification(tmp_path):
+    """``adalora-deploy run`` with task: classification: accuracy before (the untrained head), after, and of every
+    export (equal predictions), checks passed, a report written."""
+    from adalora_deploy.cli import main
+
+    model = write_encoder(tmp_path / "model", "bert")
+    config = classification_config(model, write_labelled(tmp_path / "data.jsonl"),
+                                   adapter={"target_modules": TARGETS["bert"]},
+                                   export=[{"name": "merged", "mode": "merged"}, {"name": "separate", "mode": "separate"}])
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "out")]) == 0
+    stages = json.loads((tmp_path / "out" / "job.json").read_text())["stages"]
+    before, after = stages["evaluate-base"], stages["evaluate-trained"]
+    assert stages["prepare"]["labels"] == ["negative", "positive"]
+    assert after["accuracy"] > before["accuracy"]
+    for name in ("merged", "separate"):
+        assert stages["check"]["checks"][name]["passed"]
+        exported = stages["evaluate-exports"]["scores"][name]
+        assert exported["predictions"] == after["predictions"] and exported["accuracy"] == after["accuracy"]
+    assert (tmp_path / "out" / "report" / "report.md").is_file()
