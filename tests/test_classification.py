@@ -172,6 +172,68 @@ def test_check_refuses_an_untrained_adapter(tmp_path):
         check_export(tmp_path / "export")
 
 
+def _toy_classifier_export(folder):
+    """A hand-built classification export (no torch): logits = mean over the unmasked tokens of a [vocab, 3]
+    table, with the byte tokenizer and export.json naming three labels."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from adalora_deploy.demo import byte_tokenizer
+
+    folder.mkdir()
+    table = np.random.default_rng(0).normal(size=(259, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["embedded"]),  # [b, s, 3]
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
+        helper.make_node("Mul", ["embedded", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "axis1"], ["summed"], keepdims=0),
+        helper.make_node("ReduceSum", ["maskf", "axis1"], ["count"], keepdims=1),
+        helper.make_node("Div", ["summed", "count"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "toy", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"]),
+                       helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", 3])],
+        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+         numpy_helper.from_array(np.array([1], np.int64), "axis1")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(folder / "model.onnx"))
+    byte_tokenizer().save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps({"model_type": "bert", "max_position_embeddings": 64,
+                                                    "pad_token_id": 258}))
+    (folder / "export.json").write_text(json.dumps({"task": "classification", "labels": ["sad", "calm", "glad"]}))
+    return folder
+
+
+def test_predict_endpoint_on_a_toy_graph(tmp_path):
+    """/predict (fast, no torch): every label with the softmax of the graph's logits, highest first; a single text
+    answers one list, a list of texts a list of lists; bad bodies are refused with 400."""
+    from fastapi.testclient import TestClient
+
+    from adalora_deploy.export.runtime.classifier import ClassifierSession, softmax
+    from adalora_deploy.export.runtime.server import ServerSettings, create_classifier_app
+
+    classifier = ClassifierSession(_toy_classifier_export(tmp_path / "export"))
+    client = TestClient(create_classifier_app(classifier, ServerSettings(max_completions_per_request=4)))
+    texts = ["a", "hello there", "zzz"]
+    logits = classifier.logits(*classifier.encode(texts))
+    expected = softmax(logits)
+    answers = client.post("/predict", json={"inputs": texts}).json()
+    for answer, row, raw in zip(answers, expected, logits):
+        assert [a["label"] for a in answer] == [["sad", "calm", "glad"][j] for j in np.argsort(-row)]
+        assert [a["score"] for a in answer] == pytest.approx(sorted(row.tolist(), reverse=True), abs=1e-7)
+        assert sum(a["score"] for a in answer) == pytest.approx(1.0, abs=1e-6)
+    single = client.post("/predict", json={"inputs": "hello there"}).json()  # alone: no padding, same answer
+    assert [a["label"] for a in single] == [a["label"] for a in answers[1]]
+    assert [a["score"] for a in single] == pytest.approx([a["score"] for a in answers[1]], abs=1e-6)
+    raw = client.post("/predict", json={"inputs": "zzz", "raw_scores": True}).json()
+    assert {a["label"]: a["score"] for a in raw} == pytest.approx(dict(zip(["sad", "calm", "glad"],
+                                                                           logits[2].tolist())), abs=1e-6)
+    assert client.post("/predict", json={"inputs": ["x"] * 5}).status_code == 400  # over the per-request limit
+    assert client.post("/predict", json={"inputs": 3}).status_code == 400
+    assert client.get("/info").json()["model_type"]["classifier"]["id2label"] == {"0": "sad", "1": "calm", "2": "glad"}
+
+
 @pytest.fixture(scope="module")
 def bert_export(tmp_path_factory):
     """A trained tiny BERT classifier exported merged (float base)."""
@@ -212,7 +274,8 @@ def test_server_predict_names_the_labels_with_the_graphs_softmax(bert_export):
         assert answer[0]["score"] >= answer[1]["score"]
     assert answers[0][0]["label"] == "positive" and answers[1][0]["label"] == "negative"  # the trained task
     single = client.post("/predict", json={"inputs": texts[0]}, headers=headers).json()
-    assert single == answers[0]  # a single text answers one list, not a list of lists
+    assert [a["label"] for a in single] == [a["label"] for a in answers[0]]  # one list, not a list of lists
+    assert [a["score"] for a in single] == pytest.approx([a["score"] for a in answers[0]], abs=1e-6)
     assert client.post("/predict", json={"inputs": texts[0]}).status_code == 401
     assert client.post("/predict", json={"inputs": []}, headers=headers).status_code == 400
     assert client.post("/predict", json={"input": "x"}, headers=headers).status_code == 400
