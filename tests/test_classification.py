@@ -78,6 +78,19 @@ def test_encoder_trains_and_carries_its_head(tmp_path):
     run_record = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run_record["labels"] == ["negative", "positive"] and run_record["target_modules"] == TARGETS["bert"]
 
+    # PEFT itself loads the adapter, head included (modules_to_save), to the same logits
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    ours = load_trained_model(model, adapter, quantization="none")
+    peft_model = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(model, num_labels=2),
+                                           adapter).eval()
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        difference = (ours(input_ids=ids).logits - peft_model(input_ids=ids).logits).abs().max()
+    assert difference <= 1e-5  # the same parameters; only the adapter's summation order may differ (measured 0.0)
+
 
 def torch_equal(a, b) -> bool:
     import torch
