@@ -351,6 +351,8 @@ def load_saved_modules(model: nn.Module, adapter: CompactAdapter, folder: str | 
     Raises:
         AdapterMismatchError: a saved tensor names no parameter or buffer of ``model``, or has another shape.
     """
+    if not adapter.saved:
+        return  # a causal LM's adapter: nothing trained in full (and no state_dict of a quantized model built)
     state = model.state_dict()
     for key, value in adapter.saved.items():
         if key not in state or state[key].shape != value.shape:
