@@ -24,7 +24,9 @@ def write_encoder(folder: Path, model_type: str, seed: int = 0) -> Path:
         "pos_att_type": ["p2c", "c2p"], "position_biased_input": False, "type_vocab_size": 0}
     config = AutoConfig.for_model(model_type, vocab_size=259, hidden_size=64, num_hidden_layers=2,
                                   num_attention_heads=4, intermediate_size=128, pad_token_id=258,
-                                  max_position_embeddings=128, hidden_dropout_prob=0.0,
+                                  # RoBERTa's positions start past the padding id (258)
+                                  max_position_embeddings=128 if model_type != "roberta" else 400,
+                                  hidden_dropout_prob=0.0,
                                   attention_probs_dropout_prob=0.0, **extra)
     torch.manual_seed(seed)
     AutoModel.from_config(config).save_pretrained(folder)

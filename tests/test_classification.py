@@ -13,6 +13,7 @@ from adalora_deploy.config import ConfigError, parse_run_config
 from tests.encoders import classification_config, write_encoder, write_labelled
 
 TARGETS = {"bert": ["query", "key", "value", "dense"],
+           "roberta": ["query", "key", "value", "attention.output.dense", "intermediate.dense", "output.dense"],
            "deberta-v2": ["query_proj", "key_proj", "value_proj", "attention.output.dense", "intermediate.dense",
                           "output.dense"]}
 
@@ -104,6 +105,7 @@ def torch_equal(a, b) -> bool:
     ("deberta-v2", "none"),
     ("bert", "bnb-nf4"),
     ("deberta-v2", "bnb-nf4"),
+    ("roberta", "none"),
 ])
 def test_encoder_end_to_end(model_type, quantization, tmp_path):
     from safetensors.torch import load_file
@@ -124,7 +126,7 @@ def test_encoder_end_to_end(model_type, quantization, tmp_path):
     result = train(run, tmp_path / "run", progress=False)
     adapter = result.adapter_dir
     config = json.loads((adapter / "adapter_config.json").read_text())
-    head = ["classifier"] if model_type == "bert" else ["pooler", "classifier"]
+    head = ["pooler", "classifier"] if model_type == "deberta-v2" else ["classifier"]
     assert config["modules_to_save"] == head and config["task_type"] == "SEQ_CLS"
     saved = {k for k in load_file(adapter / "adapter_model.safetensors") if ".lora_" not in k}
     assert saved and all(k.startswith(tuple(f"base_model.model.{m}." for m in head)) for k in saved)
@@ -389,3 +391,15 @@ def test_real_encoder_minilm_sentiment(tmp_path):
     assert after["accuracy"] > before["accuracy"], (before["accuracy"], after["accuracy"])
     assert stages["check"]["checks"]["merged"]["passed"]
     assert exported["predictions"] == after["predictions"]
+
+
+def test_a_target_inside_the_head_is_refused(tmp_path):
+    """RoBERTa's head has its own dense layer: adapting it and training it in full at once is refused, nothing written."""
+    from adalora_deploy.training import train
+
+    model = write_encoder(tmp_path / "model", "roberta")
+    run = parse_run_config(classification_config(model, write_labelled(tmp_path / "data.jsonl"),
+                                                 adapter={"target_modules": ["query", "dense"]}))
+    with pytest.raises(ConfigError, match=r"matches classifier.dense, in the head \(classifier\)"):
+        train(run, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
