@@ -2,9 +2,10 @@
 
 Every question the code asks about an architecture (where its decoder layers are, which modules AdaLoRA
 adapts by default, whether the fast ONNX path builds it, what the generic path must handle) is answered
-here, by ``config.model_type``. Anything not in the table is refused before any work
-(:func:`architecture_for`), in one line naming the architecture and what is supported; encoders are
-refused as such, since only causal language models are trained today.
+here, by ``config.model_type``. Encoders (:data:`ENCODERS`) are trained for sequence classification only
+(``task: classification``). Anything not in the tables, an encoder without ``task: classification`` or a
+decoder with it, is refused before any work (:func:`architecture_for`, :func:`encoder_for`,
+:func:`check_model_folder`), in one line naming the architecture and what is supported.
 
 The README's "Architectures" table is :func:`support_table` (a test keeps the two equal).
 """
@@ -23,14 +24,19 @@ from adalora_deploy.errors import ArtifactError
 
 __all__ = [
     "ARCHITECTURES",
+    "CLASSIFICATION",
+    "ENCODERS",
     "ENCODER_MODEL_TYPES",
     "Architecture",
+    "Encoder",
     "UnsupportedArchitectureError",
     "architecture_for",
     "check_model_folder",
     "conv1d_as_linear",
     "decoder_layers",
     "default_target_modules",
+    "encoder_for",
+    "read_model_type",
     "linear_features",
     "refuse_fresh_weights",
     "support_table",
@@ -104,7 +110,45 @@ ENCODER_MODEL_TYPES: Mapping[str, str] = {
     "albert": "ALBERT",
     "modernbert": "ModernBERT",
 }
-"""Encoder-only model types: refused with a message that says classification is not supported yet."""
+"""Encoder-only model types we recognise (those not in :data:`ENCODERS` are refused by name)."""
+
+CLASSIFICATION = "classification"
+"""The ``task.kind`` that trains an encoder as a sequence classifier."""
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """What one encoder family needs for sequence classification.
+
+    Attributes:
+        family: the name users know it by (README table).
+        model_types: ``config.model_type`` values of this family.
+        layers: dotted path, from the ``*ForSequenceClassification`` model, of the encoder layer list.
+        target_modules: AdaLoRA's default ``target_modules`` (PEFT's choice for the family).
+        modules_to_save: the head modules trained in full and saved with the adapter (PEFT's
+            ``modules_to_save``); they are the only weights allowed to be missing from a base checkpoint.
+        quirks: what the export handles.
+    """
+
+    family: str
+    model_types: tuple[str, ...]
+    layers: str
+    target_modules: tuple[str, ...]
+    modules_to_save: tuple[str, ...]
+    quirks: str
+
+
+ENCODERS: tuple[Encoder, ...] = (
+    Encoder("BERT", ("bert",), "bert.encoder.layer", ("query", "value"), ("classifier",),
+            "token_type_ids fed as zeros inside the graph, [CLS] pooler"),
+    Encoder("RoBERTa", ("roberta",), "roberta.encoder.layer", ("query", "value"), ("classifier",),
+            "positions offset past the padding id, two-layer head"),
+    Encoder("DeBERTa-v2", ("deberta-v2",), "deberta.encoder.layer", ("query_proj", "value_proj"),
+            ("pooler", "classifier"), "disentangled relative-position attention; pooler trained with the head"),
+)
+"""Encoders trained for sequence classification (``task: classification``)."""
+
+_ENCODER_BY_MODEL_TYPE = {model_type: enc for enc in ENCODERS for model_type in enc.model_types}
 
 _BY_MODEL_TYPE = {model_type: arch for arch in ARCHITECTURES for model_type in arch.model_types}
 
@@ -113,17 +157,27 @@ def _supported() -> str:
     return ", ".join(arch.family for arch in ARCHITECTURES)
 
 
+def _supported_encoders() -> str:
+    return ", ".join(enc.family for enc in ENCODERS)
+
+
 def architecture_for(model_type: str | None, where: str = "the model") -> Architecture:
-    """The table entry of ``model_type``.
+    """The table entry of ``model_type`` (a causal LM).
 
     Raises:
         UnsupportedArchitectureError: an encoder or an architecture not in the table; one line naming
             it and listing what is supported.
     """
     if model_type in ENCODER_MODEL_TYPES:
+        if model_type in _ENCODER_BY_MODEL_TYPE:
+            raise UnsupportedArchitectureError(
+                f"{where} is a {ENCODER_MODEL_TYPES[model_type]} encoder (model_type {model_type!r}): encoders are "
+                f"trained for sequence classification only; set task: classification (supported causal language "
+                f"models: {_supported()})")
         raise UnsupportedArchitectureError(
-            f"{where} is a {ENCODER_MODEL_TYPES[model_type]} encoder (model_type {model_type!r}): sequence "
-            f"classification is not supported yet; supported are causal language models: {_supported()}")
+            f"{where} is a {ENCODER_MODEL_TYPES[model_type]} encoder (model_type {model_type!r}), which is not "
+            f"supported; supported encoders (task: classification): {_supported_encoders()}; causal language "
+            f"models: {_supported()}")
     if model_type not in _BY_MODEL_TYPE:
         raise UnsupportedArchitectureError(
             f"{where} has model_type {model_type!r}, which is not supported; supported causal language "
@@ -131,12 +185,29 @@ def architecture_for(model_type: str | None, where: str = "the model") -> Archit
     return _BY_MODEL_TYPE[model_type]
 
 
-def check_model_folder(folder: str | Path) -> Architecture:
-    """The architecture of a Hugging Face model folder, from its ``config.json``, before anything is loaded.
+def encoder_for(model_type: str | None, where: str = "the model") -> Encoder:
+    """The :data:`ENCODERS` entry of ``model_type`` (``task: classification``).
+
+    Raises:
+        UnsupportedArchitectureError: a decoder, an encoder not in the table or an unknown architecture.
+    """
+    if model_type in _ENCODER_BY_MODEL_TYPE:
+        return _ENCODER_BY_MODEL_TYPE[model_type]
+    if model_type in _BY_MODEL_TYPE:
+        raise UnsupportedArchitectureError(
+            f"{where} is a {_BY_MODEL_TYPE[model_type].family} causal language model (model_type {model_type!r}): "
+            f"task: classification needs an encoder: {_supported_encoders()}")
+    what = (f"a {ENCODER_MODEL_TYPES[model_type]} encoder (model_type {model_type!r})" if model_type in
+            ENCODER_MODEL_TYPES else f"model_type {model_type!r}")
+    raise UnsupportedArchitectureError(f"{where} has {what}, which is not supported for task: classification; "
+                                       f"supported encoders: {_supported_encoders()}")
+
+
+def read_model_type(folder: str | Path) -> str | None:
+    """``model_type`` from a model folder's ``config.json``.
 
     Raises:
         ArtifactError: no readable config.json.
-        UnsupportedArchitectureError: an encoder or an architecture not in the table.
     """
     path = Path(folder) / "config.json"
     try:
@@ -145,10 +216,29 @@ def check_model_folder(folder: str | Path) -> Architecture:
         raise ArtifactError(f"{path}: cannot read the model's config ({error})") from None
     if not isinstance(config, dict):
         raise ArtifactError(f"{path}: expected a JSON object")
-    return architecture_for(config.get("model_type"), f"model folder {folder}")
+    return config.get("model_type")
 
 
-def refuse_fresh_weights(folder: str | Path, loading_info: Mapping[str, list[str]]) -> None:
+def check_model_folder(folder: str | Path, task: str | None = "causal-lm") -> Architecture | Encoder:
+    """The architecture of a Hugging Face model folder, from its ``config.json``, before anything is loaded.
+
+    Args:
+        task: ``causal-lm`` (a decoder of :data:`ARCHITECTURES`), ``classification`` (an encoder of
+            :data:`ENCODERS`) or ``None`` (either: reading a tokenizer).
+
+    Raises:
+        ArtifactError: no readable config.json.
+        UnsupportedArchitectureError: an architecture not supported for ``task``.
+    """
+    model_type = read_model_type(folder)
+    where = f"model folder {folder}"
+    if task == CLASSIFICATION or (task is None and model_type in _ENCODER_BY_MODEL_TYPE):
+        return encoder_for(model_type, where)
+    return architecture_for(model_type, where)
+
+
+def refuse_fresh_weights(folder: str | Path, loading_info: Mapping[str, list[str]],
+                         allowed: tuple[str, ...] = ()) -> None:
     """Refuse a model that transformers completed with freshly initialised weights.
 
     ``from_pretrained(..., output_loading_info=True)`` reports the parameters absent from the checkpoint
@@ -157,7 +247,8 @@ def refuse_fresh_weights(folder: str | Path, loading_info: Mapping[str, list[str
     Raises:
         ArtifactError: some weights were missing, naming the first ones.
     """
-    missing = sorted(loading_info.get("missing_keys", ()))
+    missing = sorted(key for key in loading_info.get("missing_keys", ())
+                     if not any(key == module or key.startswith(module + ".") for module in allowed))
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
         raise ArtifactError(f"model folder {folder}: the checkpoint lacks {shown}; transformers would initialise "
@@ -165,7 +256,9 @@ def refuse_fresh_weights(folder: str | Path, loading_info: Mapping[str, list[str
 
 
 def default_target_modules(model_type: str | None) -> list[str]:
-    """AdaLoRA's default ``target_modules`` for ``model_type`` (see :class:`Architecture`)."""
+    """AdaLoRA's default ``target_modules`` for ``model_type`` (see :class:`Architecture`, :class:`Encoder`)."""
+    if model_type in _ENCODER_BY_MODEL_TYPE:
+        return list(_ENCODER_BY_MODEL_TYPE[model_type].target_modules)
     return list(architecture_for(model_type).target_modules)
 
 
@@ -177,7 +270,8 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             where the table says.
     """
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    arch = architecture_for(model_type, type(model).__name__)
+    arch = (_ENCODER_BY_MODEL_TYPE[model_type] if model_type in _ENCODER_BY_MODEL_TYPE
+            else architecture_for(model_type, type(model).__name__))
     try:
         layers = model.get_submodule(arch.layers)
     except AttributeError:
@@ -237,6 +331,18 @@ def support_table() -> str:
         builder = "fast path" if arch.fast_path else "generic (dynamo)"
         rows.append(f"| {arch.family} | {types} | {', '.join(arch.target_modules)} | {builder} | {arch.quirks} |")
     rows.append("")
-    rows.append(f"Encoders ({', '.join(sorted(set(ENCODER_MODEL_TYPES.values())))}) and every other architecture "
-                "are refused before any work, in one line.")
+    rows.append("Encoders, for sequence classification (`task: classification`; the head trained in full as PEFT's "
+                "`modules_to_save`):")
+    rows.append("")
+    rows.append("| family | `model_type` | default `target_modules` | `modules_to_save` | export builder | "
+                "what the export handles |")
+    rows.append("|---|---|---|---|---|---|")
+    for enc in ENCODERS:
+        types = ", ".join(f"`{t}`" for t in enc.model_types)
+        rows.append(f"| {enc.family} | {types} | {', '.join(enc.target_modules)} | {', '.join(enc.modules_to_save)} "
+                    f"| generic (dynamo) | {enc.quirks} |")
+    rows.append("")
+    others = sorted(set(ENCODER_MODEL_TYPES.values()) - {enc.family for enc in ENCODERS})
+    rows.append(f"Other encoders ({', '.join(others)}), an encoder without `task: classification`, a causal LM with "
+                "it, and every other architecture are refused before any work, in one line.")
     return "\n".join(rows)

@@ -8,7 +8,8 @@ reads and writes; they live here so that neither of those two modules imports th
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 import torch
 
@@ -81,12 +82,19 @@ class CompactAdapter:
         layers: every adapted module, rank-0 ones included (they are dropped when written).
         fan_in_fan_out: the base layers store their weight ``(in, out)`` (GPT-2's Conv1D).
         base_model_name_or_path: recorded in the written adapter_config.json.
+        modules_to_save: PEFT's ``modules_to_save``: modules trained in full (a classifier's head), by name.
+        saved: their tensors, by full parameter name in the model (``classifier.weight``); carried unchanged
+            by compaction.
+        labels: a classifier's label names, in logit order (None for a causal LM).
     """
 
     config: AdaLoraConfig
     layers: tuple[CompactLayer, ...]
     fan_in_fan_out: bool = False
     base_model_name_or_path: str | None = None
+    modules_to_save: tuple[str, ...] = ()
+    saved: Mapping[str, torch.Tensor] = field(default_factory=dict)
+    labels: tuple[str, ...] | None = None
 
     def live_layers(self) -> tuple[CompactLayer, ...]:
         """Layers that keep at least one triplet."""
@@ -98,14 +106,23 @@ class CompactAdapter:
 
 
 def from_adapters(adapters: AdapterSet, config: AdaLoraConfig,
-                  base_model_name_or_path: str | None = None) -> CompactAdapter:
+                  base_model_name_or_path: str | None = None, *, model: torch.nn.Module | None = None,
+                  modules_to_save: tuple[str, ...] = (), labels: tuple[str, ...] | None = None) -> CompactAdapter:
     """The surviving triplets of an in-memory model's adapters (masked or already compacted).
 
     Args:
         adapters: the model's adapted layers.
         config: the AdaLoRA config they were injected with.
         base_model_name_or_path: recorded in the written adapter_config.json.
+        model: the model, whose ``modules_to_save`` parameters are saved (required with ``modules_to_save``).
+        modules_to_save: modules trained in full; labels: a classifier's label names.
     """
+    saved = {}
+    for module in modules_to_save:
+        if model is None:
+            raise ValueError("from_adapters: modules_to_save needs the model")
+        for key, value in model.get_submodule(module).state_dict().items():
+            saved[f"{module}.{key}"] = value.detach().clone().cpu().contiguous()
     layers = []
     fan_in_fan_out = False
     for name, layer in adapters.items():
@@ -115,4 +132,5 @@ def from_adapters(adapters: AdapterSet, config: AdaLoraConfig,
                                    lora_B=lora_B.clone().cpu(), scale=layer.scale))
         fan_in_fan_out |= layer.backend.name == "dense-conv1d"
     return CompactAdapter(config=config, layers=tuple(layers), fan_in_fan_out=fan_in_fan_out,
-                          base_model_name_or_path=base_model_name_or_path)
+                          base_model_name_or_path=base_model_name_or_path, modules_to_save=tuple(modules_to_save),
+                          saved=saved, labels=tuple(labels) if labels is not None else None)

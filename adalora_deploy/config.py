@@ -36,6 +36,7 @@ __all__ = [
     "ExportConfig",
     "QuantizeConfig",
     "SECTIONS",
+    "TASK_KINDS",
     "TaskConfig",
     "QUANTIZATIONS",
     "ModelConfig",
@@ -392,10 +393,23 @@ class ExportConfig:
         _check_choice("export", "weights", self.weights, ("fp32", "fp16", "int4", "int8"))
 
 
+TaskKind = Literal["causal-lm", "classification"]
+TASK_KINDS: tuple[str, ...] = get_args(TaskKind)
+
+
 @dataclass(frozen=True, kw_only=True)
 class TaskConfig:
-    """How ``adalora-deploy run`` scores a model on the held-out records, beside held-out loss."""
+    """What is trained (a causal LM, or an encoder as a sequence classifier) and how ``run`` scores it.
 
+    ``task: classification`` in YAML is short for ``task: {kind: classification}``.
+    """
+
+    kind: TaskKind = "causal-lm"
+    """causal-lm (next-token loss; decoders) or classification (cross-entropy on the label; BERT, RoBERTa and
+    DeBERTa-v2 encoders loaded with a sequence-classification head, trained in full as PEFT's modules_to_save)."""
+    label: str = "label"
+    """classification: the record field holding the label (after data.map); the labels are its values in the
+    training records, sorted. The text is data.text (a template; default the record's ``text`` field)."""
     choices: list[str] | None = None
     """Completions the model chooses between (classification): accuracy counts the held-out prompts whose
     highest next-token logit among the choices' first tokens is the true completion's. None: loss only."""
@@ -406,6 +420,13 @@ class TaskConfig:
     export in process by ``evaluate-exports``; needs the ``lmeval`` extra. None: off."""
 
     def __post_init__(self) -> None:
+        _check_choice("task", "kind", self.kind, TASK_KINDS)
+        if not isinstance(self.label, str) or not self.label:
+            _fail("task", "label", self.label, "must name a record field", "e.g. label")
+        if self.kind == "classification" and (self.choices is not None or self.lm_eval is not None):
+            name = "choices" if self.choices is not None else "lm_eval"
+            _fail("task", name, getattr(self, name), "applies to causal-lm tasks",
+                  "remove it (a classifier is scored by its accuracy on the held-out labels)")
         if self.lm_eval is not None and (not isinstance(self.lm_eval, list) or not self.lm_eval or not all(
                 isinstance(f, str) and f.endswith((".yaml", ".yml")) for f in self.lm_eval)):
             _fail("task", "lm_eval", self.lm_eval, "must list lm-eval task YAML files", "e.g. [tasks/sentiment.yaml]")
@@ -498,6 +519,8 @@ def _unknown_section(name: str, where: str) -> ConfigError:
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` overrides (values parsed as YAML) to a raw config mapping."""
     data = {k: dict(v) if isinstance(v, Mapping) else v for k, v in data.items()}
+    if isinstance(data.get("task"), str):  # task: classification
+        data["task"] = {"kind": data["task"]}
     for item in overrides:
         if "=" not in item or "." not in item.split("=", 1)[0]:
             raise ConfigError(f"--set {item!r}: expected section.key=value, e.g. train.steps=50")
@@ -554,7 +577,20 @@ def parse_run_config(data: Any, source: str | None = None) -> RunConfig:
     if len(set(names)) != len(names):
         raise ConfigError(f"export: names must be unique, got {names}")
     quantize = from_mapping(QuantizeConfig, sections.get("quantize", {}), "quantize")
-    task = from_mapping(TaskConfig, sections.get("task", {}), "task")
+    task_data = sections.get("task", {})
+    task = from_mapping(TaskConfig, {"kind": task_data} if isinstance(task_data, str) else task_data, "task")
+    if task.kind == "classification":
+        for name in ("prompt", "completion", "system"):
+            if getattr(data_config, name) is not None:
+                _fail("data", name, getattr(data_config, name), "task: classification reads a text and a label",
+                      "use data.text (template of the text) and task.label (the label field)")
+        if model.quantization == "gptq":
+            _fail("model", "quantization", "gptq", "is not supported for task: classification yet",
+                  "use none, bnb-nf4, bnb-fp4 or bnb-int8")
+        if data_config.chat:
+            _fail("data", "chat", True, "task: classification reads a text and a label", "remove it")
+        if adapter.task_type == "CAUSAL_LM":  # PEFT's name for a sequence classifier
+            adapter = dataclasses.replace(adapter, task_type="SEQ_CLS")
     return RunConfig(model=model, adapter=adapter, train=train, data=data_config,
                      quantize=quantize, exports=export_configs, task=task, source=source)
 

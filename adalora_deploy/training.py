@@ -30,10 +30,23 @@ import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
-from adalora_deploy.adapters import AdapterSet, find_adapters, inject_adapters, resolve_target_modules
+from adalora_deploy.adapters import (
+    AdapterSet,
+    find_adapters,
+    inject_adapters,
+    matches_target,
+    resolve_target_modules,
+)
 from adalora_deploy.allocator import AllocationStep, RankAllocator
+from adalora_deploy.architectures import CLASSIFICATION, check_model_folder, encoder_for
 from adalora_deploy.artifacts import atomic_file, write_json
 from adalora_deploy.checkpoint import load_training_checkpoint, save_training_checkpoint
+from adalora_deploy.classification import (
+    build_labelled_data,
+    classifier_accuracy,
+    encode_texts,
+    torch_classifier_logits,
+)
 from adalora_deploy.compaction import compact_in_place
 from adalora_deploy.config import AdaLoraConfig, ConfigError, RunConfig
 from adalora_deploy.data import ExampleBatches, build_training_data
@@ -52,6 +65,7 @@ __all__ = [
     "TrainResult",
     "TrainingError",
     "make_optimizer",
+    "seed_everything",
     "train",
 ]
 
@@ -120,6 +134,11 @@ class TrainResult:
     resumed_from: int | None
 
 
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (a classifier's fresh head is drawn from torch's generator)."""
+    _seed_everything(seed)
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -148,6 +167,8 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
         TrainingError: a non-finite loss, or an output folder holding another run.
     """
     output_dir = Path(output_dir)
+    if run.task.kind == CLASSIFICATION:
+        return _train_classifier(run, output_dir, resume=resume, progress=progress, on_step=on_step)
     checkpoint_dir = output_dir / "checkpoint"
     metrics_path = output_dir / "metrics.jsonl"
     if checkpoint_dir.exists() and not resume:
@@ -162,6 +183,7 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
                           "follow; train without it under torchrun and compact afterwards (adalora-deploy compact)")
     _seed_everything(t.seed)
     model_path = materialize(run.model.path)
+    check_model_folder(model_path, run.task.kind)  # an architecture not supported for the task: before any work
     tokenizer = load_tokenizer(model_path)
     data = build_training_data(run.data, tokenizer, seq_len=t.seq_len, seed=t.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
@@ -254,6 +276,99 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
     return TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, base_model=model_path, steps=t.steps,
                        first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
                        live_ranks=adapters.live_ranks(), resumed_from=start if resume else None)
+
+
+def _train_classifier(run: RunConfig, output_dir: Path, *, resume: bool, progress: bool | None,
+                      on_step: Callable[[dict[str, Any]], None] | None) -> TrainResult:
+    """``task: classification``: AdaLoRA on an encoder's linears, its head trained in full (PEFT's
+    ``modules_to_save``), cross-entropy on the label; writes ``adapter/`` (head and labels included),
+    ``run.json`` and ``metrics.jsonl``. One process; no intermediate checkpoints (a run is minutes)."""
+    t = run.train
+    if resume:
+        raise TrainingError("--resume: classification runs write no checkpoint; train again")
+    if (output_dir / "adapter").exists() or (output_dir / "checkpoint").exists():
+        raise TrainingError(f"{output_dir} already holds a training run; choose another --output")
+    model_path = materialize(run.model.path)
+    check_model_folder(model_path, CLASSIFICATION)  # refused before anything is read or written
+    if process_group(resolve_device(run.model.device)).world > 1:
+        raise ConfigError("task: classification trains in one process; run it without torchrun")
+    _seed_everything(t.seed)
+    tokenizer = load_tokenizer(model_path)
+    data = build_labelled_data(run.data, run.task.label, t.seed)
+    _seed_everything(t.seed)  # the head's initialisation: the same in every stage that loads the base
+    model = load_base_model(dataclasses.replace(run.model, path=model_path), labels=data.labels)
+    device = next(model.parameters()).device
+    encoder = encoder_for(model.config.model_type)
+    adapter_config = dataclasses.replace(run.adapter, target_modules=resolve_target_modules(model, run.adapter))
+    in_head = [name for name, _ in model.named_modules() if matches_target(name, adapter_config.target_modules)
+               and any(name == m or name.startswith(m + ".") for m in encoder.modules_to_save)]
+    if in_head:
+        raise ConfigError(f"adapter.target_modules = {adapter_config.target_modules!r} matches {in_head[0]}, in the "
+                          f"head ({', '.join(encoder.modules_to_save)}), which is trained in full; name the encoder's "
+                          "modules only (e.g. attention.output.dense, intermediate.dense, output.dense)")
+    logger.info("adapting %s; training %s in full (modules_to_save)", adapter_config.target_modules,
+                list(encoder.modules_to_save))
+    adapters = inject_adapters(model, adapter_config, seed=t.seed)
+    head = [p for module in encoder.modules_to_save for p in model.get_submodule(module).parameters()]
+    for parameter in head:
+        parameter.requires_grad_(True)
+    controller = AdaLoraController(adapters, adapter_config)
+    optimizer = make_optimizer(adapters, t.lr, t.weight_decay)
+    optimizer.add_param_group({"params": head})
+    output_dir.mkdir(parents=True, exist_ok=True)
+    write_json(output_dir / "run.json", run.to_dict() | {"model_folder": model_path, "labels": list(data.labels),
+                                                          "target_modules": adapter_config.target_modules,
+                                                          "modules_to_save": list(encoder.modules_to_save)})
+    order: list[int] = []
+    shuffler = random.Random(t.seed)
+    losses: list[float] = []
+    model.train()
+    with _progress(t.steps, 0, progress) as bar, open(output_dir / "metrics.jsonl", "w", encoding="utf-8") as metrics:
+        for step in range(t.steps):
+            task_loss = 0.0
+            for _ in range(t.grad_accum):
+                while len(order) < t.batch_size:
+                    epoch = list(range(len(data.train_texts)))
+                    shuffler.shuffle(epoch)
+                    order += epoch
+                rows, order = order[:t.batch_size], order[t.batch_size:]
+                ids, mask = encode_texts(tokenizer, [data.train_texts[i] for i in rows], t.seq_len)
+                labels = torch.tensor([data.train_labels[i] for i in rows], device=device)
+                logits = model(input_ids=torch.from_numpy(ids).to(device),
+                               attention_mask=torch.from_numpy(mask).to(device)).logits
+                loss = nn.functional.cross_entropy(logits.float(), labels)
+                if not bool(torch.isfinite(loss)):
+                    raise TrainingError(f"step {step}: the loss is {loss.item()}; lower train.lr or check the data")
+                ((loss + controller.regularizer().to(loss.device)) / t.grad_accum).backward()
+                task_loss += loss.item() / t.grad_accum
+            if t.max_grad_norm is not None:
+                torch.nn.utils.clip_grad_norm_(adapters.parameters() + head, t.max_grad_norm)
+            optimizer.step()
+            allocation = controller.after_optimizer_step(step, optimizer)
+            optimizer.zero_grad(set_to_none=True)
+            record = {"step": step, "loss": task_loss, "orth_reg": controller.last_regularizer,
+                      "budget": allocation.budget, "live_ranks": allocation.live, "masked": allocation.masked,
+                      "lr": optimizer.param_groups[0]["lr"], "skipped_importance": allocation.skipped_update}
+            done = step + 1
+            if data.eval_texts and (done == t.steps or (t.eval_every and done % t.eval_every == 0)):
+                held_out = classifier_accuracy(torch_classifier_logits(model), tokenizer,
+                                               data.eval_texts[:t.eval_examples], data.eval_labels[:t.eval_examples],
+                                               max_length=t.seq_len, batch_size=t.batch_size)
+                record.update(eval_loss=held_out["loss"], eval_accuracy=held_out["accuracy"])
+            losses.append(task_loss)
+            bar.update(1)
+            bar.set_postfix(loss=f"{task_loss:.4f}", budget=allocation.budget)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            if on_step is not None:
+                on_step(record)
+    model.eval()
+    adapter_dir = output_dir / "adapter"
+    save_adapter(adapters, adapter_config, adapter_dir, base_model_name_or_path=model_path, model=model,
+                 modules_to_save=encoder.modules_to_save, labels=data.labels)
+    return TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, base_model=model_path, steps=t.steps,
+                       first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
+                       live_ranks=adapters.live_ranks(), resumed_from=None)
 
 
 def _comparable(record: dict[str, Any]) -> dict[str, Any]:

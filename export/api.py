@@ -29,11 +29,12 @@ from adalora_deploy.artifacts import atomic_dir, copy_tokenizer_files, write_jso
 from adalora_deploy.data import BUILTIN_SAMPLE, token_blocks
 from adalora_deploy.errors import ExportError
 from adalora_deploy.models import load_tokenizer, resolve_quantization
+from adalora_deploy.peft_format import read_labels
 
 from .build.adapter_file import add_default_adapter_inputs, write_onnx_adapter
 from .build.convert import Mode, Requantize, Weights, convert_for_export, validate_options
 from .build.fastpath import FastPathUnsupported, build_decoder
-from .build.graph import DEFAULT_OPSET, export_decoder
+from .build.graph import DEFAULT_OPSET, export_classifier, export_decoder
 from .build.kinds import keeping_exports, quantized_ops
 from .build.manifest import ExportManifest, package_versions, sha256_file
 from .build.source import load_source_model
@@ -154,6 +155,15 @@ def export_model(
         raise ExportError(f"--builder {builder!r}: choose one of {', '.join(BUILDERS)}")
     base, adapter, output = Path(base), Path(adapter), Path(output)
     quantization, double_quant = resolve_quantization(base, adapter, quantization, double_quant, force=force)
+    labels = read_labels(adapter)  # a sequence classifier's adapter records its labels
+    if labels is not None:
+        if adapter_inputs:
+            raise ExportError("--adapter-inputs is not supported for a sequence classifier; bake the adapter in")
+        if mode == "merged" and weights in ("int4", "int8") and requantize == "gptq":
+            raise ExportError(f"--weights {weights} of a sequence classifier: GPTQ re-quantization walks decoder "
+                              "layers; use --requantize rtn")
+        if builder == "fast":
+            raise ExportError("--builder fast builds decoders; a sequence classifier is traced (--builder dynamo)")
     logger.info("exporting %s base %s + adapter %s (%s, %s)", quantization, base, adapter, mode, weights)
     blocks = None
     if mode == "merged" and weights in ("int4", "int8") and requantize == "gptq":
@@ -168,19 +178,23 @@ def export_model(
         size = sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         external_data = size > EXTERNAL_DATA_MIN_BYTES
     with atomic_dir(output) as temp:
-        result, used = _build(model, temp, builder=builder, opset=opset, external_data=external_data)
+        if labels is not None:
+            result, used = export_classifier(model, temp, opset=opset, external_data=external_data), "dynamo"
+        else:
+            result, used = _build(model, temp, builder=builder, opset=opset, external_data=external_data)
         _write_config(model, temp)
         copy_tokenizer_files(base, temp)
-        # onnxruntime-genai loads the folder as it loads its own builder's exports; fast-path graphs let it
-        # append to one preallocated KV buffer (adapter inputs keep the concatenating layout)
-        write_genai_config(temp, share_buffer=used == "fast" and not adapter_inputs)
+        if labels is None:
+            # onnxruntime-genai loads the folder as it loads its own builder's exports; fast-path graphs let it
+            # append to one preallocated KV buffer (adapter inputs keep the concatenating layout)
+            write_genai_config(temp, share_buffer=used == "fast" and not adapter_inputs)
         if adapter_inputs:
             add_default_adapter_inputs(result.model_path, result.adapter_input_names)
             write_onnx_adapter(temp / ADAPTER_FILE, conversion.factors)
         branches = [n for n, r in conversion.ranks.items() if mode == "separate" and (r > 0 or adapter_inputs)]
         del model
         agreement = None
-        if measure_agreement:
+        if measure_agreement and labels is None:  # a classifier's parity is check's (logits on held-out texts)
             agreement = measure_source_agreement(temp, base, adapter, quantization, double_quant, conversion,
                                            agreement_text, adapter_inputs)
         files = sorted(p.name for p in temp.iterdir() if p.is_file() and p.name != MANIFEST_FILE)
@@ -198,6 +212,7 @@ def export_model(
             sizes={name: (temp / name).stat().st_size for name in files}, versions=package_versions(),
             builder=used,
             requantization=requantization, agreement=agreement,
+            task="classification" if labels is not None else "causal-lm", labels=labels,
         )
         write_json(temp / MANIFEST_FILE, manifest.to_dict())
     logger.info("wrote %s: %s, %d adapter MatMuls, %s", output, conversion.arithmetic.text, manifest.adapter_matmuls,

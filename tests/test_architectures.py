@@ -144,22 +144,53 @@ def _missing_head(folder: Path, _model_type: str) -> Path:
     return folder
 
 
+def _tiny_llama(folder: Path, _model_type: str) -> Path:
+    from adalora_deploy.demo import write_tiny_llama
+
+    write_tiny_llama(folder)
+    return folder
+
+
+def _encoder_missing_layer(folder: Path, model_type: str) -> Path:
+    """A BERT folder whose checkpoint lacks an encoder weight (only the head may be missing)."""
+    from safetensors.torch import load_file, save_file
+
+    _encoder(folder, model_type)
+    tensors = load_file(folder / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("encoder.layer.0.attention.self.query.weight"))
+    del tensors[key]
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+CLS = "classification"
 REFUSALS = [
-    # (id, folder builder, model_type, command, message)
-    ("bert-train", _encoder, "bert", "train", r"BERT encoder .*sequence classification is not supported yet"),
-    ("bert-quantize", _encoder, "bert", "quantize", r"BERT encoder .*sequence classification is not supported yet"),
-    ("roberta-train", _encoder, "roberta", "train", r"RoBERTa encoder .*not supported yet; supported are .*Llama"),
-    ("deberta-v2-train", _encoder, "deberta-v2", "train", r"DeBERTa-v2 encoder .*not supported yet"),
-    ("deberta-v2-run", _encoder, "deberta-v2", "run", r"DeBERTa-v2 encoder .*not supported yet"),
-    ("unknown-train", _unknown, "bloom", "train", r"model_type 'bloom', which is not supported; supported .*GPT-NeoX"),
-    ("unknown-quantize", _unknown, "bloom", "quantize", r"model_type 'bloom', which is not supported"),
-    ("missing-weights-train", _missing_head, "llama", "train", r"lacks lm_head.weight; transformers would initialise"),
+    # (id, folder builder, model_type, task, command, message)
+    ("bert-train", _encoder, "bert", None, "train", r"BERT encoder .*sequence classification only; set task: classif"),
+    ("bert-quantize", _encoder, "bert", None, "quantize", r"BERT encoder .*set task: classification"),
+    ("roberta-train", _encoder, "roberta", None, "train", r"RoBERTa encoder .*task: classification \(supported causal "
+                                                           r"language models: .*Llama"),
+    ("deberta-v2-train", _encoder, "deberta-v2", None, "train", r"DeBERTa-v2 encoder .*set task: classification"),
+    ("deberta-v2-run", _encoder, "deberta-v2", None, "run", r"DeBERTa-v2 encoder .*set task: classification"),
+    ("distilbert-classification-train", _encoder, "distilbert", CLS, "train",
+     r"DistilBERT encoder .*not supported for task: classification; supported encoders: BERT, RoBERTa, DeBERTa-v2"),
+    ("distilbert-classification-run", _encoder, "distilbert", CLS, "run", r"DistilBERT encoder .*not supported"),
+    ("llama-classification-train", _tiny_llama, "llama", CLS, "train",
+     r"Llama causal language model .*task: classification needs an encoder: BERT, RoBERTa, DeBERTa-v2"),
+    ("llama-classification-run", _tiny_llama, "llama", CLS, "run", r"Llama causal language model .*needs an encoder"),
+    ("unknown-classification-run", _unknown, "bloom", CLS, "run", r"model_type 'bloom', which is not supported for "
+                                                                  r"task: classification"),
+    ("unknown-train", _unknown, "bloom", None, "train", r"model_type 'bloom', which is not supported; supported .*GPT-NeoX"),
+    ("unknown-quantize", _unknown, "bloom", None, "quantize", r"model_type 'bloom', which is not supported"),
+    ("missing-weights-train", _missing_head, "llama", None, "train", r"lacks lm_head.weight; transformers would initialise"),
+    ("encoder-missing-weights-train", _encoder_missing_layer, "bert", CLS, "train",
+     r"lacks .*encoder.layer.0.attention.self.query.weight; transformers would initialise"),
 ]
 
 
 @pytest.mark.parametrize("case", REFUSALS, ids=[case[0] for case in REFUSALS])
 def test_refused_before_any_work(case, tmp_path, capsys):
-    _, build, model_type, command, message = case
+    _, build, model_type, task, command, message = case
     model = build(tmp_path / "model", model_type)
     capsys.readouterr()  # the folder writer's own progress output
     out = tmp_path / "out"
@@ -169,6 +200,12 @@ def test_refused_before_any_work(case, tmp_path, capsys):
         config = {"model": {"path": str(model)},
                   "adapter": {"init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1},
                   "train": {"data": "builtin:sample", "steps": 4, "batch_size": 2, "seq_len": 32}}
+        if task is not None:
+            from tests.encoders import write_labelled
+
+            config["task"] = task
+            config["train"].pop("data")
+            config["data"] = {"train": str(write_labelled(tmp_path / "data.jsonl", 16)), "eval_size": 4}
         (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
         argv = [command, str(tmp_path / "c.yaml"), "--output", str(out)]
     code = main(argv)

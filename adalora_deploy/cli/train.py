@@ -104,4 +104,5 @@ def _stage_summary(name: str, result: dict) -> dict:
 
 def _scores(result: dict) -> str:
     accuracy = "" if result.get("accuracy") is None else f"accuracy {result['accuracy']:.3f}, "
-    return f"{accuracy}loss {result['loss']:.4f} (perplexity {result['perplexity']:.2f}) on {result['examples']}"
+    perplexity = "" if result.get("perplexity") is None else f" (perplexity {result['perplexity']:.2f})"
+    return f"{accuracy}loss {result['loss']:.4f}{perplexity} on {result['examples']}"

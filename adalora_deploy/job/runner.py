@@ -18,6 +18,7 @@ from adalora_deploy.config import RunConfig
 from adalora_deploy.errors import ConfigError
 from adalora_deploy.evaluation import choice_tokens, evaluate_examples, graph_logits, torch_logits
 from adalora_deploy.export.contract import ADAPTER_FILE
+from adalora_deploy.export.runtime.classifier import ClassifierSession
 from adalora_deploy.export.runtime.session import DecoderSession, create_session
 from adalora_deploy.job.lm_eval_stage import lm_eval_scores
 from adalora_deploy.job.stages import STAGES
@@ -75,6 +76,31 @@ class _Job:
             self._tokenizer = load_tokenizer(self.base)
         return self._tokenizer
 
+    @property
+    def classification(self) -> bool:
+        return self.run.task.kind == "classification"
+
+    def labelled(self):
+        """``task: classification``: the labelled records (:class:`adalora_deploy.classification.LabelledData`)."""
+        if self._data is None:
+            # lazy: the CLI loads this module for --help
+            from adalora_deploy.classification import build_labelled_data
+
+            self._data = build_labelled_data(self.run.data, self.run.task.label, self.run.train.seed)
+        return self._data
+
+    def classify(self, logits) -> dict[str, Any]:
+        """Held-out accuracy and cross-entropy of a classifier logits function."""
+        # lazy: the CLI loads this module for --help
+        from adalora_deploy.classification import classifier_accuracy
+
+        started = time.perf_counter()
+        data = self.labelled()
+        limit = self.run.task.max_examples or len(data.eval_texts)
+        result = classifier_accuracy(logits, self.tokenizer(), data.eval_texts[:limit], data.eval_labels[:limit],
+                                     max_length=self.run.train.seq_len, batch_size=self.run.train.batch_size)
+        return result | {"perplexity": None, "seconds": time.perf_counter() - started}
+
     def data(self):
         if self._data is None:
             # lazy: imports torch; the CLI loads this module for --help
@@ -121,9 +147,18 @@ def _prepare(job: _Job) -> dict[str, Any]:
     from adalora_deploy.architectures import check_model_folder
 
     model_folder = materialize(job.run.model.path)
-    check_model_folder(model_folder)  # refused before a base is quantized or anything is written
+    check_model_folder(model_folder, job.run.task.kind)  # refused before a base is quantized or anything is written
     result: dict[str, Any] = {"model_folder": model_folder, "base_folder": model_folder}
     job.stages["prepare"] = result  # the tokenizer and data are read from here (the same for a GPTQ base)
+    if job.classification:
+        labelled = job.labelled()
+        held_out = job.output / HELD_OUT_FILE
+        with atomic_file(held_out) as temp:
+            temp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in labelled.eval_records()),
+                            encoding="utf-8")
+        return result | {"format": "classification", "labels": list(labelled.labels),
+                         "train_examples": len(labelled.train_texts), "eval_examples": len(labelled.eval_texts),
+                         "dropped": 0, "held_out_file": str(held_out)}
     if job.quantization == "gptq" and not is_gptq_folder(model_folder):
         result.update(_quantized_base(job, model_folder))
     data = job.data()
@@ -173,6 +208,14 @@ def _quantize(job: _Job, model_folder: str, folder: Path) -> dict[str, Any]:
 def _evaluate_base(job: _Job) -> dict[str, Any]:
     from adalora_deploy.models import load_base_model  # lazy: imports torch; the CLI loads this module for --help
 
+    if job.classification:
+        # lazy: imports torch; the CLI loads this module for --help
+        from adalora_deploy.classification import torch_classifier_logits
+        from adalora_deploy.training import seed_everything
+
+        seed_everything(job.run.train.seed)  # the untrained head as training initialises it
+        model = load_base_model(dataclasses.replace(job.run.model, path=job.base), labels=job.labelled().labels)
+        return job.classify(torch_classifier_logits(model))
     return job.evaluate(torch_logits(load_base_model(dataclasses.replace(job.run.model, path=job.base))))
 
 
@@ -195,6 +238,12 @@ def _evaluate_trained(job: _Job) -> dict[str, Any]:
     from adalora_deploy.models import load_trained_model, resolve_quantization
 
     quantization, double_quant = resolve_quantization(job.base, job.adapter())
+    if job.classification:
+        # lazy: imports torch; the CLI loads this module for --help
+        from adalora_deploy.classification import torch_classifier_logits
+
+        return job.classify(torch_classifier_logits(load_trained_model(
+            job.base, job.adapter(), quantization=quantization, double_quant=double_quant)))
     return job.evaluate(torch_logits(load_trained_model(job.base, job.adapter(), quantization=quantization,
                                                         double_quant=double_quant)))
 
@@ -249,6 +298,13 @@ def _check(job: _Job) -> dict[str, Any]:
     for name, export in job.stages["export"]["exports"].items():
         report = check_export(export["folder"])
         source = report["source"].report
+        if job.classification:
+            logits = source.outputs[0] if source.outputs else None
+            result[name] = {"passed": report.passed, "failures": list(report.failures),
+                            "source_top1": logits.top1_agreement if logits is not None else None,
+                            "source_max_abs": logits.max_abs if logits is not None else None,
+                            "source_tokens_equal": None, "adapter_effect": report.adapter_effect}
+            continue
         logits = [o for o in source.outputs if o.name.endswith("logits")]
         result[name] = {"passed": report.passed, "failures": list(report.failures),
                         "source_top1": min((o.top1_agreement for o in logits if o.top1_agreement is not None),
@@ -262,6 +318,9 @@ def _evaluate_exports(job: _Job) -> dict[str, Any]:
     result = {}
     for name, export in job.stages["export"]["exports"].items():
         folder = Path(export["folder"])
+        if job.classification:
+            result[name] = job.classify(ClassifierSession(folder).logits)
+            continue
         decoder = DecoderSession(create_session(folder / "model.onnx"))
         result[name] = job.evaluate(graph_logits(decoder, _adapter_feeds(folder)))
         if job.run.task.lm_eval:

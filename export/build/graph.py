@@ -45,11 +45,13 @@ from .kinds import untwinned
 from .modules import LowRankBranch
 
 __all__ = [
+    "ClassifierWrapper",
     "DEFAULT_OPSET",
     "DecoderWrapper",
     "ExportError",
     "ExportResult",
     "adapter_input_names",
+    "export_classifier",
     "export_decoder",
 ]
 
@@ -209,6 +211,36 @@ def _check_traceable(model: nn.Module) -> None:
         raise ExportError("these layers must be swapped for export-friendly modules first:\n  " + "\n  ".join(problems))
 
 
+def _write_program(program, output_dir: Path, filename: str, external_data: bool) -> tuple[Path, Path | None, onnx.ModelProto]:
+    """Save an exported program into ``output_dir`` through a temporary folder: node names made deterministic,
+    shapes inferred, ``onnx.checker`` passed, then moved into place (never a partial model)."""
+    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output_dir))
+    try:
+        staged = staging / filename
+        program.save(str(staged), external_data=external_data)
+        proto = onnx.load(str(staged), load_external_data=False)
+        _rename_nodes(proto.graph)
+        proto = onnx.shape_inference.infer_shapes(proto)
+        onnx.save(proto, str(staged))
+        try:
+            onnx.checker.check_model(str(staged))
+        except onnx.checker.ValidationError as error:
+            raise ExportError(f"onnx.checker rejected the exported graph: {error}") from error
+        data_name = f"{filename}.data"
+        data_path = None
+        if (staging / data_name).exists():
+            data_path = output_dir / data_name
+            os.replace(staging / data_name, data_path)
+        elif (output_dir / data_name).exists():
+            (output_dir / data_name).unlink()  # a stale file from an earlier external-data export
+        model_path = output_dir / filename
+        os.replace(staged, model_path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+    return model_path, data_path, proto
+
+
 def export_decoder(
     model: nn.Module,
     output_dir: str | os.PathLike,
@@ -272,29 +304,7 @@ def export_decoder(
     finally:
         model.train(was_training)
 
-    staging = Path(tempfile.mkdtemp(prefix=".export-", dir=output_dir))
-    try:
-        staged = staging / filename
-        program.save(str(staged), external_data=external_data)
-        proto = onnx.load(str(staged), load_external_data=False)
-        _rename_nodes(proto.graph)
-        proto = onnx.shape_inference.infer_shapes(proto)
-        onnx.save(proto, str(staged))
-        try:
-            onnx.checker.check_model(str(staged))
-        except onnx.checker.ValidationError as error:
-            raise ExportError(f"onnx.checker rejected the exported graph: {error}") from error
-        data_name = f"{filename}.data"
-        data_path = None
-        if (staging / data_name).exists():
-            data_path = output_dir / data_name
-            os.replace(staging / data_name, data_path)
-        elif (output_dir / data_name).exists():
-            (output_dir / data_name).unlink()  # a stale file from an earlier external-data export
-        model_path = output_dir / filename
-        os.replace(staged, model_path)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    model_path, data_path, proto = _write_program(program, output_dir, filename, external_data)
 
     graph_inputs = tuple(i.name for i in proto.graph.input)
     graph_outputs = tuple(o.name for o in proto.graph.output)
@@ -315,3 +325,78 @@ def export_decoder(
     )
     logger.info("wrote %s (%d nodes)", model_path, sum(result.op_counts.values()))
     return result
+
+
+class ClassifierWrapper(nn.Module):
+    """``(input_ids, attention_mask) -> logits [batch, num_labels]`` of a ``*ForSequenceClassification`` model;
+    ``token_type_ids`` are left to the model, which fills zeros (one segment)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+def export_classifier(
+    model: nn.Module,
+    output_dir: str | os.PathLike,
+    *,
+    opset: int = DEFAULT_OPSET,
+    filename: str = MODEL_FILE,
+    external_data: bool = False,
+) -> ExportResult:
+    """Export a sequence classifier (adapters and quantized bases already swapped for their twins) as one graph:
+    inputs ``input_ids``, ``attention_mask`` [batch, seq] (int64), output ``logits`` [batch, num_labels]; no KV
+    cache. Written as :func:`export_decoder` writes (checked, then moved into place).
+
+    Raises:
+        ExportError: an unswapped quantized layer, adapter inputs (not supported for classifiers), or a failed
+            trace, translation or check.
+    """
+    _check_traceable(model)
+    if _runtime_branches(model):
+        raise ExportError("adapter inputs are not supported for classification exports; bake the adapter in")
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    was_training = model.training
+    model.eval()
+    wrapper = ClassifierWrapper(model).eval()
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("seq", max=_max_positions(model))
+    generator = torch.Generator().manual_seed(0)
+    vocab = int(model.config.vocab_size)
+    samples = (torch.randint(0, vocab, (_SAMPLE_BATCH, 9), generator=generator),
+               torch.tensor([[1] * 9, [1] * 6 + [0] * 3], dtype=torch.int64))
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
+            program = torch.onnx.export(
+                wrapper, samples, dynamo=True, opset_version=opset, input_names=[INPUT_IDS, ATTENTION_MASK],
+                output_names=[LOGITS], dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
+                custom_translation_table=CUSTOM_TRANSLATION_TABLE, verbose=False,
+            )
+    except Exception as error:  # the exporter raises many types; surface one with the step named
+        raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {error}") from error
+    finally:
+        model.train(was_training)
+    model_path, data_path, proto = _write_program(program, output_dir, filename, external_data)
+    graph_inputs = tuple(i.name for i in proto.graph.input)
+    graph_outputs = tuple(o.name for o in proto.graph.output)
+    if graph_inputs != (INPUT_IDS, ATTENTION_MASK) or graph_outputs != (LOGITS,):
+        raise ExportError(f"exported graph has inputs {graph_inputs} / outputs {graph_outputs}, expected "
+                          f"({INPUT_IDS}, {ATTENTION_MASK}) / ({LOGITS},)")
+    return ExportResult(model_path=model_path, external_data_path=data_path, input_names=graph_inputs,
+                        output_names=graph_outputs, adapter_input_names=(),
+                        op_counts=MappingProxyType(_op_counts(proto.graph)), opset=opset,
+                        num_layers=int(model.config.num_hidden_layers), num_kv_heads=0, head_dim=0)
+
+
+def _max_positions(model: nn.Module) -> int:
+    """The longest sequence the encoder's position table holds (RoBERTa's starts past the padding id)."""
+    config = model.config
+    positions = int(getattr(config, "max_position_embeddings", 512) or 512)
+    if config.model_type == "roberta":
+        positions -= int(config.pad_token_id or 0) + 1
+    return positions

@@ -80,6 +80,11 @@ class ExportManifest:
     agreement: dict[str, Any] | None = None
     """Measured at export time, graph vs source on held-out text: positions, top-1 agreement, mean KL,
     max abs, and the tier's verdict on them (``passed``), so no graph ships without its numbers."""
+    task: str = "causal-lm"
+    """``causal-lm`` (a KV-cache decoding graph) or ``classification`` (``input_ids``, ``attention_mask`` ->
+    ``logits`` [batch, num_labels])."""
+    labels: tuple[str, ...] | None = None
+    """classification: the label names in logit order (the server names its answers with them)."""
     format_version: int = MANIFEST_VERSION
     output_dir: str = field(default="", compare=False)
     """Where the folder was read from or written to (not stored)."""
@@ -94,6 +99,8 @@ class ExportManifest:
         data.pop("output_dir")
         for key in ("adapter_input_names", "input_names", "output_names"):
             data[key] = list(data[key])
+        if data["labels"] is not None:
+            data["labels"] = list(data["labels"])
         return data
 
     @classmethod
@@ -107,6 +114,8 @@ class ExportManifest:
         values = {k: data[k] for k in names if k in data}
         for key in ("adapter_input_names", "input_names", "output_names"):
             values[key] = tuple(values[key])
+        if values.get("labels") is not None:
+            values["labels"] = tuple(values["labels"])
         return cls(**values, output_dir=str(output_dir))
 
 

@@ -25,15 +25,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from adalora_deploy.artifacts import ArtifactError, write_json
 from adalora_deploy.errors import VacuousCheckError
-from adalora_deploy.evaluation import AGREEMENT_POSITIONS, evaluate, graph_logits, read_eval_file, torch_logits
+from adalora_deploy.classification import torch_classifier_logits
+from adalora_deploy.evaluation import AGREEMENT_POSITIONS, HELDOUT_TEXT, evaluate, graph_logits, read_eval_file, torch_logits
 from adalora_deploy.models import resolve_quantization
 
 from ..build.convert import convert_for_export
@@ -41,6 +44,7 @@ from ..build.kinds import keeping_exports
 from ..build.manifest import read_manifest, verify_files
 from ..build.source import adapters_bypassed, load_source_model
 from ..contract import LOGITS, MODEL_FILE, PARITY_FILE
+from ..runtime.classifier import ClassifierSession
 from ..runtime.session import DecoderSession, adapter_feeds, create_session, execution_providers
 from .agreement import (export_tokenizer, graph_held_out_logits, held_out_batch, held_out_ids, prompt_logits,
                         source_logits)
@@ -174,6 +178,64 @@ def _summary(report: ParityReport) -> dict[str, Any]:
     }
 
 
+CLASSIFIER_TEXTS = 32
+"""Held-out sentences a classification export is checked on (logits parity per sentence)."""
+
+
+def classifier_texts(text: str | os.PathLike | None = None, count: int = CLASSIFIER_TEXTS) -> list[str]:
+    """``count`` sentences of held-out text (a ``.txt`` file, one or more sentences a line; ``None``: the packaged
+    held-out passage), for a classifier's parity check."""
+    path = Path(text) if text is not None else HELDOUT_TEXT
+    try:
+        body = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ArtifactError(f"{path}: cannot read the held-out text ({error})") from None
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+|\n+", body) if len(s.strip()) > 1]
+    if not sentences:
+        raise ArtifactError(f"{path}: no sentence to check a classifier on")
+    return sentences[:count]
+
+
+def _check_classifier(export_dir: Path, manifest, base: Path, adapter: Path, *, text, provider: str) -> CheckReport:
+    """A classification export against the trained classifier: logits on held-out sentences (the tier the
+    manifest promises), and against its torch twin; refuses an adapter that does not change the logits."""
+    graph = ClassifierSession(export_dir, provider=provider)
+    ids, mask = graph.encode(classifier_texts(text))
+    source = load_source_model(base, adapter, quantization=manifest.quantization, double_quant=manifest.double_quant)
+    # the head's two products (pooler, classifier) count as one more layer of the fp32 reassociation bound
+    scale = dataclasses.replace(ExactScale.of(source.config), depth=int(source.config.num_hidden_layers) + 1)
+    logits = torch_classifier_logits(source)
+    reference = logits(ids, mask)
+    with adapters_bypassed(source):
+        bypassed = logits(ids, mask)
+    effect = float(np.abs(reference - bypassed).max())
+    if effect < ADAPTER_EFFECT_MIN:
+        raise VacuousCheckError(
+            f"the adapter {adapter} changes the logits by at most {effect:.3g} (< {ADAPTER_EFFECT_MIN:g}): "
+            "it is untrained or zero, so parity would prove nothing; check an export of a trained adapter")
+    got = graph.logits(ids, mask)
+    comparisons = [Comparison("source", f"the trained classifier: {manifest.quantization} base + adapter + head "
+                                        "with its own torch kernels",
+                              compare_outputs({LOGITS: reference}, {LOGITS: got}, tier=manifest.source_tier,
+                                              scale=scale))]
+    del source
+    twin = load_source_model(base, adapter, quantization=manifest.quantization, double_quant=manifest.double_quant)
+    convert_for_export(twin, quantization=manifest.quantization, mode=manifest.mode, weights=manifest.weights,
+                       serving=manifest.serving, requantize=(manifest.requantization or {}).get("method", "rtn"),
+                       nbits_from=export_dir / MODEL_FILE if manifest.mode == "merged" and
+                       manifest.weights in ("int4", "int8") else None)
+    comparisons.append(Comparison("twin", "the torch twin (the graph's own arithmetic in torch)",
+                                  compare_outputs({LOGITS: torch_classifier_logits(twin)(ids, mask)}, {LOGITS: got},
+                                                  tier=manifest.tier, scale=scale)))
+    kept = comparisons[0].passed
+    return CheckReport(export_dir=export_dir, mode=manifest.mode, quantization=manifest.quantization,
+                       weights=manifest.weights if manifest.mode == "merged" else
+                       ("serving" if manifest.serving else "exact"),
+                       adapter_effect=effect, comparisons=tuple(comparisons), positions=int(len(ids)),
+                       advice="" if kept else keeping_exports(manifest.quantization, manifest.mode,
+                                                              manifest.weights, manifest.serving))
+
+
 def check_export(
     export_dir: str | os.PathLike,
     *,
@@ -223,6 +285,14 @@ def check_export(
     adapter = Path(adapter) if adapter is not None else Path(manifest.adapter_path)
     if overridden:  # the graph was built for one base kind: an adapter trained on another cannot be judged by it
         resolve_quantization(base, adapter, manifest.quantization, manifest.double_quant)
+    if manifest.task == "classification":
+        if eval_file is not None:
+            raise ArtifactError("--eval scores causal LMs; a classifier's accuracy is the job's evaluate-exports stage")
+        report = _check_classifier(export_dir, manifest, base, adapter, text=text, provider=provider)
+        if write:
+            write_json(export_dir / PARITY_FILE, report.to_dict())
+        logger.info("check %s: %s", export_dir, "passed" if report.passed else f"{len(report.failures)} failure(s)")
+        return report
     eval_set = read_eval_file(eval_file) if eval_file is not None else None
     positions = positions or AGREEMENT_POSITIONS
     text = text if text is not None else eval_file

@@ -1,5 +1,8 @@
 """An OpenAI-compatible HTTP server for an export folder (FastAPI + uvicorn, onnxruntime only).
 
+A sequence-classification export (``export.json`` task ``classification``) is served instead by
+:func:`create_classifier_app`: text-embeddings-inference's ``POST /predict``.
+
 Endpoints: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with ``stream: true`` as
 server-sent events in OpenAI's chunk format, ending with ``data: [DONE]``), ``GET /v1/models``,
 ``GET /v1/models/{id}``, ``GET /health``. ``model`` selects the adapter per request
@@ -47,12 +50,13 @@ from typing import Any, AsyncIterator, Literal, Sequence
 
 from adalora_deploy.errors import UserError, require
 
+from .classifier import ClassifierSession, is_classifier_export
 from .engine import DEFAULT_MAX_PREFILL_TOKENS, Engine, ServedModel, served_models
 from .generation import GenerationError, GenerationRequest, SamplingParams, TextGenerator, TokenEvent
 from .logprobs import MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS, CompletionLogprobs, TokenLogprob, TokenTexts, \
     chat_logprobs
 
-__all__ = ["ServerSettings", "create_app", "serve"]
+__all__ = ["ServerSettings", "create_app", "create_classifier_app", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -620,6 +624,78 @@ async def _respond(service: Service, body: _Sampling, prompts: list[list[int]], 
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+# --- sequence classification: text-embeddings-inference's /predict ---------------------------------------------
+
+
+class PredictBody(_Body):
+    """Hugging Face text-embeddings-inference's ``POST /predict`` body (single texts; pairs are not supported)."""
+
+    inputs: str | list[str]
+    raw_scores: bool = False
+    """Return the logits instead of the softmax probabilities."""
+    truncate: bool = True
+    """Accepted for compatibility: texts are always cut to the model's positions."""
+
+
+def create_classifier_app(classifier: ClassifierSession, settings: ServerSettings):
+    """The HTTP application of a sequence-classification export: ``POST /predict`` (text-embeddings-inference's
+    convention: ``{"inputs": "text" | ["t1", "t2"]}`` -> ``[{"label", "score"}, ...]`` highest first, a list of
+    such lists for a list of texts), ``GET /info`` (the labels) and ``GET /health``; errors in the OpenAI shape
+    of the decoder server, the same API key rule (every path but ``/health``), body limit and timeout."""
+    app = FastAPI(title="adalora-deploy classifier", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    model_id = settings.model_name or classifier.folder.name
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, error: APIError):
+        return error.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, error: RequestValidationError):
+        return _validation_error(error).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, error: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
+        return APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", code=code).response()
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if settings.api_key and request.url.path != "/health":
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
+                return APIError(401, "invalid or missing API key: send Authorization: Bearer <key>",
+                                code="invalid_api_key").response()
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/info")
+    async def info():
+        return {"model_id": model_id, "model_type": {"classifier": {"id2label": dict(enumerate(classifier.labels))}},
+                "max_input_length": classifier.max_length, "max_client_batch_size": settings.max_completions_per_request}
+
+    @app.post("/predict")
+    async def predict(body: PredictBody):
+        texts = [body.inputs] if isinstance(body.inputs, str) else body.inputs
+        if not texts:
+            raise APIError(400, "inputs: give a text or a non-empty list of texts", param="inputs", code="invalid_value")
+        if len(texts) > settings.max_completions_per_request:
+            raise APIError(400, f"inputs: {len(texts)} texts in one request, more than the limit of "
+                                f"{settings.max_completions_per_request}", param="inputs", code="invalid_value")
+        if body.raw_scores:
+            logits = await asyncio.to_thread(lambda: classifier.logits(*classifier.encode(texts)))
+            answers = [[{"label": classifier.labels[j], "score": float(row[j])} for j in (-row).argsort(kind="stable")]
+                       for row in logits]
+        else:
+            answers = await asyncio.to_thread(classifier.predict, texts)
+        return answers[0] if isinstance(body.inputs, str) else answers
+
+    app.add_middleware(_BodyLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
+    return app
+
+
 def build_service(export_dir: str | os.PathLike, settings: ServerSettings, *, adapters_dir=None,
                   intra_op_threads: int | None = None, provider: str = "cpu") -> Service:
     """Open the export, find its model ids, start the engine."""
@@ -639,6 +715,16 @@ def serve(export_dir: str | os.PathLike, settings: ServerSettings, *, adapters_d
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not settings.api_key:
         logger.warning("serving on %s without an API key: anyone who can reach this port can use the model "
                        "(pass --api-key)", settings.host)
+    if is_classifier_export(export_dir):
+        if adapters_dir is not None:
+            raise UserError("--adapters applies to causal-LM exports; a classification export bakes its adapter in")
+        classifier = ClassifierSession(export_dir, provider=provider, intra_op_threads=intra_op_threads)
+        app = create_classifier_app(classifier, settings)
+        logger.info("serving the %s classifier %s on http://%s:%d/predict", "/".join(classifier.labels),
+                    Path(export_dir), settings.host, settings.port)
+        uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning",
+                                      access_log=False, lifespan="off")).run()
+        return
     service = build_service(export_dir, settings, adapters_dir=adapters_dir, intra_op_threads=intra_op_threads,
                             provider=provider)
     config = uvicorn.Config(create_app(service), host=settings.host, port=settings.port, log_level="warning",
