@@ -69,6 +69,9 @@ Requantize = Literal["gptq", "rtn"]
 MERGED_NBITS_BLOCK = 32
 """Block size of ``merged --weights int4/int8`` (onnxruntime's own quantizer default; 1.32 CPU accepts 16..256)."""
 
+TABLE_KEPT = "; the base's GPTQ lm_head (and the tied embedding reading it) kept as trained, not re-quantized"
+"""What merged int4/int8 adds when the base's token table was quantized (``quantize --tables``)."""
+
 MERGED_WEIGHTS: dict[str, Arithmetic] = {
     "fp16": Arithmetic("fp16 graph of dequant(W0) + ΔW (lossy)", "lossy", "lossy"),
 }
@@ -182,6 +185,7 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
     arithmetic = describe(quantization, mode, weights, serving, requantize, trained_activations(model))
     requantization = None
     if mode == "merged":
+        table = _quantized_table(model)
         merge_into_dense(model, dtype=torch.float32)
         if weights == "fp16":
             # transformers refuses .to(dtype) on a model loaded through bitsandbytes, even once merged
@@ -199,6 +203,12 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
                             module.weight, module.bias, bits=bits, block_size=MERGED_NBITS_BLOCK,
                             accuracy_level=SERVING_ACCURACY_LEVEL))
                 requantization = {"method": "rtn", "bits": bits, "block_size": MERGED_NBITS_BLOCK}
+            if table is not None and type(model.lm_head) is nn.Linear:
+                # the base's int4 table is already what the graph wants: kept, not dequantized and re-quantized
+                swap_module(model, "lm_head", NBitsLinear.from_gptq(table, accuracy_level=SERVING_ACCURACY_LEVEL))
+                arithmetic = dataclasses.replace(arithmetic, text=arithmetic.text + TABLE_KEPT)
+        elif table is not None:
+            _tie_equal_tables(model)
     else:
         for name, layer in adapters.items():
             base = twin_of(layer.base_layer, serving=serving)
@@ -218,6 +228,23 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
     model.eval()
     return Conversion(ranks=ranks, factors=factors, base_kind=kinds_found, arithmetic=arithmetic,
                       requantization=requantization)
+
+
+def _quantized_table(model: nn.Module) -> QuantLinear | None:
+    """The base's GPTQ lm_head (``quantize --tables``) when no adapter sits on it, else None."""
+    head = getattr(model, "lm_head", None)
+    return head if isinstance(head, QuantLinear) else None
+
+
+def _tie_equal_tables(model: nn.Module) -> None:
+    """Merged fp32 of a base with a quantized table: its embedding holds exactly the lm_head's dequantized rows
+    (``quantize --tables`` unties them in the checkpoint), so the merged model ties them again and the graph
+    holds one fp32 table, not two."""
+    embed = model.get_input_embeddings()
+    head = model.lm_head
+    if type(head) is nn.Linear and head.bias is None and embed.weight.shape == head.weight.shape \
+            and torch.equal(embed.weight, head.weight):
+        head.weight = embed.weight
 
 
 def _gptq_requantize(model: nn.Module, calibration: torch.Tensor | None, bits: int) -> dict[str, Any]:

@@ -99,3 +99,42 @@ def test_int8_trained_adapter_exports_the_fast_graph_at_the_lossy_tier(int8_run)
     report = check_export(out, max_new_tokens=6)
     assert report.passed, report.failures
     assert report["source"].report.tier == "lossy"
+
+
+def _float_tables(folder) -> list[str]:
+    """fp32 initializers shaped like the token table [vocab, hidden] (or its transpose)."""
+    import json
+
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    shape = sorted([config["vocab_size"], config["hidden_size"]])
+    return [init.name for init in onnx.load(str(folder / "model.onnx")).graph.initializer
+            if init.data_type == onnx.TensorProto.FLOAT and sorted(init.dims) == shape]
+
+
+def test_merged_int4_keeps_the_base_table_instead_of_a_float_one(int8_run, exact_export):
+    """A merged int4 graph of a base with a quantized table holds that table (MatMulNBits for the logits,
+    GatherBlockQuantized for the embedding, the very integers of the separate export), not two fp32 copies."""
+    from onnx import numpy_helper
+
+    root, base, adapters = int8_run
+    out = root / "merged-int4"
+    manifest = export_model(base, adapters["fp32"], output=out, mode="merged", weights="int4", requantize="rtn")
+    assert "kept as trained" in manifest.arithmetic
+    assert _float_tables(out) == []
+    assert len(_nodes(out, "GatherBlockQuantized")) == 1
+    separate, _ = exact_export
+    qweight = {name: {i.name: numpy_helper.to_array(i) for i in onnx.load(str(folder / "model.onnx")).graph.initializer
+                      if i.name == "lm_head.qweight"} for name, folder in (("merged", out), ("separate", separate))}
+    assert (qweight["merged"]["lm_head.qweight"] == qweight["separate"]["lm_head.qweight"]).all()
+    report = check_export(out, max_new_tokens=6)
+    assert report["twin"].report.passed, report["twin"].report.failures  # the graph computes its own twin
+
+
+def test_merged_fp32_of_a_quantized_table_holds_one_float_table(int8_run):
+    root, base, adapters = int8_run
+    out = root / "merged-fp32"
+    export_model(base, adapters["fp32"], output=out, mode="merged")
+    assert len(_float_tables(out)) == 1
+    report = check_export(out, max_new_tokens=6)
+    assert report.passed, report.failures
+    assert report["source"].report.tier == "exact"
