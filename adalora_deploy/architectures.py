@@ -210,6 +210,8 @@ def read_model_type(folder: str | Path) -> str | None:
         ArtifactError: no readable config.json.
     """
     path = Path(folder) / "config.json"
+    if not path.is_file():
+        raise ArtifactError(f"model folder {folder} has no config.json (expected a local Hugging Face model folder)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
