@@ -46,7 +46,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Literal, Sequence
+from typing import Any, AsyncIterator, Callable, Literal, Sequence
 
 from adalora_deploy.errors import UserError, require
 
@@ -430,10 +430,10 @@ class _BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(service: Service):
-    """The FastAPI application (``service.engine`` must be started by the caller or the lifespan)."""
-    settings = service.settings
-    app = FastAPI(title="adalora-deploy", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+def _base_app(title: str, settings: ServerSettings, protected: Callable[[str], bool]) -> FastAPI:
+    """What both servers share: OpenAI-shaped errors for every failure, the API key on the ``protected`` paths
+    (``Authorization: Bearer``), and ``GET /health``."""
+    app = FastAPI(title=title, version="1", docs_url=None, redoc_url=None, openapi_url=None)
 
     @app.exception_handler(APIError)
     async def _api_error(request: Request, error: APIError):
@@ -458,7 +458,7 @@ def create_app(service: Service):
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):
-        if settings.api_key and request.url.path.startswith("/v1"):
+        if settings.api_key and protected(request.url.path):
             header = request.headers.get("authorization", "")
             scheme, _, token = header.partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
@@ -469,6 +469,14 @@ def create_app(service: Service):
     @app.get("/health")
     async def health():
         return {"status": "ok"}
+
+    return app
+
+
+def create_app(service: Service):
+    """The FastAPI application (``service.engine`` must be started by the caller or the lifespan)."""
+    settings = service.settings
+    app = _base_app("adalora-deploy", settings, protected=lambda path: path.startswith("/v1"))
 
     def model_card(model_id: str) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": service.created, "owned_by": "adalora-deploy"}
@@ -642,34 +650,8 @@ def create_classifier_app(classifier: ClassifierSession, settings: ServerSetting
     convention: ``{"inputs": "text" | ["t1", "t2"]}`` -> ``[{"label", "score"}, ...]`` highest first, a list of
     such lists for a list of texts), ``GET /info`` (the labels) and ``GET /health``; errors in the OpenAI shape
     of the decoder server, the same API key rule (every path but ``/health``), body limit and timeout."""
-    app = FastAPI(title="adalora-deploy classifier", version="1", docs_url=None, redoc_url=None, openapi_url=None)
+    app = _base_app("adalora-deploy classifier", settings, protected=lambda path: path != "/health")
     model_id = settings.model_name or classifier.folder.name
-
-    @app.exception_handler(APIError)
-    async def _api_error(request: Request, error: APIError):
-        return error.response()
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, error: RequestValidationError):
-        return _validation_error(error).response()
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, error: StarletteHTTPException):
-        code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-        return APIError(error.status_code, f"{request.method} {request.url.path}: {error.detail}", code=code).response()
-
-    @app.middleware("http")
-    async def _auth(request: Request, call_next):
-        if settings.api_key and request.url.path != "/health":
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), settings.api_key.encode()):
-                return APIError(401, "invalid or missing API key: send Authorization: Bearer <key>",
-                                code="invalid_api_key").response()
-        return await call_next(request)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok"}
 
     @app.get("/info")
     async def info():
