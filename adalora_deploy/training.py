@@ -244,14 +244,8 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
                 total.backward()
                 task_loss += loss.item() / t.grad_accum
             task_loss = group.mean(task_loss)
-            if t.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(adapters.parameters(), t.max_grad_norm)
-            optimizer.step()
-            allocation = controller.after_optimizer_step(step, optimizer)
-            optimizer.zero_grad(set_to_none=True)
-            record = {"step": step, "loss": task_loss, "orth_reg": controller.last_regularizer,
-                      "budget": allocation.budget, "live_ranks": allocation.live, "masked": allocation.masked,
-                      "lr": optimizer.param_groups[0]["lr"], "skipped_importance": allocation.skipped_update}
+            allocation, record = _optimizer_step(step, task_loss, controller, optimizer, adapters.parameters(),
+                                                  t.max_grad_norm)
             done = step + 1
             if group.main and data.eval and (done == t.steps or (t.eval_every and done % t.eval_every == 0)):
                 held_out = evaluate_examples(torch_logits(model), data.eval[: t.eval_examples], pad_id=pad_id,
@@ -276,6 +270,22 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
     return TrainResult(output_dir=output_dir, adapter_dir=adapter_dir, base_model=model_path, steps=t.steps,
                        first_loss=losses[0] if losses else math.nan, final_loss=losses[-1] if losses else math.nan,
                        live_ranks=adapters.live_ranks(), resumed_from=start if resume else None)
+
+
+def _optimizer_step(step: int, task_loss: float, controller: AdaLoraController, optimizer: torch.optim.Optimizer,
+                    parameters: list[torch.Tensor], max_grad_norm: float | None) -> tuple[AllocationStep, dict]:
+    """One step in AdaLoRA's call order (ALGORITHM.md): clip, ``optimizer.step()``, the allocator's
+    ``update_and_allocate`` (importance from the gradients still in place), then ``zero_grad``; returns the
+    allocation and the step's metrics record."""
+    if max_grad_norm is not None:
+        torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm)
+    optimizer.step()
+    allocation = controller.after_optimizer_step(step, optimizer)
+    optimizer.zero_grad(set_to_none=True)
+    record = {"step": step, "loss": task_loss, "orth_reg": controller.last_regularizer,
+              "budget": allocation.budget, "live_ranks": allocation.live, "masked": allocation.masked,
+              "lr": optimizer.param_groups[0]["lr"], "skipped_importance": allocation.skipped_update}
+    return allocation, record
 
 
 def _train_classifier(run: RunConfig, output_dir: Path, *, resume: bool, progress: bool | None,
@@ -341,14 +351,8 @@ def _train_classifier(run: RunConfig, output_dir: Path, *, resume: bool, progres
                     raise TrainingError(f"step {step}: the loss is {loss.item()}; lower train.lr or check the data")
                 ((loss + controller.regularizer().to(loss.device)) / t.grad_accum).backward()
                 task_loss += loss.item() / t.grad_accum
-            if t.max_grad_norm is not None:
-                torch.nn.utils.clip_grad_norm_(adapters.parameters() + head, t.max_grad_norm)
-            optimizer.step()
-            allocation = controller.after_optimizer_step(step, optimizer)
-            optimizer.zero_grad(set_to_none=True)
-            record = {"step": step, "loss": task_loss, "orth_reg": controller.last_regularizer,
-                      "budget": allocation.budget, "live_ranks": allocation.live, "masked": allocation.masked,
-                      "lr": optimizer.param_groups[0]["lr"], "skipped_importance": allocation.skipped_update}
+            allocation, record = _optimizer_step(step, task_loss, controller, optimizer, adapters.parameters() + head,
+                                                  t.max_grad_norm)
             done = step + 1
             if data.eval_texts and (done == t.steps or (t.eval_every and done % t.eval_every == 0)):
                 held_out = classifier_accuracy(torch_classifier_logits(model), tokenizer,
