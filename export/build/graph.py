@@ -31,7 +31,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import onnx
 import torch
@@ -290,27 +290,11 @@ def export_decoder(
     logger.info("exporting %s (%d layers, %d adapter inputs) at opset %d", type(model).__name__,
                 wrapper.num_layers, len(lora_names), opset)
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            # Each past tensor shares its batch/past_seq axis with the others; torch notes every reuse.
-            warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used")
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
-            program = torch.onnx.export(
-                wrapper, samples, dynamo=True, opset_version=opset, input_names=input_names,
-                output_names=output_names, dynamic_shapes=dynamic_shapes,
-                custom_translation_table=CUSTOM_TRANSLATION_TABLE, verbose=False,
-            )
-    except Exception as error:  # the exporter raises many types; surface one with the step named
-        raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {error}") from error
+        model_path, data_path, proto = _trace_and_write(model, wrapper, samples, dynamic_shapes, input_names,
+                                                        output_names, opset, output_dir, filename, external_data)
     finally:
         model.train(was_training)
-
-    model_path, data_path, proto = _write_program(program, output_dir, filename, external_data)
-
-    graph_inputs = tuple(i.name for i in proto.graph.input)
-    graph_outputs = tuple(o.name for o in proto.graph.output)
-    if graph_inputs != tuple(input_names) or graph_outputs != tuple(output_names):
-        raise ExportError(f"exported graph has inputs {graph_inputs} / outputs {graph_outputs}, "
-                          f"expected {tuple(input_names)} / {tuple(output_names)}")
+    graph_inputs, graph_outputs = tuple(input_names), tuple(output_names)
     result = ExportResult(
         model_path=model_path,
         external_data_path=data_path,
@@ -325,6 +309,36 @@ def export_decoder(
     )
     logger.info("wrote %s (%d nodes)", model_path, sum(result.op_counts.values()))
     return result
+
+
+def _trace_and_write(model: nn.Module, wrapper: nn.Module, samples: tuple, dynamic_shapes: tuple,
+                     input_names: Sequence[str], output_names: Sequence[str], opset: int, output_dir: Path,
+                     filename: str, external_data: bool) -> tuple[Path, Path | None, onnx.ModelProto]:
+    """Trace ``wrapper`` with torch's dynamo exporter (our ops' translations included), write the graph (checked,
+    then moved into place) and check that its inputs and outputs are the names asked for.
+
+    Raises:
+        ExportError: the exporter failed (its message, the model named) or the graph's I/O names differ.
+    """
+    try:
+        with torch.no_grad(), warnings.catch_warnings():
+            # Each past tensor shares its batch/past_seq axis with the others; torch notes every reuse.
+            warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used")
+            warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
+            program = torch.onnx.export(
+                wrapper, samples, dynamo=True, opset_version=opset, input_names=list(input_names),
+                output_names=list(output_names), dynamic_shapes=dynamic_shapes,
+                custom_translation_table=CUSTOM_TRANSLATION_TABLE, verbose=False,
+            )
+    except Exception as error:  # the exporter raises many types; surface one with the step named
+        raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {error}") from error
+    model_path, data_path, proto = _write_program(program, output_dir, filename, external_data)
+    graph_inputs = tuple(i.name for i in proto.graph.input)
+    graph_outputs = tuple(o.name for o in proto.graph.output)
+    if graph_inputs != tuple(input_names) or graph_outputs != tuple(output_names):
+        raise ExportError(f"exported graph has inputs {graph_inputs} / outputs {graph_outputs}, "
+                          f"expected {tuple(input_names)} / {tuple(output_names)}")
+    return model_path, data_path, proto
 
 
 class ClassifierWrapper(nn.Module):
@@ -368,25 +382,13 @@ def export_classifier(
     vocab = int(model.config.vocab_size)
     samples = (torch.randint(0, vocab, (_SAMPLE_BATCH, 9), generator=generator),
                torch.tensor([[1] * 9, [1] * 6 + [0] * 3], dtype=torch.int64))
+    graph_inputs, graph_outputs = (INPUT_IDS, ATTENTION_MASK), (LOGITS,)
+    dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: seq})
     try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*axis name: .* will not be used")
-            warnings.filterwarnings("ignore", message=r".*LeafSpec.* is deprecated", category=FutureWarning)
-            program = torch.onnx.export(
-                wrapper, samples, dynamo=True, opset_version=opset, input_names=[INPUT_IDS, ATTENTION_MASK],
-                output_names=[LOGITS], dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}),
-                custom_translation_table=CUSTOM_TRANSLATION_TABLE, verbose=False,
-            )
-    except Exception as error:  # the exporter raises many types; surface one with the step named
-        raise ExportError(f"torch.onnx.export failed for {type(model).__name__}: {error}") from error
+        model_path, data_path, proto = _trace_and_write(model, wrapper, samples, dynamic_shapes, graph_inputs,
+                                                        graph_outputs, opset, output_dir, filename, external_data)
     finally:
         model.train(was_training)
-    model_path, data_path, proto = _write_program(program, output_dir, filename, external_data)
-    graph_inputs = tuple(i.name for i in proto.graph.input)
-    graph_outputs = tuple(o.name for o in proto.graph.output)
-    if graph_inputs != (INPUT_IDS, ATTENTION_MASK) or graph_outputs != (LOGITS,):
-        raise ExportError(f"exported graph has inputs {graph_inputs} / outputs {graph_outputs}, expected "
-                          f"({INPUT_IDS}, {ATTENTION_MASK}) / ({LOGITS},)")
     return ExportResult(model_path=model_path, external_data_path=data_path, input_names=graph_inputs,
                         output_names=graph_outputs, adapter_input_names=(),
                         op_counts=MappingProxyType(_op_counts(proto.graph)), opset=opset,
