@@ -177,12 +177,15 @@ def train(run: RunConfig, output_dir: str | Path, *, resume: bool = False, progr
     if resume and not (checkpoint_dir / "state.json").is_file():
         raise TrainingError(f"--resume: no checkpoint in {checkpoint_dir}")
     t = run.train
+    # before the process group exists: transformers' save_pretrained writes only on rank 0 once torch.distributed
+    # is initialized, so a cached model built by another rank would miss its weights (every rank builds it under
+    # the cache's lock; the first one writes it whole)
+    model_path = materialize(run.model.path)
     group = process_group(resolve_device(run.model.device))
     if group.world > 1 and run.adapter.compact_in_training:
         raise ConfigError("adapter.compact_in_training replaces the adapter parameters mid-run, which DDP cannot "
                           "follow; train without it under torchrun and compact afterwards (adalora-deploy compact)")
     _seed_everything(t.seed)
-    model_path = materialize(run.model.path)
     check_model_folder(model_path, run.task.kind)  # an architecture not supported for the task: before any work
     tokenizer = load_tokenizer(model_path)
     data = build_training_data(run.data, tokenizer, seq_len=t.seq_len, seed=t.seed)
