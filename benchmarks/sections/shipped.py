@@ -154,12 +154,10 @@ def builder_graph(suite: Suite) -> Path | None:
     return folder
 
 
-def time_graphs(suite: Suite, graphs: dict[str, Path], builder: Path | None, threads: int) -> dict[str, Any]:
+def time_graphs(suite: Suite, tokenizer, graphs: dict[str, Path], builder: Path | None, threads: int) -> dict[str, Any]:
     """Prefill ms and decode tokens/s of every graph at ``threads``, runners interleaved."""
     from adalora_deploy.export.runtime.session import DecoderSession, create_session
-    from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(suite.model, local_files_only=True)
     new_tokens = 32 if suite.quick else 64
     prompt_ids = tokenizer(bench_fastpath.PROMPT, add_special_tokens=False)["input_ids"]
     ids = np.asarray([prompt_ids], dtype=np.int64)
@@ -230,7 +228,10 @@ def run(suite: Suite) -> None:
     builder = builder_graph(suite)
     builder_bytes = bench_fastpath.graph_size(builder)["bytes"] if builder else None
     graphs = {name: Path(rows[name]["folder"]) for name in names}
-    timings = {threads: time_graphs(suite, graphs, builder, threads) for threads in suite.decode_threads}
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(suite.model, local_files_only=True)
+    timings = {threads: time_graphs(suite, tokenizer, graphs, builder, threads) for threads in suite.decode_threads}
     suite.results.setdefault("shipped", {}).update({"job": str(job), "graphs": rows, "builder_bytes": builder_bytes,
                                                     "timings": timings})
     labels = {name: label for name, _, label in VARIANTS}

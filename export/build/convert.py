@@ -204,11 +204,13 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
                             module.weight, module.bias, bits=bits, block_size=MERGED_NBITS_BLOCK,
                             accuracy_level=SERVING_ACCURACY_LEVEL))
                 requantization = {"method": "rtn", "bits": bits, "block_size": MERGED_NBITS_BLOCK}
-            if table is not None and type(model.lm_head) is nn.Linear:
+            if table is not None:
                 # the base's int4 table is already what the graph wants: kept, not dequantized and re-quantized, and
                 # multiplied exactly (accuracy_level 0): int8 activations on the logits cost top-1 agreement (merged
-                # int8 on SmolLM2: 0.953 with the table exact, 0.930 at accuracy_level 4)
-                swap_module(model, "lm_head", NBitsLinear.from_gptq(table, accuracy_level=0))
+                # int8 on SmolLM2: 0.953 with the table exact, 0.930 at accuracy_level 4). A twin rebuilt from the
+                # graph (nbits_from) already holds the graph's own copy of it.
+                if type(model.lm_head) is nn.Linear:
+                    swap_module(model, "lm_head", NBitsLinear.from_gptq(table, accuracy_level=0))
                 arithmetic = dataclasses.replace(arithmetic, text=arithmetic.text + TABLE_KEPT)
         elif table is not None:
             _tie_equal_tables(model)
@@ -240,7 +242,7 @@ def _quantized_table(model: nn.Module) -> QuantLinear | None:
 
 
 def _tie_equal_tables(model: nn.Module) -> None:
-    """Merged fp32 of a base with a quantized table: its embedding holds exactly the lm_head's dequantized rows
+    """Merged fp32/fp16 of a base with a quantized table: its embedding holds exactly the lm_head's dequantized rows
     (``quantize --tables`` unties them in the checkpoint), so the merged model ties them again and the graph
     holds one fp32 table, not two."""
     embed = model.get_input_embeddings()
