@@ -149,6 +149,40 @@ def test_codes_follow_mlas_rules():
     assert codes[0, 1, :4].tolist() == [64.0, -127.0, 0.0, 2.0]  # 63.5 -> 64, 0.5 -> 0, 1.5 -> 2: half to even
 
 
+def test_codes_equal_onnxruntime_codes_next_to_rounding_boundaries():
+    """Values within an ulp of x.5 codes: our codes are onnxruntime's, read back through an identity weight
+    (each output is one code times the block's scale). The inverse scale must be a correctly rounded ``127 /
+    amax`` as MLAS computes it; torch's ``127.0 / tensor`` (a multiply by the reciprocal) is an ulp off for some
+    amax, and this input is chosen so that it flips codes: the test fails on that formula."""
+    block = 32
+    candidates = torch.rand(20000, dtype=torch.float32) * 4 + 0.25
+    off = candidates[(127.0 / candidates) != torch.full_like(candidates, 127.0) / candidates][:64]
+    assert len(off) == 64
+    rows = []
+    for amax in off.tolist():
+        amax = np.float32(amax)
+        halves = (np.arange(-15, 16, dtype=np.float32) * 4 + np.float32(0.5)) * amax / np.float32(127)
+        rows.append(np.concatenate([[amax], halves.astype(np.float32)]))
+    x = np.stack(rows).astype(np.float32)  # [64, 32]: one block per row, the row's amax first
+    codes = np.full((block, block), 8, dtype=np.uint8) + np.eye(block, dtype=np.uint8)  # q - 8 = identity
+    session = _matmul_nbits_session(codes, np.ones((block, 1), np.float32), None, bits=4, block=block,
+                                    accuracy_level=4)
+    scale = x[:, :1] / np.float32(127)
+    onnxruntime_codes = session.run(None, {"A": x})[0] / scale
+    ours, _ = quantize_activations(torch.from_numpy(x), block)
+    assert np.array_equal(ours.reshape(64, block).numpy(), np.round(onnxruntime_codes))
+    np.testing.assert_allclose(onnxruntime_codes, np.round(onnxruntime_codes), atol=1e-3)
+    amax = torch.from_numpy(x).abs().amax(-1, keepdim=True)
+    reciprocal = torch.round(torch.from_numpy(x) * (127.0 / amax))
+    assert not np.array_equal(reciprocal.numpy(), np.round(onnxruntime_codes))
+
+
+def test_straight_through_forwards_the_codes_bit_for_bit():
+    x = torch.randn(8, 64) * 3
+    codes, scales = quantize_activations(x, 32)
+    assert torch.equal(fake_quantize_activations(x.requires_grad_(), 32).detach(), (codes * scales).flatten(-2))
+
+
 def test_straight_through_gradient_and_permutation():
     x = torch.randn(3, 64, requires_grad=True)
     perm = torch.randperm(64)

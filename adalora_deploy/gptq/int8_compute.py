@@ -72,7 +72,9 @@ def quantize_activations(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor
     blocks = F.pad(x.float(), (0, k_blocks * block_size - k)).unflatten(-1, (k_blocks, block_size))
     amax = blocks.abs().amax(dim=-1, keepdim=True)
     scales = amax / ACTIVATION_CODE_MAX
-    inverse = torch.where(amax != 0, ACTIVATION_CODE_MAX / amax, torch.zeros_like(amax))
+    # a correctly rounded fp32 division, as MLAS's scalar ``127.f / maxScalar``: torch computes ``scalar / tensor``
+    # as ``scalar * reciprocal(tensor)``, one ulp off at times, which flips codes that sit near .5
+    inverse = torch.where(amax != 0, torch.full_like(amax, ACTIVATION_CODE_MAX) / amax, torch.zeros_like(amax))
     return torch.round(blocks * inverse), scales  # torch.round: half to even, as _MM_ROUND_NEAREST
 
 
@@ -94,4 +96,6 @@ def fake_quantize_activations(x: torch.Tensor, block_size: int, perm: torch.Tens
     quantized = (codes * scales).flatten(-2)[..., : x.shape[-1]]
     if perm is not None:
         quantized = torch.empty_like(quantized).index_copy_(-1, perm, quantized)
-    return x + (quantized.to(x.dtype) - x).detach()
+    # straight through: forward the codes' values bit for bit (``x - x.detach()`` is exactly zero; the usual
+    # ``x + (q - x).detach()`` rounds twice and can miss q by an ulp), gradient 1 into x
+    return quantized.to(x.dtype) + (x - x.detach())
