@@ -28,6 +28,7 @@ from ..build.graph import DecoderWrapper
 from ..build.source import load_source_model
 from ..contract import LOGITS, MODEL_FILE
 from ..runtime.session import DecoderSession, adapter_feeds, create_session
+from .forced import forced_parity, int8_activations
 from .parity import ExactScale, ParityReport, compare_outputs
 
 __all__ = [
@@ -118,11 +119,12 @@ def source_agreement(reference: np.ndarray, candidate: np.ndarray, *, tier: str,
     return compare_outputs({LOGITS: reference}, {LOGITS: candidate}, tier=tier, scale=scale)
 
 
-def agreement_record(report: ParityReport, positions: int, text: str | os.PathLike | None) -> dict[str, Any]:
-    """The ``agreement`` entry of ``export.json`` from a :func:`source_agreement` report."""
-    logits = report[LOGITS]
+def agreement_record(report: ParityReport, positions: int, text: str | os.PathLike | None, *,
+                     logits_name: str = LOGITS, method: str = "free-running") -> dict[str, Any]:
+    """The ``agreement`` entry of ``export.json`` from a :func:`source_agreement` (or teacher-forced) report."""
+    logits = report[logits_name]
     return {"text": str(text) if text is not None else "packaged held-out passage", "positions": positions,
-            "tier": report.tier, "top1": logits.top1_agreement, "mean_kl": logits.mean_kl,
+            "tier": report.tier, "method": method, "top1": logits.top1_agreement, "mean_kl": logits.mean_kl,
             "max_abs": logits.max_abs, "tolerance": logits.tolerance, "passed": report.passed,
             "failures": list(report.failures)}
 
@@ -133,6 +135,14 @@ def measure_source_agreement(folder: Path, base: Path, adapter: Path, quantizati
     source = load_source_model(base, adapter, quantization=quantization, double_quant=double_quant)
     ids = held_out_ids(folder, source.config, text, AGREEMENT_POSITIONS)
     scale = ExactScale.of(source.config)
+    if conversion.source_tier == "exact" and int8_activations(source):  # int8 codes: judged teacher-forced
+        prompt_ids, prompt_mask = held_out_batch(folder, source.config)
+        factors = conversion.factors if adapter_inputs else None
+        report = forced_parity(source, folder / MODEL_FILE, ids, prompt_ids, prompt_mask, scale=scale, factors=factors)
+        record = agreement_record(report, int(ids.size), text, logits_name=f"prefill/{LOGITS}", method="teacher-forced")
+        logger.info("agreement with the source on %d held-out positions, teacher-forced at every int8 quantization: "
+                    "max abs %.3g (exact tier: %s)", ids.size, record["max_abs"], "pass" if report.passed else "FAIL")
+        return record
     reference = source_logits(source, ids)
     del source
     feeds = adapter_feeds(conversion.factors) if adapter_inputs else None

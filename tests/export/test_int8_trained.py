@@ -4,8 +4,9 @@ The base: a tiny tied Llama, GPTQ 4-bit group 32 with the lm_head (and so the ti
 adapter trained with fp32 activations exports exactly (accuracy_level 0, the table once as MatMulNBits +
 GatherBlockQuantized blocks) and ``check`` holds it to the exact tier; the same graph with int8 activations
 (accuracy_level 4) fails that tier. An adapter trained with ``model.activations: int8`` exports the fast graph
-(accuracy_level 4 everywhere), judged at the lossy tier: int8 rounding is not reproducible across
-implementations (tests/test_tables.py measures why).
+(accuracy_level 4 everywhere), held to the exact tier teacher-forced (export.judge.forced: both sides round the
+same int8 codes; free-running, int8 rounding is not reproducible across implementations, tests/test_tables.py
+measures why), and the same weights in blocks of another length fail it.
 """
 
 from __future__ import annotations
@@ -89,16 +90,52 @@ def test_int8_activations_in_the_exact_graph_fail_the_check(exact_export, tmp_pa
     assert any("max abs" in failure for failure in report["source"].report.failures)
 
 
-def test_int8_trained_adapter_exports_the_fast_graph_at_the_lossy_tier(int8_run):
+@pytest.fixture(scope="module")
+def int8_export(int8_run):
     root, base, adapters = int8_run
     out = root / "export-int8"
-    manifest = export_model(base, adapters["int8"], output=out, mode="separate")
-    assert manifest.source_tier == "lossy" and "accuracy_level 4" in manifest.arithmetic
+    return out, export_model(base, adapters["int8"], output=out, mode="separate")
+
+
+def test_int8_trained_adapter_exports_the_fast_graph_exact_when_teacher_forced(int8_export):
+    out, manifest = int8_export
+    assert manifest.source_tier == "exact" and "accuracy_level 4" in manifest.arithmetic
+    assert manifest.agreement["method"] == "teacher-forced" and manifest.agreement["passed"]
     assert _accuracy_levels(out) == {4}
     assert len(_nodes(out, "GatherBlockQuantized")) == 1
     report = check_export(out, max_new_tokens=6)
     assert report.passed, report.failures
-    assert report["source"].report.tier == "lossy"
+    source = report["source"].report
+    assert source.tier == "exact" and source.tokens_equal
+    names = {o.name for o in source.outputs}
+    # every quantized op's input is compared, on prefill rows (M > 1) and decode steps (M = 1), and the logits
+    assert {"prefill/logits", "decode/logits", "prefill/lm_head", "decode/lm_head"} <= names
+    assert {"prefill/model.layers.0.self_attn.qkv_proj", "decode/model.layers.1.mlp.down_proj",
+            "prefill/model.layers.0.self_attn.o_proj.base"} <= names
+    assert all(o.max_abs <= o.tolerance for o in source.outputs)
+    assert report["free-running"].informational and report["twin"].report.tier == "exact"
+
+
+def test_activation_blocks_of_another_length_fail_the_teacher_forced_check(int8_run, int8_export, tmp_path,
+                                                                           monkeypatch):
+    """The same weights in MatMulNBits blocks of 16 (the trained blocks are 32): activations rounded per 16
+    values, another arithmetic, which the check must catch at the first op it feeds."""
+    from adalora_deploy.export.build import modules
+
+    root, base, adapters = int8_run
+    monkeypatch.setattr(modules, "nbits_block_size", lambda group, k: 16)
+    out = tmp_path / "blocks-16"
+    export_model(base, adapters["int8"], output=out, mode="separate", measure_agreement=False)
+    monkeypatch.undo()
+    blocks = {a.i for n in _nodes(out, "MatMulNBits") for a in n.attribute if a.name == "block_size"}
+    assert blocks == {16}
+    report = check_export(out, max_new_tokens=6)
+    assert not report.passed
+    failures = report["source"].report.failures
+    assert any("prefill/model.layers.0.self_attn.o_proj" in f and "teacher-forced" in f for f in failures), failures
+    assert any(f.startswith("decode/") for f in failures)
+    same = check_export(int8_export[0], max_new_tokens=6)  # the graph of the trained blocks, for contrast
+    assert same.passed, same.failures
 
 
 def _float_tables(folder) -> list[str]:

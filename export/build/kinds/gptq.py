@@ -35,13 +35,14 @@ class GPTQKind(ExportKind):
     def int8_trained(self, *, mode: str) -> Arithmetic:
         """The arithmetic when the adapter was trained with int8 activations (``model.activations: int8``).
 
-        Lossy, although the graph runs the trained ops: int8 rounding turns the fp32 reassociation differences
-        between any two correct implementations into different activation codes, and the difference grows
-        through the layers (docs/ONNX.md, "int8 activations are not reproducible")."""
+        Separate: the graph runs the trained ops (MatMulNBits accuracy_level 4 on the same blocks), exact when
+        both sides see the same int8 codes: ``check`` feeds them, teacher-forced at every quantized op
+        (free-running, int8 rounding carries the ulp differences of any two implementations through the
+        layers: docs/ONNX.md, "int8 activations are not reproducible"). Merged: fp32 products, lossy."""
         if mode == "separate":
             return Arithmetic("MatMulNBits (GPTQ repacked exactly), accuracy_level 4: the int8 activation blocks the "
-                              "adapter was trained with (int8 rounding does not reproduce across implementations)",
-                              "lossy", "lossy")
+                              "adapter was trained with (exact teacher-forced: the same codes give the same numbers)",
+                              "exact", "exact")
         return Arithmetic("fp32 MatMul of dequant(W0) + ΔW; the int8 activations of training are not reproduced",
                           "exact", "lossy")
 
