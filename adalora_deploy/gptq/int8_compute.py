@@ -69,13 +69,56 @@ def quantize_activations(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor
     """
     k = x.shape[-1]
     k_blocks = math.ceil(k / block_size)
-    blocks = F.pad(x.float(), (0, k_blocks * block_size - k)).unflatten(-1, (k_blocks, block_size))
-    amax = blocks.abs().amax(dim=-1, keepdim=True)
-    scales = amax / ACTIVATION_CODE_MAX
-    # a correctly rounded fp32 division, as MLAS's scalar ``127.f / maxScalar``: torch computes ``scalar / tensor``
-    # as ``scalar * reciprocal(tensor)``, one ulp off at times, which flips codes that sit near .5
-    inverse = torch.where(amax != 0, torch.full_like(amax, ACTIVATION_CODE_MAX) / amax, torch.zeros_like(amax))
-    return torch.round(blocks * inverse), scales  # torch.round: half to even, as _MM_ROUND_NEAREST
+    x = x.float()
+    blocks = (x if k == k_blocks * block_size else F.pad(x, (0, k_blocks * block_size - k))).unflatten(
+        -1, (k_blocks, block_size))
+    amax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=-1, keepdim=True)  # max |a|, one pass
+    # correctly rounded fp32 divisions, as MLAS's scalar ``maxScalar / 127.f`` and ``127.f / maxScalar``: torch
+    # computes ``scalar / tensor`` as ``scalar * reciprocal(tensor)``, one ulp off for some amax, which flips
+    # codes that sit next to x.5
+    code_max = torch.full_like(amax, ACTIVATION_CODE_MAX)
+    scales = amax / code_max
+    inverse = torch.where(amax != 0, code_max / amax, torch.zeros_like(amax))
+    return torch.mul(blocks, inverse).round_(), scales  # round: half to even, as _MM_ROUND_NEAREST
+
+
+def _dequantized_codes(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``codes * scale`` of :func:`quantize_activations` as ``(..., K)`` fp32, written once into one buffer (the
+    full blocks as a view of it, a partial last block as another), bit for bit the same numbers."""
+    k = x.shape[-1]
+    full = k // block_size * block_size
+    out = torch.empty(x.shape, dtype=torch.float32, device=x.device)
+    for start, stop, block in ((0, full, block_size), (full, k, k - full)):
+        if stop == start:
+            continue
+        blocks = x[..., start:stop].unflatten(-1, ((stop - start) // block, block))
+        amax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=-1, keepdim=True)
+        code_max = torch.full_like(amax, ACTIVATION_CODE_MAX)
+        inverse = torch.where(amax != 0, code_max / amax, torch.zeros_like(amax))
+        target = out[..., start:stop].unflatten(-1, ((stop - start) // block, block))
+        torch.mul(blocks, inverse, out=target)
+        target.round_().mul_(amax / code_max)
+    return out
+
+
+class _StraightThrough(torch.autograd.Function):
+    """Forward: the int8 path's activations, bit for bit. Backward: the rounding's derivative taken as 1."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, block_size: int, perm: torch.Tensor | None) -> torch.Tensor:
+        quantized = _dequantized_codes((x if perm is None else x[..., perm]).float(), block_size)
+        if perm is not None:
+            quantized = torch.empty_like(quantized).index_copy_(-1, perm, quantized)
+        return quantized.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return grad, None, None
+
+
+_CACHE = "_int8_activations"
+"""Attribute of an input tensor holding its quantized form: siblings (q/k/v, gate/up) read one input and
+quantize it once; the entry lives and dies with the tensor, and an in-place change (``_version``) voids it."""
 
 
 def fake_quantize_activations(x: torch.Tensor, block_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
@@ -91,11 +134,11 @@ def fake_quantize_activations(x: torch.Tensor, block_size: int, perm: torch.Tens
         ``(..., K)`` in ``x``'s dtype; ``F.linear`` of it with the exact dequantized weight is the kernel's
         output up to fp32 summation order.
     """
-    source = x if perm is None else x[..., perm]
-    codes, scales = quantize_activations(source.detach(), block_size)
-    quantized = (codes * scales).flatten(-2)[..., : x.shape[-1]]
-    if perm is not None:
-        quantized = torch.empty_like(quantized).index_copy_(-1, perm, quantized)
-    # straight through: forward the codes' values bit for bit (``x - x.detach()`` is exactly zero; the usual
-    # ``x + (q - x).detach()`` rounds twice and can miss q by an ulp), gradient 1 into x
-    return quantized.to(x.dtype) + (x - x.detach())
+    key = (x._version, block_size, None if perm is None else (perm.data_ptr(), perm._version),
+           torch.is_grad_enabled())
+    cached = getattr(x, _CACHE, None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    result = _StraightThrough.apply(x, block_size, perm)
+    setattr(x, _CACHE, (key, result))
+    return result
