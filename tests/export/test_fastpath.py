@@ -283,32 +283,32 @@ def test_fused_siblings_share_one_branch(kind, tmp_path):
     assert shapes["model.layers.0.mlp.gate_up_proj.lora_B"] == (2 * 4, 2 * 128)
 
 
-def test_plain_and_rank_0_siblings_join_as_zero_columns(tmp_path):
-    """q and v with branches, k a rank-0 branch: one q/k/v branch whose k columns are zero; gate without a
-    branch beside up: up keeps its own branch after the Split (a joint one would save no node)."""
+def test_rank_0_and_plain_siblings_join_as_zero_columns(tmp_path):
+    """q and v with branches, k a rank-0 branch (layer 0) or none (layer 1): one q/k/v branch whose k columns are
+    zero; gate without a branch beside up: up keeps its own branch after the Split (a joint one saves no node)."""
     model = tiny_llama()
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (2, 7), generator=generator)
     mask = torch.ones_like(ids)
     mask[1, :3] = 0
     attach_branches(model, "nbits", ("q_proj", "v_proj", "up_proj"), generator, ids, mask)
-    for layer in model.model.layers:
-        k = layer.self_attn.k_proj
-        layer.self_attn.k_proj = LowRankBranch(k, torch.zeros(0, 64), torch.zeros(32, 0), in_features=64,
-                                               out_features=32)
+    attn = model.model.layers[0].self_attn
+    attn.k_proj = LowRankBranch(attn.k_proj, torch.zeros(0, 64), torch.zeros(32, 0), in_features=64, out_features=32)
     result, report = _parity(model, tmp_path, ids, mask)
     _assert_exact(report)
     expected = {f"model.layers.{i}.{m}": 2 for i in range(2) for m in ("self_attn.qkv_proj", "mlp.up_proj")}
     assert _branch_matmuls(result.model_path) == expected
     proto = onnx.load(str(result.model_path))
-    lora_B = next(onnx.numpy_helper.to_array(i) for i in proto.graph.initializer
-                  if i.name == "model.layers.0.self_attn.qkv_proj.lora_B")
-    assert lora_B.shape == (8, 128) and not lora_B[:, 64:96].any()  # k's columns
-    assert not lora_B[:4, 96:].any() and not lora_B[4:, :64].any()  # off the q and v blocks
+    for i in range(2):
+        lora_B = next(onnx.numpy_helper.to_array(init) for init in proto.graph.initializer
+                      if init.name == f"model.layers.{i}.self_attn.qkv_proj.lora_B")
+        assert lora_B.shape == (8, 128) and not lora_B[:, 64:96].any()  # k's columns
+        assert not lora_B[:4, 96:].any() and not lora_B[4:, :64].any()  # off the q and v blocks
 
 
 def test_fp16_graph_with_fused_branches_matches_the_fp16_twin(tmp_path):
-    """fp16 weights and factors, one branch per fused group; judged by the lossy tier as the fp16 graph above."""
+    """fp16 weights and factors, one branch per fused group; judged by the lossy tier, as
+    :func:`test_fp16_graph_matches_the_fp16_twin`."""
     model = tiny_llama(dtype=torch.float16)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, 256, (2, 7), generator=generator)
