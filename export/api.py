@@ -38,7 +38,7 @@ from .build.graph import DEFAULT_OPSET, export_classifier, export_decoder
 from .build.kinds import keeping_exports, quantized_ops
 from .build.manifest import ExportManifest, package_versions, sha256_file
 from .build.source import load_source_model
-from .contract import ADAPTER_FILE, MANIFEST_FILE
+from .contract import ADAPTER_FILE, FUSED_LINEARS, MANIFEST_FILE
 from .judge.agreement import measure_source_agreement
 from .runtime.genai import write_genai_config
 
@@ -75,14 +75,20 @@ def _build(model: nn.Module, folder: Path, *, builder: str, opset: int, external
 
 
 def _adapter_matmuls(model_path: Path, branch_modules: list[str]) -> int:
-    """MatMul nodes whose name scope is exactly a branch module (not its ``base``)."""
+    """MatMul nodes whose name scope is exactly a branch module (not its ``base``), or that read the factors of
+    the one branch the fast path gives fused siblings (``<parent>.qkv_proj.lora_A`` for ``<parent>.q_proj``, ...)."""
     prefixes = {f"/{name.replace('.', '/')}/" for name in branch_modules}
+    joint = set()
+    for name in branch_modules:
+        parent, _, leaf = name.rpartition(".")
+        joint.update(f"{parent}.{fused}.{factor}" for fused, members in FUSED_LINEARS.items() if leaf in members
+                     for factor in ("lora_A", "lora_B"))
     graph = onnx.load(str(model_path), load_external_data=False).graph
     count = 0
     for node in graph.node:
         if node.op_type in _ADAPTER_OPS and node.domain in ("", "ai.onnx"):
             scope = node.name.rsplit("/", 1)[0] + "/"
-            count += scope in prefixes
+            count += scope in prefixes or any(name in joint for name in node.input)
     return count
 
 

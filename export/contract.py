@@ -77,8 +77,9 @@ BUILDER_METADATA = "adalora_deploy.builder"
 """Graph metadata key: which builder wrote the graph (``fastpath``)."""
 
 FUSED_LINEARS = MappingProxyType({"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")})
-"""Name scopes the fast path emits for projections it fuses into one MatMul, and the modules each one holds
-(in output order): whoever reads weights back from a graph maps the scopes to the modules through this."""
+"""Name scopes the fast path emits for projections it fuses into one MatMul (and for their one LoRA branch,
+``<scope>.lora_A`` / ``<scope>.lora_B``), and the modules each one holds (in output order): whoever reads weights
+back from a graph maps the scopes to the modules through this."""
 
 
 def kv_names(num_layers: int) -> tuple[list[str], list[str]]:

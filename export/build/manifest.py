@@ -58,7 +58,9 @@ class ExportManifest:
     ranks: dict[str, int]
     """Surviving rank of every adapted module (0: no branch in separate mode)."""
     adapter_matmuls: int
-    """MatMul nodes of adapter branches (2 per module with rank > 0 in separate mode, 0 when merged)."""
+    """MatMul nodes of adapter branches: in separate mode 2 per module with rank > 0 (any rank with adapter
+    inputs), except that siblings the fast path fuses (q/k/v, gate/up) share 2 when two or more of them hold
+    factors of rank > 0 as initializers; 0 when merged."""
     quantized_ops: dict[str, int]
     """Quantized-arithmetic node counts (``com.microsoft::*``, ``MatMulInteger``)."""
     op_counts: dict[str, int]

@@ -4,7 +4,8 @@ Each module is a few buffers plus one line of math whose torch forward reproduce
 ONNX node(s) it exports to, so a torch model built from them is the reference for the exported graph:
 
 - :class:`LowRankBranch`: ``base(x) + (x @ A.T) @ B.T``, two MatMuls beside the base; factors are
-  initializers, or graph inputs with a symbolic rank axis (switchable adapters).
+  initializers, or graph inputs with a symbolic rank axis (switchable adapters). :func:`joint_factors` packs
+  the branches of siblings that read one input (q/k/v, gate/up) as one branch of the concatenated output.
 - :class:`NBitsLinear`: onnxruntime ``com.microsoft.MatMulNBits`` (2/4/8-bit blockwise weights), the op
   several kinds share: built from GPTQ tensors, a float weight (round-to-nearest: merged int4/int8 and the
   fast path's quantized tables), or a bitsandbytes Linear8bitLt / Linear4bit (the bnb serving twins).
@@ -38,7 +39,7 @@ from adalora_deploy.gptq.solver import rtn_blocks
 
 from . import contrib  # the custom ops, their schemas and the lowering descriptions
 
-__all__ = ["LowRankBranch", "NBitsLinear", "default_zero_points", "runtime_factors", "swap_module"]
+__all__ = ["LowRankBranch", "NBitsLinear", "default_zero_points", "joint_factors", "runtime_factors", "swap_module"]
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +123,46 @@ class LowRankBranch(nn.Module):
         else:
             a, b = self.lora_A, self.lora_B
         return self.base(x) + torch.matmul(torch.matmul(x, a.to(x.dtype)), b.to(x.dtype))
+
+
+def joint_factors(members: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The LoRA branches of siblings that read one input as one branch of their concatenated output.
+
+    ``lora_A`` concatenates the members' ``lora_A`` along the rank; ``lora_B`` holds their ``lora_B`` on its
+    diagonal blocks and zeros elsewhere, so member i's output columns are ``(x @ A_i) @ B_i`` plus exact zeros
+    (up to summation order, the members' own branches)::
+
+        lora_A = [A_1 | A_2 | ...]          [in, sum r_i]
+        lora_B = diag(B_1, B_2, ...)        [sum r_i, sum out_i]
+
+    A member that is no :class:`LowRankBranch` (its adapter compacted to rank 0, or none) counts as rank 0: its
+    output columns of ``lora_B`` are zero.
+
+    Args:
+        members: the siblings in output order, each a :class:`LowRankBranch` holding its factors or a base
+            linear exposing ``in_features`` / ``out_features``.
+
+    Returns:
+        ``(lora_A [in, sum r_i], lora_B [sum r_i, sum out_i])``, fp32.
+
+    Raises:
+        ValueError: a member in adapter-inputs mode, or members of different input widths.
+    """
+    if any(isinstance(m, LowRankBranch) and m.factors_as_inputs for m in members):
+        raise ValueError("joint_factors: adapter-inputs branches hold no factors to pack")
+    widths = {int(m.in_features) for m in members}
+    if len(widths) != 1:
+        raise ValueError(f"joint_factors: members read inputs of different widths {sorted(widths)}")
+    (width,) = widths
+    downs, ups = [], []
+    for m in members:
+        if isinstance(m, LowRankBranch):
+            downs.append(m.lora_A)
+            ups.append(m.lora_B)
+        else:
+            downs.append(torch.zeros(width, 0))
+            ups.append(torch.zeros(0, int(m.out_features)))
+    return torch.cat(downs, dim=1), torch.block_diag(*ups)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,8 @@ def separate_dense(export_workspace, tmp_path_factory):
 
 QUANTIZED_NODES = 8
 """Quantized matmul nodes of the tiny Llama's fast-path graph: 2 layers x (fused q/k/v, o, fused gate/up, down);
-the branches of adapted modules are added after the fused base's Split, so every base stays quantized."""
+the branches of adapted modules are added beside the fused base (after its Split, or one per group before it), so
+every base stays quantized."""
 
 
 def test_separate_graph_holds_exactly_the_surviving_ranks(separate_dense):

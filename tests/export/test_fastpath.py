@@ -7,6 +7,8 @@ transformers' ``generate``.
 
 from __future__ import annotations
 
+import collections
+
 import numpy as np
 import onnx
 import pytest
@@ -47,7 +49,8 @@ reassociate sums as the dynamo graph's do (1.5e-7 to 3e-7 there). The tests asse
 
 def _prompt_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor, lora=()) -> torch.Tensor:
     wrapper = DecoderWrapper(model).eval()
-    past = tuple(torch.zeros(ids.shape[0], wrapper.num_kv_heads, 0, wrapper.head_dim)
+    dtype = model.get_input_embeddings().weight.dtype
+    past = tuple(torch.zeros(ids.shape[0], wrapper.num_kv_heads, 0, wrapper.head_dim, dtype=dtype)
                  for _ in range(2 * wrapper.num_layers))
     with torch.no_grad():
         return wrapper(ids, mask, past, lora)[0]
@@ -129,6 +132,9 @@ def test_adapter_inputs_serve_any_factors(export_workspace, batch, tmp_path):
     _assert_exact(report)
     assert result.adapter_input_names == adapter_input_names(model)
     assert result.input_names[-len(result.adapter_input_names):] == result.adapter_input_names
+    # q and v share the fused q/k/v base, yet their branches read their own inputs: one per module
+    assert _branch_matmuls(result.model_path) == {name: 2 for name in conversion.ranks}
+    assert _adapter_matmuls(result.model_path, list(conversion.ranks)) == 2 * len(conversion.ranks)
     proto = onnx.load(str(result.model_path), load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
     for name in conversion.ranks:
@@ -238,6 +244,80 @@ def attach_branches(model: nn.Module, kind: str, targets: tuple[str, ...], gener
             swap_module(model, name, base)
     assert (_prompt_logits(model, ids, mask) - plain).abs().max() > ADAPTER_EFFECT_MIN
     return model
+
+
+def _branch_matmuls(model_path) -> collections.Counter[str]:
+    """MatMul nodes that read a branch factor (initializer or graph input ``<m>.lora_A`` / ``.lora_B``), by ``<m>``."""
+    graph = onnx.load(str(model_path), load_external_data=False).graph
+    factors = {i.name for i in [*graph.initializer, *graph.input] if i.name.endswith((".lora_A", ".lora_B"))}
+    return collections.Counter(name.rsplit(".", 1)[0] for n in graph.node if n.op_type == "MatMul"
+                               for name in n.input if name in factors)
+
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@pytest.mark.parametrize("kind", ["linear", "nbits"])
+def test_fused_siblings_share_one_branch(kind, tmp_path):
+    """A branch on every projection: the fused q/k/v and gate/up groups each get one down and one up MatMul
+    (2 + 2 + 2 + 2 per layer instead of 6 + 2 + 4 + 2), and the graph still equals the per-member twin."""
+    model = tiny_llama()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    attach_branches(model, kind, ALL_PROJECTIONS, generator, ids, mask)  # asserts the branches change the logits
+    result, report = _parity(model, tmp_path, ids, mask)
+    _assert_exact(report)
+    layers = [f"model.layers.{i}" for i in range(2)]
+    expected = {f"{layer}.{m}": 2 for layer in layers
+                for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
+    assert _branch_matmuls(result.model_path) == expected
+    assert result.op_counts["Add"] == 4 * 2  # one branch Add per group or module (no biases)
+    assert _adapter_matmuls(result.model_path, [n for n, m in model.named_modules()
+                                                if isinstance(m, LowRankBranch)]) == 8 * 2
+    proto = onnx.load(str(result.model_path), load_external_data=False)
+    shapes = {i.name: tuple(i.dims) for i in proto.graph.initializer}
+    assert shapes["model.layers.0.self_attn.qkv_proj.lora_A"] == (64, 3 * 4)  # [K, sum r_i]
+    assert shapes["model.layers.0.self_attn.qkv_proj.lora_B"] == (3 * 4, 64 + 32 + 32)  # [sum r_i, sum N_i]
+    assert shapes["model.layers.0.mlp.gate_up_proj.lora_B"] == (2 * 4, 2 * 128)
+
+
+def test_rank_0_and_plain_siblings_join_as_zero_columns(tmp_path):
+    """q and v with branches, k a rank-0 branch (layer 0) or none (layer 1): one q/k/v branch whose k columns are
+    zero; gate without a branch beside up: up keeps its own branch after the Split (a joint one saves no node)."""
+    model = tiny_llama()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    attach_branches(model, "nbits", ("q_proj", "v_proj", "up_proj"), generator, ids, mask)
+    attn = model.model.layers[0].self_attn
+    attn.k_proj = LowRankBranch(attn.k_proj, torch.zeros(0, 64), torch.zeros(32, 0), in_features=64, out_features=32)
+    result, report = _parity(model, tmp_path, ids, mask)
+    _assert_exact(report)
+    expected = {f"model.layers.{i}.{m}": 2 for i in range(2) for m in ("self_attn.qkv_proj", "mlp.up_proj")}
+    assert _branch_matmuls(result.model_path) == expected
+    proto = onnx.load(str(result.model_path))
+    for i in range(2):
+        lora_B = next(onnx.numpy_helper.to_array(init) for init in proto.graph.initializer
+                      if init.name == f"model.layers.{i}.self_attn.qkv_proj.lora_B")
+        assert lora_B.shape == (8, 128) and not lora_B[:, 64:96].any()  # k's columns
+        assert not lora_B[:4, 96:].any() and not lora_B[4:, :64].any()  # off the q and v blocks
+
+
+def test_fp16_graph_with_fused_branches_matches_the_fp16_twin(tmp_path):
+    """fp16 weights and factors, one branch per fused group; judged by the lossy tier, as
+    :func:`test_fp16_graph_matches_the_fp16_twin`."""
+    model = tiny_llama(dtype=torch.float16)
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    attach_branches(model, "linear", ALL_PROJECTIONS, generator, ids, mask)
+    result, report = _parity(model, tmp_path, ids, mask, tier="lossy")
+    assert report.passed and report.tokens_equal, report.failures
+    assert sum(_branch_matmuls(result.model_path).values()) == 8 * 2
 
 
 @pytest.mark.parametrize(("kind", "fused"), [(kind, True) for kind in sorted(_KINDS)] + [("nbits", False)],

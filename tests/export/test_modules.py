@@ -11,6 +11,7 @@ from adalora_deploy.export.build.kinds.bnb8 import Int8EmulationLinear
 from adalora_deploy.export.build.modules import (
     LowRankBranch,
     NBitsLinear,
+    joint_factors,
 )
 
 from adalora_deploy.backends.bnb import FP4_CODE, NF4_CODE
@@ -252,6 +253,32 @@ def test_low_rank_branch_validates_shapes(linear):
         LowRankBranch(linear, torch.zeros(2, IN_FEATURES + 1), torch.zeros(OUT_FEATURES, 2))
     with pytest.raises(ValueError, match="required"):
         LowRankBranch(linear)
+
+
+def test_joint_factors_pack_the_members_branches_exactly(x):
+    """Concatenated down factors, block-diagonal up factors: member i's columns are its own branch; a plain
+    member and a rank-0 branch are rank 0 (zero columns); adapter-inputs members have nothing to pack."""
+    generator = torch.Generator().manual_seed(3)
+
+    def branch(out: int, rank: int) -> LowRankBranch:
+        A = torch.randn(rank, IN_FEATURES, generator=generator)
+        B = torch.randn(out, rank, generator=generator)
+        return LowRankBranch(torch.nn.Linear(IN_FEATURES, out), A, B)
+
+    members = [branch(48, 3), torch.nn.Linear(IN_FEATURES, 16), branch(16, 0), branch(32, 5)]
+    lora_A, lora_B = joint_factors(members)
+    assert lora_A.shape == (IN_FEATURES, 8) and lora_B.shape == (8, 112)
+    assert torch.equal(lora_A, torch.cat([members[0].lora_A, members[3].lora_A], 1))
+    assert torch.equal(lora_B[:3, :48], members[0].lora_B) and torch.equal(lora_B[3:, 80:], members[3].lora_B)
+    assert not lora_B[:3, 48:].any() and not lora_B[3:, :80].any()
+    # the joint branch's columns are each member's branch, or zero
+    own = [(x @ m.lora_A) @ m.lora_B if isinstance(m, LowRankBranch) else torch.zeros(len(x), m.out_features)
+           for m in members]
+    torch.testing.assert_close((x @ lora_A) @ lora_B, torch.cat(own, 1), rtol=0, atol=FP32_MATMUL_ATOL)
+    with pytest.raises(ValueError, match="adapter-inputs"):
+        joint_factors([members[0], LowRankBranch(torch.nn.Linear(IN_FEATURES, 8), factors_as_inputs=True)])
+    with pytest.raises(ValueError, match="different widths"):
+        joint_factors([members[0], torch.nn.Linear(IN_FEATURES + 1, 8)])
 
 
 GPTQ_FP16_DEQUANT_RTOL = 2**-11

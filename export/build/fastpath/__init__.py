@@ -10,11 +10,11 @@ onnxruntime's fused contrib ops node by node, streaming each weight to ``model.o
                    ─> seqlens_k = T - 1 (every row), total = T     ┘
     per layer i:
       h ─> [Skip]SimplifiedLayerNormalization ─> x
-      x ─> q/k/v projection (fused when the bases allow it) ─> Split ─> [+ LoRA branch] ─> q, k, v
+      x ─> q/k/v projection (fused when the bases allow it) [+ one LoRA branch] ─> Split ─> [+ LoRA] ─> q, k, v
       q, k ─> RotaryEmbedding(positions)
       GroupQueryAttention(q, k, v, past_i, seqlens_k, total, attention_bias=bias) ─> attn, present_i
       attn ─> o_proj ─> SkipSimplifiedLayerNormalization(+ residual) ─> x
-      x ─> gate/up projection (fused) ─> Split ─> [+ LoRA] ─> Sigmoid/Mul/Mul ─> down_proj
+      x ─> gate/up projection (fused) [+ one LoRA branch] ─> Split ─> [+ LoRA] ─> Sigmoid/Mul/Mul ─> down_proj
     SkipSimplifiedLayerNormalization(final norm) ─> lm_head (MatMul / Gemm / MatMulNBits) ─> logits
 
 The graph keeps the interface of :mod:`export.build.graph` exactly (same input and output names, dtypes and
@@ -43,8 +43,10 @@ Split as onnxruntime-genai's builder is split::
     __init__    this entry point: pick the family, build, write, check
 
 Branch MatMuls are named ``/<m>/MatMul_0`` and ``/<m>/MatMul_1``, the base ``/<m>/base/...`` or, when the
-projections are fused, ``/<...>/qkv_proj/...`` and ``/<...>/gate_up_proj/...``, so
-``export.api._adapter_matmuls`` (MatMul nodes whose scope is exactly a branch module) counts unchanged.
+projections are fused, ``/<...>/qkv_proj/...`` and ``/<...>/gate_up_proj/...``. Fused siblings with two or more
+branches whose factors are initializers share one branch (``.linear.LinearEmitter.group``) in the fused scope,
+reading ``<...>.qkv_proj.lora_A`` / ``.lora_B`` (``gate_up_proj`` alike); ``export.api._adapter_matmuls`` counts
+the MatMuls of both forms.
 """
 
 from __future__ import annotations

@@ -301,7 +301,7 @@ class DecoderFamily:
             producer = next(n for n in reversed(g.nodes) if logits in n.output)
             producer.output[list(producer.output).index(logits)] = LOGITS
 
-    # x ─> gate/up projection (fused) ─> Split ─> [+ LoRA] ─> Sigmoid/Mul/Mul ─> down_proj
+    # x ─> gate/up projection (fused) [+ one LoRA branch] ─> Split ─> [+ LoRA] ─> Sigmoid/Mul/Mul ─> down_proj
     def mlp(self, g: Graph, emitter: LinearEmitter, mlp: nn.Module, x: str, path: str, fuse: bool) -> str:
         """The gated MLP: ``down_proj(activation(gate_proj(x)) * up_proj(x))``."""
         gate, up = emitter.group([(f"{path}.{n}", getattr(mlp, n)) for n in ("gate_proj", "up_proj")], x,
