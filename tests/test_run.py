@@ -107,3 +107,22 @@ def test_report_rank_grid_reads_the_adapter_through_peft_format(tmp_path):
     assert init_r == INIT_R and modules == ["q_proj", "v_proj", "down_proj"]
     assert layers == sorted({layer for layer, _ in expected})
     assert ranks == expected and ranks[(0, "q_proj")] == INIT_R // 2 and ranks[(0, "v_proj")] == INIT_R
+
+
+def test_an_int8_activation_job_ships_the_fast_graph_checked_teacher_forced(tmp_path):
+    """``model.activations: int8`` (the default job's setting) on a GPTQ base: the separate graph runs MatMulNBits
+    at accuracy_level 4, and the job's check holds it to the exact tier teacher-forced, the report says so."""
+    import onnx
+
+    out = tmp_path / "run"
+    overrides = [*SHORT, "model.quantization=gptq", "model.activations=int8", "quantize.group_size=32"]
+    assert main(["run", str(CONFIG), "--output", str(out), *_set(overrides)]) == 0
+    job = json.loads((out / "job.json").read_text())
+    check = job["stages"]["check"]["checks"]["separate"]
+    assert check["passed"] and check["verdict"] == "teacher-forced" and check["source_tokens_equal"]
+    assert 0 <= check["free_running_top1"] <= 1
+    graph = onnx.load(str(out / "exports" / "separate" / "model.onnx"), load_external_data=False)
+    levels = {a.i for n in graph.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+              if a.name == "accuracy_level"}
+    assert levels == {4}
+    assert "PASS (teacher-forced" in (out / "report" / "report.md").read_text()

@@ -159,6 +159,8 @@ def write_report(run: RunConfig, output: Path, stages: dict[str, dict[str, Any]]
         export = exports.get(row["label"], {})
         check = checks.get(row["label"])
         verdict = "-" if check is None else ("PASS" if check["passed"] else "FAIL") + (
+            f" (teacher-forced; free-running top-1 {check['free_running_top1']:.3f})"
+            if check.get("verdict") == "teacher-forced" else
             f" (top-1 {check['source_top1']:.3f})" if check.get("source_top1") is not None else "")
         size = _fmt(export["graph_bytes"] / 1e6, 1) if export else "-"
         lines.append(f"| {row['label']} | {_fmt(row['accuracy'])} | {_fmt(row['loss'])} | {_fmt(row['perplexity'], 2)} "

@@ -311,6 +311,11 @@ def _check(job: _Job) -> dict[str, Any]:
                                            default=None),
                         "source_max_abs": max((o.max_abs for o in logits), default=None),
                         "source_tokens_equal": source.tokens_equal}
+        free = [c.report for c in report.comparisons if c.name == "free-running"]
+        if free:  # int8 activations: the verdict is teacher-forced; free-running agreement is shown beside it
+            logits = free[0].outputs[0]
+            result[name].update(verdict="teacher-forced", free_running_top1=logits.top1_agreement,
+                                free_running_mean_kl=logits.mean_kl)
     return {"checks": result}
 
 
