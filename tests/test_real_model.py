@@ -7,8 +7,11 @@ quality differs), trains a few steps on a bnb-nf4 base and on the GPTQ base (all
 - ``--mode separate`` on the GPTQ base (MatMulNBits, the trained int4 weights and int4 token table exactly)
   passes ``check``, which judges it against the trained model at the exact tier (the fp32 bound of a 30-layer
   model); the same graph with int8 activations (accuracy_level 4) fails it;
-- int8 activations are not reproducible: the trained model itself, its linears' inputs perturbed by 8 fp32 ulps,
-  moves its logits far past the exact bound with int8 activations and stays within it with fp32 ones;
+- an adapter trained with int8 activations (``model.activations: int8``) exports the accuracy_level-4 graph,
+  which ``check`` holds to the exact tier teacher-forced; the same weights in blocks of another length fail;
+- int8 activations are not reproducible free-running: the trained model itself, its linears' inputs perturbed
+  by 8 fp32 ulps, moves its logits far past the exact bound with int8 activations and stays within it with
+  fp32 ones (so the teacher-forced comparison is the only exact one);
 - ``--mode separate`` on the nf4 base (MatMulBnb4, the trained NF4 bytes) passes likewise;
 - ``--mode merged --weights int4`` (GPTQ re-quantization) is judged at the lossy tier: if ``check`` passes
   it, its top-1 agreement with the trained model on held-out text is at least 0.95.
@@ -63,15 +66,16 @@ def smollm2(tmp_path_factory):
     save_gptq_model(model, gptq, tokenizer_source=base, overwrite=True)
     del model
     adapters = {}
-    for name, path, quantization in (("nf4", base, "bnb-nf4"), ("gptq", gptq, "gptq")):
+    for name, path, quantization, activations in (("nf4", base, "bnb-nf4", "fp32"), ("gptq", gptq, "gptq", "fp32"),
+                                                  ("gptq-int8", gptq, "gptq", "int8")):
         run = parse_run_config({
-            "model": {"path": str(path), "quantization": quantization, "device": "cpu"},
+            "model": {"path": str(path), "quantization": quantization, "device": "cpu", "activations": activations},
             "adapter": {"target_modules": PROJECTIONS, "init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1,
                         "deltaT": 1, "lora_alpha": 16},
             "train": {"data": BUILTIN_SAMPLE, "steps": 4, "batch_size": 2, "seq_len": 32, "lr": 1e-2, "seed": 0},
         })
         adapters[name] = train(run, root / f"run-{name}", progress=False).adapter_dir
-    return {"root": root, "base": base, "gptq_base": gptq, **adapters}  # adapters: "nf4", "gptq"
+    return {"root": root, "base": base, "gptq_base": gptq, **adapters}  # adapters: "nf4", "gptq", "gptq-int8"
 
 
 def _exact_passes(report) -> None:
@@ -108,6 +112,35 @@ def test_int8_activations_in_the_exact_real_graph_fail_the_check(smollm2):
     assert not report.passed
     logits = report["source"].report["logits"]
     assert logits.max_abs > 10 * logits.tolerance
+
+
+def test_the_int8_trained_fast_graph_of_the_real_model_is_exact_teacher_forced(smollm2, monkeypatch):
+    """An adapter trained with int8 activations exports MatMulNBits at accuracy_level 4 (and the int4 table);
+    check holds it to the exact tier teacher-forced (every quantized op's input, prefill and decode, and the
+    logits within the fp32 bound of a 30-layer model); the same weights in blocks of 64 (trained: 128) fail."""
+    from adalora_deploy.export.api import export_model
+    from adalora_deploy.export.build import modules
+    from adalora_deploy.export.judge.check import check_export
+
+    out = smollm2["root"] / "separate-gptq-int8"
+    manifest = export_model(smollm2["gptq_base"], smollm2["gptq-int8"], output=out, mode="separate")
+    assert manifest.source_tier == "exact" and manifest.agreement["method"] == "teacher-forced"
+    assert manifest.agreement["passed"], manifest.agreement["failures"]
+    report = check_export(out, decode_steps=1, max_new_tokens=4)
+    assert report.passed, report.failures
+    source = report["source"].report
+    assert source.tier == "exact" and source.tokens_equal and report.positions >= MIN_POSITIONS
+    assert len([o for o in source.outputs if o.name.startswith("decode/")]) == 30 * 4 + 2  # 4 ops a layer, head, logits
+    assert all(o.max_abs <= o.tolerance for o in source.outputs)
+
+    monkeypatch.setattr(modules, "nbits_block_size", lambda group, k: 64)
+    other = smollm2["root"] / "separate-gptq-int8-blocks-64"
+    export_model(smollm2["gptq_base"], smollm2["gptq-int8"], output=other, mode="separate", measure_agreement=False)
+    monkeypatch.undo()
+    failed = check_export(other, decode_steps=1, max_new_tokens=4)
+    assert not failed.passed
+    worst = max(o.max_abs / o.tolerance for o in failed["source"].report.outputs)
+    assert worst > 100
 
 
 def test_int8_activations_amplify_ulp_differences_on_the_real_model(smollm2):
