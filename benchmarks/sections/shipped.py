@@ -33,16 +33,19 @@ CONFIG = REPO / "configs" / "smollm2-sentiment.yaml"
 DEFAULT_RUN = REPO / "runs" / "smollm2-sentiment"
 SHIPPED = "separate"
 """The export the default config ships (its ``export`` list)."""
+FP32 = "fp32"
+"""The job trained with ``--set model.activations=fp32`` (the config's other documented arithmetic)."""
 VARIANTS = (
-    # name, the job's export entry (= `adalora-deploy export` options), shown as
-    ("separate", {"mode": "separate"}, "--mode separate (shipped)"),
-    ("serving", {"mode": "separate", "serving": True}, "--mode separate --serving"),
-    ("merged", {"mode": "merged"}, "--mode merged (--weights fp32)"),
-    ("merged-int4", {"mode": "merged", "weights": "int4"}, "--mode merged --weights int4"),
-    ("merged-int8", {"mode": "merged", "weights": "int8"}, "--mode merged --weights int8"),
-    ("merged-fp16", {"mode": "merged", "weights": "fp16"}, "--mode merged --weights fp16"),
+    # name, the job's export entry (= `adalora-deploy export` options), shown as, the job (None: the default)
+    ("separate", {"mode": "separate"}, "--mode separate (shipped)", None),
+    ("merged", {"mode": "merged"}, "--mode merged (--weights fp32)", None),
+    ("merged-int4", {"mode": "merged", "weights": "int4"}, "--mode merged --weights int4", None),
+    ("merged-int8", {"mode": "merged", "weights": "int8"}, "--mode merged --weights int8", None),
+    ("merged-fp16", {"mode": "merged", "weights": "fp16"}, "--mode merged --weights fp16", None),
+    ("fp32-separate", {"mode": "separate"}, "activations fp32: --mode separate", FP32),
+    ("fp32-serving", {"mode": "separate", "serving": True}, "activations fp32: --mode separate --serving", FP32),
 )
-QUICK_VARIANTS = ("separate", "serving")
+QUICK_VARIANTS = ("separate", "fp32-separate")
 SLOW_RUN_S = 20
 """A decode run slower than this (seconds) is not repeated: its warm-up run is the figure."""
 
@@ -51,31 +54,42 @@ def finished_job(folder: Path) -> bool:
     return (folder / "report" / "report.json").is_file() and (folder / "exports" / SHIPPED / "model.onnx").is_file()
 
 
-def the_job(suite: Suite) -> Path | None:
-    """The main job's folder: ``--run``, the repository's default run, or a run made here."""
-    for folder in (suite.run_dir, DEFAULT_RUN):
+def the_job(suite: Suite, activations: str | None = None) -> Path | None:
+    """The main job's folder: ``--run``, the repository's default run, or a run made here; with
+    ``activations``, the same job trained with ``--set model.activations=<activations>`` (run here)."""
+    for folder in (() if activations else (suite.run_dir, DEFAULT_RUN)):
         if folder is not None and finished_job(Path(folder)):
             print(f"  the main job's folder: {folder}", flush=True)
             return Path(folder)
-    folder = suite.workdir / "job"
+    folder = suite.workdir / (f"job-{activations}" if activations else "job")
     argv = [PYTHON, "-m", "adalora_deploy.cli", "run", str(CONFIG), "--output", str(folder)]
+    if activations:
+        argv += ["--set", f"model.activations={activations}"]
+        if finished_job(folder) and json.loads((folder / "job.json").read_text(encoding="utf-8")).get(
+                "config", {}).get("model", {}).get("activations", activations) == activations:
+            print(f"  reusing {folder} (--workdir of an earlier run)", flush=True)
+            return folder
     suite.command("shipped", argv)
     print(f"  running the main job: {' '.join(argv)}", flush=True)
     job = run_child(argv, timeout=3600)
     if job.returncode or not finished_job(folder):
-        suite.skip("shipped", "everything", f"the main job failed: {tail(job.stderr)}")
+        suite.skip("shipped", "the activations-fp32 job" if activations else "everything",
+                   f"the main job failed: {tail(job.stderr)}")
         return None
-    suite.results.setdefault("shipped", {})["job_run"] = {"wall_s": job.wall_s, "cpu_s": job.cpu_s,
-                                                          "peak_rss_mb": job.peak_rss_mb}
+    suite.results.setdefault("shipped", {})[f"job_run_{activations}" if activations else "job_run"] = {
+        "wall_s": job.wall_s, "cpu_s": job.cpu_s, "peak_rss_mb": job.peak_rss_mb}
     return folder
 
 
-def export_variants(suite: Suite, job: Path, names: list[str]) -> Path | None:
+def export_variants(suite: Suite, job: Path, names: list[str], activations: str | None = None) -> Path | None:
     """Rerun the job from its export stage, in a copy, with every variant in its ``export`` list."""
-    folder = suite.workdir / "variants"
+    tag = f"-{activations}" if activations else ""
+    folder = suite.workdir / f"variants{tag}"
     config = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
-    config["export"] = [{"name": name, **entry} for name, entry, _ in VARIANTS if name in names]
-    config_file = suite.workdir / "variants.yaml"
+    if activations:
+        config["model"]["activations"] = activations
+    config["export"] = [{"name": name, **entry} for name, entry, _, _ in VARIANTS if name in names]
+    config_file = suite.workdir / f"variants{tag}.yaml"
     text = yaml.safe_dump(config, sort_keys=False)
     argv = [PYTHON, "-m", "adalora_deploy.cli", "run", str(config_file), "--output", str(folder), "--from", "export"]
     suite.command("shipped", f"{CONFIG.name} with export: {config['export']}; {' '.join(argv)}")
@@ -99,7 +113,7 @@ def export_variants(suite: Suite, job: Path, names: list[str]) -> Path | None:
     return folder
 
 
-def graph_rows(job: Path, variants: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+def graph_rows(job: Path, variants: Path, names: list[str], shipped: str = SHIPPED) -> dict[str, dict[str, Any]]:
     """Per graph, from the job's own report: size, export seconds, check verdict and tier, accuracy."""
     report = json.loads((variants / "report" / "report.json").read_text(encoding="utf-8"))
     shipped = json.loads((job / "report" / "report.json").read_text(encoding="utf-8"))
@@ -116,10 +130,13 @@ def graph_rows(job: Path, variants: Path, names: list[str]) -> dict[str, dict[st
         rows[name] = {"folder": str(variants / "exports" / name), "graph_bytes": export["graph_bytes"],
                       "export_s": export["seconds"], "tier": export["tier"], "passed": check.get("passed"),
                       "top1": check.get("source_top1"), "mean_kl": kl,
+                      "verdict": check.get("verdict", "free-running"),
+                      "free_running_top1": check.get("free_running_top1", check.get("source_top1")),
+                      "free_running_mean_kl": check.get("free_running_mean_kl", kl),
                       "accuracy": report["scores"].get(name, {}).get("accuracy")}
     rows["_trained_accuracy"] = report["scores"]["trained (torch)"]["accuracy"]
     rows["_base_accuracy"] = report["scores"]["base"]["accuracy"]
-    rows["_shipped_graph_reproduced"] = same_graph(job / "exports" / SHIPPED, variants / "exports" / SHIPPED)
+    rows["_shipped_graph_reproduced"] = same_graph(job / "exports" / SHIPPED, variants / "exports" / shipped)
     rows["_job_scores"] = shipped["scores"]
     return rows
 
@@ -216,15 +233,26 @@ def run(suite: Suite) -> None:
     if why:
         suite.skip("shipped", "everything", why)
         return
-    job = the_job(suite)
-    if job is None:
-        return
-    names = [name for name, _, _ in VARIANTS if not suite.quick or name in QUICK_VARIANTS]
-    variants = export_variants(suite, job, names)
-    if variants is None:
-        return
-    rows = graph_rows(job, variants, names)
-    names = [name for name in names if name in rows]
+    rows: dict[str, Any] = {}
+    for activations in (None, FP32):
+        group = [name for name, _, _, j in VARIANTS if j == activations and (not suite.quick or name in QUICK_VARIANTS)]
+        job = the_job(suite, activations)
+        if job is None:
+            if activations is None:
+                return
+            continue
+        variants = export_variants(suite, job, group, activations)
+        if variants is None:
+            if activations is None:
+                return
+            continue
+        part = graph_rows(job, variants, group, SHIPPED if activations is None else f"{FP32}-{SHIPPED}")
+        rows.update({(f"{key}_{activations}" if key.startswith("_") and activations else key): value
+                     for key, value in part.items()})
+        if activations is None:
+            job_folder = job
+    job = job_folder
+    names = [name for name, _, _, _ in VARIANTS if name in rows]
     builder = builder_graph(suite)
     builder_bytes = bench_fastpath.graph_size(builder)["bytes"] if builder else None
     graphs = {name: Path(rows[name]["folder"]) for name in names}
@@ -234,21 +262,26 @@ def run(suite: Suite) -> None:
     timings = {threads: time_graphs(suite, tokenizer, graphs, builder, threads) for threads in suite.decode_threads}
     suite.results.setdefault("shipped", {}).update({"job": str(job), "graphs": rows, "builder_bytes": builder_bytes,
                                                     "timings": timings})
-    labels = {name: label for name, _, label in VARIANTS}
+    labels = {name: label for name, _, label, _ in VARIANTS}
     table = []
     for name in names:
         r = rows[name]
-        verdict = "PASS" if r["passed"] else "FAIL"
+        verdict = ("PASS" if r["passed"] else "FAIL") + (" (teacher-forced)" if r["verdict"] == "teacher-forced" else "")
         table.append([labels[name], f"{r['graph_bytes'] / 1e6:.1f}",
                       show_ratio(r["graph_bytes"] / builder_bytes if builder_bytes else None), f"{r['export_s']:.0f}",
-                      f"{r['tier']} {verdict}", f"{r['top1']:.3f}" if r["top1"] is not None else "-",
-                      f"{r['mean_kl']:.1e}" if r["mean_kl"] is not None else "-", f"{r['accuracy']:.3f}"])
+                      f"{r['tier']} {verdict}",
+                      f"{r['free_running_top1']:.3f}" if r["free_running_top1"] is not None else "-",
+                      f"{r['free_running_mean_kl']:.1e}" if r["free_running_mean_kl"] is not None else "-",
+                      f"{r['accuracy']:.3f}"])
     if builder_bytes:
         table.append(["builder -p int4", f"{builder_bytes / 1e6:.1f}", "1.00x", "-", "(not checked: no adapter)", "-",
                       "-", "-"])
+    fp32_job = (f"; activations fp32: trained {rows['_trained_accuracy_fp32']:.3f}"
+                if "_trained_accuracy_fp32" in rows else "")
     suite.print_table(f"The CLI's graphs of the main job (trained {rows['_trained_accuracy']:.3f}, base "
-                      f"{rows['_base_accuracy']:.3f} held-out accuracy); shipped graph rebuilt with the same nodes and "
-                      f"weights by the rerun: {'yes' if rows['_shipped_graph_reproduced'] else 'NO'}",
+                      f"{rows['_base_accuracy']:.3f} held-out accuracy{fp32_job}); shipped graph rebuilt with the same "
+                      f"nodes and weights by the rerun: {'yes' if rows['_shipped_graph_reproduced'] else 'NO'}; top-1 "
+                      "and KL: graph vs trained model free-running, each on its own activations",
                       ["export", "MB", "vs builder", "export s", "check vs trained", "top-1", "mean KL", "accuracy"],
                       table)
     for threads, t in timings.items():
@@ -278,6 +311,7 @@ def run(suite: Suite) -> None:
             value = ratio(t["prefill_ms"].get(SHIPPED), t["prefill_ms"].get("builder -p int4"))
             t_rows.append([f"prefill <= 1.0x, {threads} thread(s)", show_ratio(value),
                            "yes" if value and value <= 1.0 else "no"])
-        t_rows.append(["check PASS at the exact tier vs the trained model", f"{shipped['tier']}, top-1 {shipped['top1']}",
+        t_rows.append(["check PASS at the exact tier vs the trained model",
+                       f"{shipped['tier']} ({shipped['verdict']}), top-1 {shipped['top1']}",
                        "yes" if shipped["passed"] and shipped["tier"] == "exact" else "no"])
         suite.print_table("Issue 17's targets for the shipped graph (this run)", ["target", "measured", "met?"], t_rows)
