@@ -13,7 +13,9 @@ that read the same input, the LoRA branch)::
     LowRankBranch         base (scope <m>/base) + MatMul(lora_A) + MatMul(lora_B) + Add (scope <m>)
     fused siblings <g>    one base node (scope <g>: qkv_proj, gate_up_proj) + Split; two or more branches with
     (q/k/v, gate/up)      their factors in the graph: one MatMul(<g>.lora_A) + MatMul(<g>.lora_B) + Add before
-                          the Split (scope <g>); else each member's branch after it, as LowRankBranch
+                          the Split (scope <g>); else each member's branch after it, as LowRankBranch. q/k/v
+                          read by GroupQueryAttention's own rotary stay packed (no Split) where no member
+                          needs a branch of its own
 
 Why one branch per fused group: at batch 1 a branch costs mostly its nodes' dispatch, and a q/k/v group with
 three branches becomes 2 MatMuls and 1 Add instead of 6 and 3, in fp32 and fp16 graphs alike (the zero blocks
@@ -92,7 +94,8 @@ class LinearEmitter:
         up = g.op1("MatMul", [down, b], scope)
         return g.op1("Add", [base, up], scope)
 
-    def group(self, modules: Sequence[tuple[str, nn.Module]], x: str, fused_path: str, fuse: bool) -> list[str]:
+    def group(self, modules: Sequence[tuple[str, nn.Module]], x: str, fused_path: str, fuse: bool, *,
+              split: bool = True) -> list[str]:
         """Outputs of several linears that read the same ``x`` (q/k/v, gate/up).
 
         With ``fuse`` and compatible bases, the bases become one node whose output is split. Two or more
@@ -104,6 +107,10 @@ class LinearEmitter:
             └──> MatMul(lora_A [K, sum r_i]) ─> MatMul(lora_B [sum r_i, sum N_i]) ─┘
 
             x ─> fused base (N = sum N_i) ─> Split ─> y_i [─> Add(branch_i(x))]                 (per member)
+
+        Without ``split``, a fused output that needs no per-member branch is returned whole (one name, the
+        members' outputs concatenated along the last axis: GroupQueryAttention's packed q/k/v); any other
+        group still returns one output per member.
         """
         members = [m for _, m in modules]
         bases = [(m.base if isinstance(m, LowRankBranch) else m) for m in members]
@@ -115,6 +122,8 @@ class LinearEmitter:
         joint = _joint(members)
         if joint:
             fused = self._joint_branch(members, x, fused, fused_path)
+        if not split and (joint or not any(isinstance(m, LowRankBranch) for m in members)):
+            return [fused]
         sizes = [int(b.out_features) for b in bases]
         parts = self.g.op("Split", [fused, self.g.const(sizes)], scope_of(fused_path), outputs=len(sizes), axis=-1)
         return parts if joint else self._member_branches(modules, x, parts)
