@@ -107,6 +107,9 @@ def test_merged_fp32_matches_the_twin(export_workspace, batch, tmp_path, fused):
     ops = result.op_counts
     assert ops["com.microsoft::GroupQueryAttention"] == 2 and ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 4
     assert ops["MatMul"] == (4 if fused else 7) * 2 + 1  # projections per layer (qkv, gate_up fused), lm_head
+    # GQA rotates q and k itself, reading the fused projection packed: no RotaryEmbedding, one Split (gate/up) a layer
+    assert "com.microsoft::RotaryEmbedding" not in ops
+    assert ops.get("Split", 0) == (2 if fused else 0)
     assert result.input_names[:2] == ("input_ids", "attention_mask") and result.output_names[0] == "logits"
 
 
@@ -134,6 +137,8 @@ def test_adapter_inputs_serve_any_factors(export_workspace, batch, tmp_path):
     assert result.input_names[-len(result.adapter_input_names):] == result.adapter_input_names
     # q and v share the fused q/k/v base, yet their branches read their own inputs: one per module
     assert _branch_matmuls(result.model_path) == {name: 2 for name in conversion.ranks}
+    # per-member branches need q, k, v split; GQA still rotates them (unpacked inputs, no RotaryEmbedding)
+    assert "com.microsoft::RotaryEmbedding" not in result.op_counts
     assert _adapter_matmuls(result.model_path, list(conversion.ranks)) == 2 * len(conversion.ranks)
     proto = onnx.load(str(result.model_path), load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
