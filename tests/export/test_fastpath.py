@@ -311,6 +311,26 @@ def test_rank_0_and_plain_siblings_join_as_zero_columns(tmp_path):
         assert not lora_B[:4, 96:].any() and not lora_B[4:, :64].any()  # off the q and v blocks
 
 
+def test_one_branch_on_packed_qkv_joins_the_group(tmp_path):
+    """q alone adapted: GroupQueryAttention reads q/k/v packed, so q's branch becomes the group's (zero k and v
+    columns) instead of a Split and a branch on q's slice; up alone keeps its own branch after the MLP's Split."""
+    model = tiny_llama()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    attach_branches(model, "nbits", ("q_proj", "up_proj"), generator, ids, mask)
+    result, report = _parity(model, tmp_path, ids, mask)
+    _assert_exact(report)
+    expected = {f"model.layers.{i}.{m}": 2 for i in range(2) for m in ("self_attn.qkv_proj", "mlp.up_proj")}
+    assert _branch_matmuls(result.model_path) == expected
+    assert result.op_counts["Split"] == 2  # gate/up only
+    proto = onnx.load(str(result.model_path))
+    lora_B = next(onnx.numpy_helper.to_array(init) for init in proto.graph.initializer
+                  if init.name == "model.layers.0.self_attn.qkv_proj.lora_B")
+    assert lora_B.shape == (4, 128) and lora_B[:, :64].any() and not lora_B[:, 64:].any()
+
+
 def test_fp16_graph_with_fused_branches_matches_the_fp16_twin(tmp_path):
     """fp16 weights and factors, one branch per fused group; judged by the lossy tier, as
     :func:`test_fp16_graph_matches_the_fp16_twin`."""

@@ -14,8 +14,8 @@ that read the same input, the LoRA branch)::
     fused siblings <g>    one base node (scope <g>: qkv_proj, gate_up_proj) + Split; two or more branches with
     (q/k/v, gate/up)      their factors in the graph: one MatMul(<g>.lora_A) + MatMul(<g>.lora_B) + Add before
                           the Split (scope <g>); else each member's branch after it, as LowRankBranch. q/k/v
-                          read by GroupQueryAttention's own rotary stay packed (no Split) where no member
-                          needs a branch of its own
+                          read by GroupQueryAttention's own rotary stay packed (no Split), one constant
+                          branch or more joint
 
 Why one branch per fused group: at batch 1 a branch costs mostly its nodes' dispatch, and a q/k/v group with
 three branches becomes 2 MatMuls and 1 Add instead of 6 and 3, in fp32 and fp16 graphs alike (the zero blocks
@@ -108,9 +108,10 @@ class LinearEmitter:
 
             x ─> fused base (N = sum N_i) ─> Split ─> y_i [─> Add(branch_i(x))]                 (per member)
 
-        Without ``split``, a fused output that needs no per-member branch is returned whole (one name, the
-        members' outputs concatenated along the last axis: GroupQueryAttention's packed q/k/v); any other
-        group still returns one output per member.
+        Without ``split``, the fused output is returned whole (one name, the members' outputs concatenated
+        along the last axis: GroupQueryAttention's packed q/k/v), a single constant branch then joint too (its
+        zero columns cost less than a Split node); a group with adapter-inputs branches, or not fused, still
+        returns one output per member.
         """
         members = [m for _, m in modules]
         bases = [(m.base if isinstance(m, LowRankBranch) else m) for m in members]
@@ -119,7 +120,7 @@ class LinearEmitter:
                      for b, (p, m) in zip(bases, modules)]
             return self._member_branches(modules, x, parts)
         fused = self._base(bases, x, fused_path)
-        joint = _joint(members)
+        joint = _joint(members, least=2 if split else 1)
         if joint:
             fused = self._joint_branch(members, x, fused, fused_path)
         if not split and (joint or not any(isinstance(m, LowRankBranch) for m in members)):
@@ -240,13 +241,14 @@ class _GraphBuilder:
         return lead, self.op("Reshape", x, self.ints(-1, k)), self.ints(n)
 
 
-def _joint(members: Sequence[nn.Module]) -> bool:
+def _joint(members: Sequence[nn.Module], least: int = 2) -> bool:
     """Whether fused siblings' branches become one (:meth:`LinearEmitter.group`): none takes its factors as graph
-    inputs, and two or more hold a rank > 0 (with one, a joint branch saves no node and multiplies zeros)."""
+    inputs, and at least ``least`` hold a rank > 0 (2 when the output is split: with one, a joint branch saves no
+    node and multiplies zeros; 1 when it stays packed, where it saves the Split)."""
     branches = [m for m in members if isinstance(m, LowRankBranch)]
     if any(m.factors_as_inputs for m in branches):
         return False
-    return sum(m.rank > 0 for m in branches) >= 2
+    return sum(m.rank > 0 for m in branches) >= least
 
 
 def _fusable(bases: Sequence[nn.Module]) -> bool:
