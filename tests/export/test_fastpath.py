@@ -107,6 +107,9 @@ def test_merged_fp32_matches_the_twin(export_workspace, batch, tmp_path, fused):
     ops = result.op_counts
     assert ops["com.microsoft::GroupQueryAttention"] == 2 and ops["com.microsoft::SkipSimplifiedLayerNormalization"] == 4
     assert ops["MatMul"] == (4 if fused else 7) * 2 + 1  # projections per layer (qkv, gate_up fused), lm_head
+    # GQA rotates q and k itself, reading the fused projection packed: no RotaryEmbedding, one Split (gate/up) a layer
+    assert "com.microsoft::RotaryEmbedding" not in ops
+    assert ops.get("Split", 0) == (2 if fused else 0)
     assert result.input_names[:2] == ("input_ids", "attention_mask") and result.output_names[0] == "logits"
 
 
@@ -134,6 +137,8 @@ def test_adapter_inputs_serve_any_factors(export_workspace, batch, tmp_path):
     assert result.input_names[-len(result.adapter_input_names):] == result.adapter_input_names
     # q and v share the fused q/k/v base, yet their branches read their own inputs: one per module
     assert _branch_matmuls(result.model_path) == {name: 2 for name in conversion.ranks}
+    # per-member branches need q, k, v split; GQA still rotates them (unpacked inputs, no RotaryEmbedding)
+    assert "com.microsoft::RotaryEmbedding" not in result.op_counts
     assert _adapter_matmuls(result.model_path, list(conversion.ranks)) == 2 * len(conversion.ranks)
     proto = onnx.load(str(result.model_path), load_external_data=False)
     dims = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in proto.graph.input}
@@ -304,6 +309,26 @@ def test_rank_0_and_plain_siblings_join_as_zero_columns(tmp_path):
                       if init.name == f"model.layers.{i}.self_attn.qkv_proj.lora_B")
         assert lora_B.shape == (8, 128) and not lora_B[:, 64:96].any()  # k's columns
         assert not lora_B[:4, 96:].any() and not lora_B[4:, :64].any()  # off the q and v blocks
+
+
+def test_one_branch_on_packed_qkv_joins_the_group(tmp_path):
+    """q alone adapted: GroupQueryAttention reads q/k/v packed, so q's branch becomes the group's (zero k and v
+    columns) instead of a Split and a branch on q's slice; up alone keeps its own branch after the MLP's Split."""
+    model = tiny_llama()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 256, (2, 7), generator=generator)
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0
+    attach_branches(model, "nbits", ("q_proj", "up_proj"), generator, ids, mask)
+    result, report = _parity(model, tmp_path, ids, mask)
+    _assert_exact(report)
+    expected = {f"model.layers.{i}.{m}": 2 for i in range(2) for m in ("self_attn.qkv_proj", "mlp.up_proj")}
+    assert _branch_matmuls(result.model_path) == expected
+    assert result.op_counts["Split"] == 2  # gate/up only
+    proto = onnx.load(str(result.model_path))
+    lora_B = next(onnx.numpy_helper.to_array(init) for init in proto.graph.initializer
+                  if init.name == "model.layers.0.self_attn.qkv_proj.lora_B")
+    assert lora_B.shape == (4, 128) and lora_B[:, :64].any() and not lora_B[:, 64:].any()
 
 
 def test_fp16_graph_with_fused_branches_matches_the_fp16_twin(tmp_path):

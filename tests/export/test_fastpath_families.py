@@ -31,12 +31,17 @@ _OVERRIDES = {
     "qwen2-sliding": {"use_sliding_window": True, "sliding_window": SLIDING_WINDOW, "max_window_layers": 1},
     "phi3-sliding": {"sliding_window": SLIDING_WINDOW},
     "phi3-partial": {"partial_rotary_factor": 0.75, "head_dim": 32},  # RoPE on 24 of 32 dims (as Phi-4-mini)
+    # RoPE on 16 of 32 dims: a table 8 wide, which GroupQueryAttention rotates with (24 dims: 12, it refuses)
+    "phi3-partial-gqa": {"partial_rotary_factor": 0.5, "head_dim": 32},
     "gemma": {"head_dim": 32},  # head_dim != hidden / heads (16)
     # caps small enough to bend the tiny model's scores and logits (the defaults, 50 and 30, barely touch them)
     # one sliding layer (local RoPE base 1e4) and one full layer (global base 1e6); the default pattern is 5:1
     "gemma3_text-mixed": {"layer_types": ["sliding_attention", "full_attention"]},
     "gemma2-softcap": {"attn_logit_softcapping": 0.05, "final_logit_softcapping": 0.3, "query_pre_attn_scalar": 3},
 }
+ROTARY_EMBEDDING_NODES = {"qwen3": 4, "phi3-partial": 4, "gemma3_text-mixed": 4}
+"""RotaryEmbedding nodes (2 layers x q, k) where GroupQueryAttention cannot rotate: q/k norms before RoPE (Qwen3,
+Gemma3), a table width GQA refuses (12: 24 of 32 dims); every other case rotates inside GQA (none)."""
 FASTPATH_FAMILIES_MEASURED = 6.6e-7
 """Largest max abs logits difference seen over the parity tests below (onnxruntime 1.32, transformers 5.25, fp32:
 Phi-3 with branches on an NF4 base; float models <= 3.6e-7); present tensors up to 3.2e-6 (Gemma3's keys after
@@ -83,13 +88,18 @@ def _parity(model, tmp_path, seq=20, **build):
 
 
 @pytest.mark.parametrize("seq", [20, 4], ids=["prompt-over-window", "decode-over-window"])
-@pytest.mark.parametrize("case", FAMILIES + ["phi3-sliding", "gemma2-softcap"])
+@pytest.mark.parametrize("case", FAMILIES + ["phi3-sliding", "gemma2-softcap", "phi3-partial-gqa"])
 def test_family_matches_transformers(case, seq, tmp_path):
-    """A float model (what a merged export builds) against transformers, prompt and decode."""
+    """A float model (what a merged export builds) against transformers, prompt and decode; RoPE inside
+    GroupQueryAttention (packed q/k/v, no Split) except where :data:`ROTARY_EMBEDDING_NODES` says."""
     result, report = _parity(_tiny(case), tmp_path, seq)
     _assert_exact(report)
     assert max(o.max_abs for o in report.outputs if o.name.endswith("logits")) <= 10 * FASTPATH_FAMILIES_MEASURED
     assert result.op_counts["com.microsoft::GroupQueryAttention"] == 2
+    rotary_nodes = ROTARY_EMBEDDING_NODES.get(case, 0)
+    assert result.op_counts.get("com.microsoft::RotaryEmbedding", 0) == rotary_nodes
+    # q/k/v stay packed where GQA rotates: the only Splits are the MLPs' gate/up (one a layer)
+    assert result.op_counts["Split"] == 2 * (1 if rotary_nodes == 0 else 2)
 
 
 @pytest.mark.parametrize("kind", ["linear", "nbits", "bnb4"])

@@ -10,9 +10,12 @@ onnxruntime's fused contrib ops node by node, streaming each weight to ``model.o
                    ─> seqlens_k = T - 1 (every row), total = T     ┘
     per layer i:
       h ─> [Skip]SimplifiedLayerNormalization ─> x
-      x ─> q/k/v projection (fused when the bases allow it) [+ one LoRA branch] ─> Split ─> [+ LoRA] ─> q, k, v
-      q, k ─> RotaryEmbedding(positions)
-      GroupQueryAttention(q, k, v, past_i, seqlens_k, total, attention_bias=bias) ─> attn, present_i
+      x ─> q/k/v projection (fused when the bases allow it) [+ one LoRA branch] ─> packed qkv
+      GroupQueryAttention(qkv, past_i, seqlens_k, total, cos, sin, position_ids=positions, attention_bias=bias,
+                          do_rotary=1) ─> attn, present_i
+        (q/k norms (Qwen3, Gemma3), or a table GQA refuses: ─> Split ─> [+ LoRA] ─> q, k, v ─> [q/k norms]
+         ─> RotaryEmbedding(positions) on q and k ─> GroupQueryAttention(q, k, v, ..., do_rotary=0); per-member
+         LoRA branches (adapter inputs): q, k, v split, rotated by GQA)
       attn ─> o_proj ─> SkipSimplifiedLayerNormalization(+ residual) ─> x
       x ─> gate/up projection (fused) [+ one LoRA branch] ─> Split ─> [+ LoRA] ─> Sigmoid/Mul/Mul ─> down_proj
     SkipSimplifiedLayerNormalization(final norm) ─> lm_head (MatMul / Gemm / MatMulNBits) ─> logits
@@ -24,10 +27,11 @@ axes, adapter inputs after the past tensors) and computes the same function as
 Left padding and GroupQueryAttention: GQA places a row's new keys at ``seqlens_k[b] + 1 - seq`` and applies
 its causal mask from there, i.e. it assumes right padding. Here every row claims the full length
 (``seqlens_k = total_seq - 1``), which matches the left-padded layout (all rows end at ``total_seq``), and
-the pad keys are masked by GQA's ``attention_bias`` input. Rotary embedding is applied before GQA by
-``RotaryEmbedding`` nodes fed the per-row positions (``cumsum(mask) - 1``), because GQA's own rotary
-(``do_rotary``) derives positions from ``seqlens_k`` (right padding), and with ``position_ids`` reads only
-their first element on a prompt. So DecoderSession needs no change to be correct. Because every present
+the pad keys are masked by GQA's ``attention_bias`` input. Rotary embedding reads the per-row positions
+(``cumsum(mask) - 1``): GQA's own rotary (``do_rotary``) derives positions from ``seqlens_k`` (right padding)
+unless given ``position_ids``, which onnxruntime 1.32's CPU kernel reads per element when ``query_seqlens`` is
+given, as here (:mod:`.family` says what was measured; families it cannot serve keep ``RotaryEmbedding`` nodes
+before GQA). So DecoderSession needs no change to be correct. Because every present
 tensor comes from GQA, a runner may also bind ``past`` and ``present`` to one preallocated buffer (GQA then
 appends in place): the graph says so in its metadata
 (:data:`~adalora_deploy.export.contract.KV_SHARE_BUFFER_METADATA`), which ``DecoderSession.generate_greedy`` and onnxruntime-genai (``past_present_share_buffer``) use.

@@ -9,8 +9,12 @@ only the hooks its architecture needs::
     check(model)              refuse what the base class cannot build  every family, for its own configs
     qkv(attn, path)           q_proj, k_proj, v_proj (fused here when  -
                               their bases allow)
-    project_qkv(...)          qkv() through one (fused) group          Phi3: one qkv_proj module, Split after
+    project_qkv(...)          qkv() through one (fused) group, packed  Phi3: one qkv_proj module (Split after
+                              (no Split) when GQA rotates              it unless GQA rotates)
     qk_norm(g, attn, q, k)    none                                    Qwen3, Gemma3: RMSNorm per head
+    rotary_in_attention(m)    GQA's own RoPE; RotaryEmbedding nodes   - (derived: Qwen3, Gemma3 and tables GQA
+                              where qk_norm is overridden or GQA       refuses get RotaryEmbedding)
+                              refuses the table
     norm_gamma(module)        the RMSNorm's weight                    Gemma: 1 + w
     embedding_scale(config)   none                                    Gemma: x sqrt(hidden)
     activation(g, gate)       SiLU                                    Gemma: GeLU (tanh)
@@ -26,7 +30,20 @@ only the hooks its architecture needs::
 
 Attention biases need no hook: the linear lowering (:mod:`.linear`) adds any projection's bias (Qwen2's q/k/v).
 Nor does a partial rotary (``partial_rotary_factor``: RoPE on the first dims of each head, the rest passed
-through): RotaryEmbedding's ``rotary_embedding_dim`` takes it from the table's width.
+through): GroupQueryAttention and RotaryEmbedding (``rotary_embedding_dim``) take it from the table's width.
+
+Where RoPE is applied (:meth:`DecoderFamily.rotary_in_attention`). Where it can, GroupQueryAttention rotates q and
+k itself (``do_rotary=1``, ``cos_cache`` / ``sin_cache``, ``position_ids`` = the per-row positions
+``cumsum(mask) - 1``), reading q/k/v packed from the fused projection: no Split and no RotaryEmbedding nodes,
+three nodes a layer fewer. That is exact for left-padded batches because onnxruntime 1.32's CPU kernel, given
+``query_seqlens`` (always, here), reads ``position_ids`` per element on the prompt as on decode steps (measured:
+outputs and present tensors bitwise equal to RotaryEmbedding + GQA on left-padded prompts, decode steps of 1
+and 3 tokens, a shared KV buffer, a window, fp16). Its schema still says a first prompt reads only the first
+element, which is what the kernel does without ``query_seqlens`` (and onnxruntime 1.31, which has no such
+input): ``position_ids[0, 0] + i`` for every row, which no table offset can make right for a batch whose rows
+are padded differently; the graph never runs there (it needs ``query_seqlens``). Left on RotaryEmbedding nodes:
+families with q/k norms (the norms sit between projection and RoPE; GQA's ``q_norm_weight`` is rejected by the
+CPU kernel) and tables GQA refuses (``cos_cache`` width not a multiple of 8, e.g. 24 of 32 dims rotated).
 
 GroupQueryAttention's ``local_window_size`` w: in onnxruntime 1.32's CPU kernel a query at cache index i sees
 the w keys ``(i - w, i]`` (it zeroes ``[0, i + 1 - w)``), which is transformers' ``sliding_window`` s (``kv > i - s``):
@@ -57,6 +74,9 @@ __all__ = ["WINDOW_VERIFIED_ORT", "DecoderFamily", "Geometry", "Rope", "gqa_wind
 _STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 """RoPE types whose inverse frequencies do not depend on the sequence length (a fixed cos/sin table)."""
 _INT64_MAX = np.iinfo(np.int64).max
+_GQA_ROTARY_WIDTH_MULTIPLE = 8
+"""GroupQueryAttention's ``cos_cache`` width must be a multiple of this (onnxruntime 1.32's CPU kernel: "cos_cache
+dimension 1 must be <= head_size / 2 and a multiple of 8")."""
 _FP16_MASK_BIAS = -1e4
 """Additive mask for pad keys in fp16 graphs: large enough that exp() underflows to 0, small enough that a fully
 masked (pad) query row stays finite (finfo(fp16).min plus a negative score overflows to -inf, and an all -inf
@@ -154,14 +174,25 @@ class DecoderFamily:
         return [(f"{path}.{n}", getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")]
 
     def project_qkv(self, g: Graph, emitter: LinearEmitter, attn: nn.Module, x: str, path: str,
-                    fuse: bool) -> tuple[str, str, str]:
-        """Queries, keys and values [B, S, heads * head_dim] from the normed hidden state ``x``."""
-        q, k, v = emitter.group(self.qkv(attn, path), x, f"{path}.qkv_proj", fuse)
-        return q, k, v
+                    fuse: bool, packed: bool = False) -> tuple[str, ...]:
+        """Queries, keys and values [B, S, heads * head_dim] from the normed hidden state ``x``.
+
+        With ``packed``: one tensor [B, S, (heads + 2 kv_heads) * head_dim] (q, k, v concatenated) where the
+        projection yields it without a Split (GroupQueryAttention's packed input), else q, k, v as without.
+        """
+        return tuple(emitter.group(self.qkv(attn, path), x, f"{path}.qkv_proj", fuse, split=not packed))
 
     def qk_norm(self, g: Graph, attn: nn.Module, q: str, k: str, path: str) -> tuple[str, str]:
         """Queries and keys after any per-head normalization, before rotary embedding (none here)."""
         return q, k
+
+    def rotary_in_attention(self, model: nn.Module) -> bool:
+        """Whether GroupQueryAttention applies RoPE itself (``do_rotary``; see the module docstring), else
+        RotaryEmbedding nodes before it: not where the family normalizes q/k before RoPE (overrides
+        :meth:`qk_norm`), nor where a table's width (rotary dims / 2) is not a multiple of 8, which GQA refuses."""
+        if type(self).qk_norm is not DecoderFamily.qk_norm:
+            return False
+        return all(int(rope.inv_freq.numel()) % _GQA_ROTARY_WIDTH_MULTIPLE == 0 for rope in self.ropes(model).values())
 
     def norm_gamma(self, module: nn.Module) -> torch.Tensor:
         """The multiplier of an RMSNorm's normalized input (its weight here)."""
@@ -251,6 +282,7 @@ class DecoderFamily:
             hidden = g.op1("Mul", [hidden, g.const(scale, g.float_type)], "model/embed_tokens")
         past, present = kv_names(geometry.kv.num_layers)
         softcap = self.attention_softcap(config)
+        rotary_in_gqa = self.rotary_in_attention(model)
         residual = None
         x = None
         for i, layer in enumerate(inner.layers):
@@ -264,20 +296,27 @@ class DecoderFamily:
                 x, residual = _skip_norm(g, hidden, residual, gamma, eps, f"{path}.input_layernorm")
             attn = layer.self_attn
             apath = f"{path}.self_attn"
-            q, k, v = self.project_qkv(g, emitter, attn, x, apath, fused_qkv)
-            q, k = self.qk_norm(g, attn, q, k, apath)
+            qkv = self.project_qkv(g, emitter, attn, x, apath, fused_qkv, packed=rotary_in_gqa)
             ascope = scope_of(apath)
             cos, sin = ropes[self.rope_key(config, i)]
-            q = g.op1("RotaryEmbedding", [q, positions, cos, sin], ascope, domain=MSFT,
-                      **_partial_rotary(cos_dims[cos], geometry.kv.head_dim, geometry.kv.num_heads))
-            k = g.op1("RotaryEmbedding", [k, positions, cos, sin], ascope, domain=MSFT,
-                      **_partial_rotary(cos_dims[cos], geometry.kv.head_dim, geometry.kv.num_kv_heads))
+            if rotary_in_gqa:  # packed q/k/v (key and value left empty) or the three, rotated by GQA
+                q, k, v = (qkv[0], "", "") if len(qkv) == 1 else qkv
+                rotary = [cos, sin, positions]
+            else:
+                q, k, v = qkv
+                q, k = self.qk_norm(g, attn, q, k, apath)
+                q = g.op1("RotaryEmbedding", [q, positions, cos, sin], ascope, domain=MSFT,
+                          **_partial_rotary(cos_dims[cos], geometry.kv.head_dim, geometry.kv.num_heads))
+                k = g.op1("RotaryEmbedding", [k, positions, cos, sin], ascope, domain=MSFT,
+                          **_partial_rotary(cos_dims[cos], geometry.kv.head_dim, geometry.kv.num_kv_heads))
+                rotary = ["", "", ""]
             gqa = dict(num_heads=geometry.kv.num_heads, kv_num_heads=geometry.kv.num_kv_heads,
-                       scale=geometry.scaling, do_rotary=0, local_window_size=self.local_window_size(config, i))
+                       scale=geometry.scaling, do_rotary=int(rotary_in_gqa),
+                       local_window_size=self.local_window_size(config, i))
             if softcap:
                 gqa["softcap"] = float(softcap)
             out = g.op("GroupQueryAttention",
-                       [q, k, v, past[2 * i], past[2 * i + 1], seqlens, total, "", "", "",
+                       [q, k, v, past[2 * i], past[2 * i + 1], seqlens, total, *rotary,
                         bias, "", "", "", "", "", query_seqlens],
                        ascope, outputs=[f"{ascope}/GroupQueryAttention/output_0", present[2 * i], present[2 * i + 1]],
                        domain=MSFT, **gqa)[0]
@@ -356,8 +395,12 @@ def tied(model: nn.Module) -> bool:
 def _mask_subgraph(g: Graph, mask_bias: float) -> tuple[str, str, str, str, str]:
     """``(positions, attention_bias, seqlens_k, total_sequence_length, query_seqlens)`` from the inputs.
 
+    ``positions`` [B, S] (int64) feed RotaryEmbedding or GroupQueryAttention's ``position_ids``: pads read row 1
+    of the table, any row would do (masked by ``attention_bias``, and in range for GQA's bounds check).
+
     ``query_seqlens`` (every row: all ``S`` query rows valid) is what lets GQA take a multi-token step with a
-    past for a batch > 1 (without it onnxruntime requires batch 1 there); it changes nothing else.
+    past for a batch > 1 (without it onnxruntime requires batch 1 there), and what makes GQA's own rotary read
+    ``position_ids`` per element on a prompt (module docstring); it changes nothing else.
     """
     scope = "model/attn_mask"
     one = g.const([1])

@@ -13,7 +13,9 @@ that read the same input, the LoRA branch)::
     LowRankBranch         base (scope <m>/base) + MatMul(lora_A) + MatMul(lora_B) + Add (scope <m>)
     fused siblings <g>    one base node (scope <g>: qkv_proj, gate_up_proj) + Split; two or more branches with
     (q/k/v, gate/up)      their factors in the graph: one MatMul(<g>.lora_A) + MatMul(<g>.lora_B) + Add before
-                          the Split (scope <g>); else each member's branch after it, as LowRankBranch
+                          the Split (scope <g>); else each member's branch after it, as LowRankBranch. q/k/v
+                          read by GroupQueryAttention's own rotary stay packed (no Split), one constant
+                          branch or more joint
 
 Why one branch per fused group: at batch 1 a branch costs mostly its nodes' dispatch, and a q/k/v group with
 three branches becomes 2 MatMuls and 1 Add instead of 6 and 3, in fp32 and fp16 graphs alike (the zero blocks
@@ -92,7 +94,8 @@ class LinearEmitter:
         up = g.op1("MatMul", [down, b], scope)
         return g.op1("Add", [base, up], scope)
 
-    def group(self, modules: Sequence[tuple[str, nn.Module]], x: str, fused_path: str, fuse: bool) -> list[str]:
+    def group(self, modules: Sequence[tuple[str, nn.Module]], x: str, fused_path: str, fuse: bool, *,
+              split: bool = True) -> list[str]:
         """Outputs of several linears that read the same ``x`` (q/k/v, gate/up).
 
         With ``fuse`` and compatible bases, the bases become one node whose output is split. Two or more
@@ -104,6 +107,11 @@ class LinearEmitter:
             └──> MatMul(lora_A [K, sum r_i]) ─> MatMul(lora_B [sum r_i, sum N_i]) ─┘
 
             x ─> fused base (N = sum N_i) ─> Split ─> y_i [─> Add(branch_i(x))]                 (per member)
+
+        Without ``split``, the fused output is returned whole (one name, the members' outputs concatenated
+        along the last axis: GroupQueryAttention's packed q/k/v), a single constant branch then joint too (its
+        zero columns cost less than a Split node); a group with adapter-inputs branches, or not fused, still
+        returns one output per member.
         """
         members = [m for _, m in modules]
         bases = [(m.base if isinstance(m, LowRankBranch) else m) for m in members]
@@ -112,9 +120,11 @@ class LinearEmitter:
                      for b, (p, m) in zip(bases, modules)]
             return self._member_branches(modules, x, parts)
         fused = self._base(bases, x, fused_path)
-        joint = _joint(members)
+        joint = _joint(members, least=2 if split else 1)
         if joint:
             fused = self._joint_branch(members, x, fused, fused_path)
+        if not split and (joint or not any(isinstance(m, LowRankBranch) for m in members)):
+            return [fused]
         sizes = [int(b.out_features) for b in bases]
         parts = self.g.op("Split", [fused, self.g.const(sizes)], scope_of(fused_path), outputs=len(sizes), axis=-1)
         return parts if joint else self._member_branches(modules, x, parts)
@@ -231,13 +241,14 @@ class _GraphBuilder:
         return lead, self.op("Reshape", x, self.ints(-1, k)), self.ints(n)
 
 
-def _joint(members: Sequence[nn.Module]) -> bool:
+def _joint(members: Sequence[nn.Module], least: int = 2) -> bool:
     """Whether fused siblings' branches become one (:meth:`LinearEmitter.group`): none takes its factors as graph
-    inputs, and two or more hold a rank > 0 (with one, a joint branch saves no node and multiplies zeros)."""
+    inputs, and at least ``least`` hold a rank > 0 (2 when the output is split: with one, a joint branch saves no
+    node and multiplies zeros; 1 when it stays packed, where it saves the Split)."""
     branches = [m for m in members if isinstance(m, LowRankBranch)]
     if any(m.factors_as_inputs for m in branches):
         return False
-    return sum(m.rank > 0 for m in branches) >= 2
+    return sum(m.rank > 0 for m in branches) >= least
 
 
 def _fusable(bases: Sequence[nn.Module]) -> bool:

@@ -22,12 +22,14 @@ class Phi3Family(DecoderFamily):
 
     model_types = ("phi3",)
 
-    # x ─> qkv_proj (base [+ branch]) ─> Split [heads * D, kv_heads * D, kv_heads * D] ─> q, k, v
+    # x ─> qkv_proj (base [+ branch]) ─> [Split [heads * D, kv_heads * D, kv_heads * D]] ─> q, k, v (or packed)
     def project_qkv(self, g: Graph, emitter: LinearEmitter, attn: nn.Module, x: str, path: str,
-                    fuse: bool) -> tuple[str, str, str]:
+                    fuse: bool, packed: bool = False) -> tuple[str, ...]:
+        qkv = emitter.linear(attn.qkv_proj, x, f"{path}.qkv_proj")
+        if packed:  # already GroupQueryAttention's packed layout
+            return (qkv,)
         q_size = attn.config.num_attention_heads * attn.head_dim
         kv_size = attn.num_key_value_heads * attn.head_dim
-        qkv = emitter.linear(attn.qkv_proj, x, f"{path}.qkv_proj")
         q, k, v = g.op("Split", [qkv, g.const([q_size, kv_size, kv_size])], scope_of(f"{path}.qkv_proj"), outputs=3,
                        axis=-1)
         return q, k, v
