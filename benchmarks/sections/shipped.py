@@ -113,7 +113,7 @@ def export_variants(suite: Suite, job: Path, names: list[str], activations: str 
     return folder
 
 
-def graph_rows(job: Path, variants: Path, names: list[str], shipped: str = SHIPPED) -> dict[str, dict[str, Any]]:
+def graph_rows(job: Path, variants: Path, names: list[str], shipped_variant: str = SHIPPED) -> dict[str, dict[str, Any]]:
     """Per graph, from the job's own report: size, export seconds, check verdict and tier, accuracy."""
     report = json.loads((variants / "report" / "report.json").read_text(encoding="utf-8"))
     shipped = json.loads((job / "report" / "report.json").read_text(encoding="utf-8"))
@@ -128,7 +128,8 @@ def graph_rows(job: Path, variants: Path, names: list[str], shipped: str = SHIPP
             source = [c for c in json.loads(parity.read_text(encoding="utf-8"))["comparisons"] if c["name"] == "source"]
             kl = source[0]["summary"].get("logits_mean_kl") if source else None
         rows[name] = {"folder": str(variants / "exports" / name), "graph_bytes": export["graph_bytes"],
-                      "export_s": export["seconds"], "tier": export["tier"], "passed": check.get("passed"),
+                      "export_s": export["seconds"], "tier": export.get("source_tier", export["tier"]),
+                      "passed": check.get("passed"),
                       "top1": check.get("source_top1"), "mean_kl": kl,
                       "verdict": check.get("verdict", "free-running"),
                       "free_running_top1": check.get("free_running_top1", check.get("source_top1")),
@@ -136,7 +137,7 @@ def graph_rows(job: Path, variants: Path, names: list[str], shipped: str = SHIPP
                       "accuracy": report["scores"].get(name, {}).get("accuracy")}
     rows["_trained_accuracy"] = report["scores"]["trained (torch)"]["accuracy"]
     rows["_base_accuracy"] = report["scores"]["base"]["accuracy"]
-    rows["_shipped_graph_reproduced"] = same_graph(job / "exports" / SHIPPED, variants / "exports" / shipped)
+    rows["_shipped_graph_reproduced"] = same_graph(job / "exports" / SHIPPED, variants / "exports" / shipped_variant)
     rows["_job_scores"] = shipped["scores"]
     return rows
 
