@@ -44,21 +44,33 @@ the branches of adapted modules are added beside the fused base (after its Split
 every base stays quantized."""
 
 
+FUSED_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+"""The fast path's fused siblings: when their base fuses, their live branches are one branch of the group (lora_A
+side by side along the rank, lora_B block diagonal, zero columns for members without a branch)."""
+
+
 def test_separate_graph_holds_exactly_the_surviving_ranks(separate_dense):
     out, manifest = separate_dense
     ranks = manifest.ranks
     assert 0 in ranks.values() and any(r > 0 for r in ranks.values()), ranks  # the adapter has rank-0 modules
-    live = {name: r for name, r in ranks.items() if r > 0}
-    assert manifest.adapter_matmuls == 2 * len(live)  # a rank-0 module adds no node
     proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
     factors = {i.name: tuple(i.dims) for i in proto.graph.initializer if i.name.endswith((".lora_A", ".lora_B"))}
-    for name, rank in ranks.items():
-        a = next((dims for key, dims in factors.items() if key.endswith(f"{name}.lora_A")), None)
-        if rank == 0:
-            assert a is None, f"{name} has rank 0 but a branch in the graph"
-        else:
-            assert a is not None and a[1] == rank
-    expected = sum(BRANCH_BYTES_PER_RANK * r * sum(_linear_shape(n)) for n, r in ranks.items())
+    covered: dict[str, int] = {}
+    expected = 0
+    for name, dims in factors.items():
+        if not name.endswith(".lora_A"):
+            continue
+        path = name.removesuffix(".lora_A")
+        parent, _, leaf = path.rpartition(".")
+        members = [f"{parent}.{m}" for m in FUSED_GROUPS[leaf]] if leaf in FUSED_GROUPS else [path]
+        rank = sum(ranks.get(m, 0) for m in members)
+        assert dims[1] == rank > 0, (name, dims, {m: ranks.get(m, 0) for m in members})  # exactly the surviving ranks
+        outputs = sum(_linear_shape(m)[1] for m in members)
+        assert factors[f"{path}.lora_B"] == (rank, outputs)
+        expected += BRANCH_BYTES_PER_RANK * rank * (_linear_shape(members[0])[0] + outputs)
+        covered.update({m: ranks.get(m, 0) for m in members})
+    assert {m for m, r in ranks.items() if r > 0} <= set(covered)  # every live module has a branch in the graph
+    assert manifest.adapter_matmuls == 2 * sum(1 for name in factors if name.endswith(".lora_A"))
     stored = sum(4 * int(np.prod(dims)) for dims in factors.values())  # fp32 factors, wherever they are stored
     assert stored == expected
 
