@@ -628,8 +628,12 @@ def test_oversized_bodies_and_headers_are_refused(guarded, case):
         raw = b""
     sock.close()
     elapsed = time.perf_counter() - start
-    if case == "huge header" and not raw:
-        pass  # h11 refuses the oversized header (closing the connection); what matters is what follows
+    if case in ("huge header", "chunked past the limit") and not raw:
+        # h11 refuses the oversized header by closing the connection; and a server that answers 413 and closes
+        # while the client is still streaming chunks closes with unread data, so its TCP stack sends a reset,
+        # and a reset makes the client's kernel drop the response it had not read yet (seen in two of this
+        # project's suite runs): what matters then is that it was refused at once and what follows
+        pass
     else:
         status, body = _parse(raw)
         assert 400 <= status < 500, (case, raw[:300])
