@@ -72,14 +72,18 @@ def quantize_activations(x: torch.Tensor, block_size: int) -> tuple[torch.Tensor
     x = x.float()
     blocks = (x if k == k_blocks * block_size else F.pad(x, (0, k_blocks * block_size - k))).unflatten(
         -1, (k_blocks, block_size))
+    return _block_codes(blocks)
+
+
+def _block_codes(blocks: torch.Tensor, out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes and scales of ``blocks (..., k_blocks, block)`` (fp32), the codes written into ``out`` if given."""
     amax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=-1, keepdim=True)  # max |a|, one pass
     # correctly rounded fp32 divisions, as MLAS's scalar ``maxScalar / 127.f`` and ``127.f / maxScalar``: torch
     # computes ``scalar / tensor`` as ``scalar * reciprocal(tensor)``, one ulp off for some amax, which flips
     # codes that sit next to x.5
     code_max = torch.full_like(amax, ACTIVATION_CODE_MAX)
-    scales = amax / code_max
     inverse = torch.where(amax != 0, code_max / amax, torch.zeros_like(amax))
-    return torch.mul(blocks, inverse).round_(), scales  # round: half to even, as _MM_ROUND_NEAREST
+    return torch.mul(blocks, inverse, out=out).round_(), amax / code_max  # round: half to even, as _MM_ROUND_NEAREST
 
 
 def _dequantized_codes(x: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -91,13 +95,9 @@ def _dequantized_codes(x: torch.Tensor, block_size: int) -> torch.Tensor:
     for start, stop, block in ((0, full, block_size), (full, k, k - full)):
         if stop == start:
             continue
-        blocks = x[..., start:stop].unflatten(-1, ((stop - start) // block, block))
-        amax = torch.linalg.vector_norm(blocks, ord=math.inf, dim=-1, keepdim=True)
-        code_max = torch.full_like(amax, ACTIVATION_CODE_MAX)
-        inverse = torch.where(amax != 0, code_max / amax, torch.zeros_like(amax))
-        target = out[..., start:stop].unflatten(-1, ((stop - start) // block, block))
-        torch.mul(blocks, inverse, out=target)
-        target.round_().mul_(amax / code_max)
+        shape = ((stop - start) // block, block)
+        codes, scales = _block_codes(x[..., start:stop].unflatten(-1, shape), out[..., start:stop].unflatten(-1, shape))
+        codes.mul_(scales)
     return out
 
 
