@@ -24,11 +24,12 @@ from adalora_deploy.evaluation import (AGREEMENT_POSITIONS, AGREEMENT_SEQ_LEN, a
                                        graph_logits, left_pad)
 from adalora_deploy.models import load_tokenizer
 
+from ..build.convert import trained_activations
 from ..build.graph import DecoderWrapper
 from ..build.source import load_source_model
 from ..contract import LOGITS, MODEL_FILE
 from ..runtime.session import DecoderSession, adapter_feeds, create_session
-from .forced import forced_parity, int8_activations
+from .forced import forced_parity
 from .parity import ExactScale, ParityReport, compare_outputs
 
 __all__ = [
@@ -93,11 +94,8 @@ def held_out_ids(folder: Path, config: Any, text: str | os.PathLike | None, posi
 
 def prompt_logits(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     wrapper = DecoderWrapper(model).eval()
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
-    past = tuple(torch.zeros(ids.shape[0], wrapper.num_kv_heads, 0, wrapper.head_dim, dtype=dtype)
-                 for _ in range(2 * wrapper.num_layers))
     with torch.no_grad():
-        return wrapper(ids, mask, past)[0].float()
+        return wrapper(ids, mask, wrapper.empty_past(ids.shape[0]))[0].float()
 
 
 def source_logits(model: nn.Module, ids: np.ndarray) -> np.ndarray:
@@ -135,7 +133,7 @@ def measure_source_agreement(folder: Path, base: Path, adapter: Path, quantizati
     source = load_source_model(base, adapter, quantization=quantization, double_quant=double_quant)
     ids = held_out_ids(folder, source.config, text, AGREEMENT_POSITIONS)
     scale = ExactScale.of(source.config)
-    if conversion.source_tier == "exact" and int8_activations(source):  # int8 codes: judged teacher-forced
+    if conversion.source_tier == "exact" and trained_activations(source) == "int8":  # int8 codes: judged teacher-forced
         prompt_ids, prompt_mask = held_out_batch(folder, source.config)
         factors = conversion.factors if adapter_inputs else None
         report = forced_parity(source, folder / MODEL_FILE, ids, prompt_ids, prompt_mask, scale=scale, factors=factors)

@@ -39,7 +39,7 @@ from adalora_deploy.classification import torch_classifier_logits
 from adalora_deploy.evaluation import AGREEMENT_POSITIONS, HELDOUT_TEXT, evaluate, graph_logits, read_eval_file, torch_logits
 from adalora_deploy.models import resolve_quantization
 
-from ..build.convert import convert_for_export
+from ..build.convert import convert_for_export, trained_activations
 from ..build.kinds import keeping_exports
 from ..build.manifest import read_manifest, verify_files
 from ..build.source import adapters_bypassed, load_source_model
@@ -48,7 +48,7 @@ from ..runtime.classifier import ClassifierSession
 from ..runtime.session import DecoderSession, adapter_feeds, create_session, execution_providers
 from .agreement import (export_tokenizer, graph_held_out_logits, held_out_batch, held_out_ids, prompt_logits,
                         source_logits)
-from .forced import forced_parity, int8_activations
+from .forced import forced_parity
 from .parity import EvalComparison, ExactScale, ParityReport, compare_evaluations, compare_outputs, decoder_parity, torch_greedy
 
 __all__ = [
@@ -318,7 +318,7 @@ def check_export(
     text_ids = held_out_ids(export_dir, config, text, positions)
     # int8 activations: free-running comparisons only show how far int8 rounding carries ulp differences; the
     # verdict feeds both sides the same codes at every quantized op (export.judge.forced)
-    forced = manifest.source_tier == "exact" and int8_activations(source)
+    forced = manifest.source_tier == "exact" and trained_activations(source) == "int8"
     reference = source_logits(source, text_ids)
     with torch.no_grad():
         ref_tokens = torch_greedy(source, ids, mask, max_new_tokens, eos_token_id=eos, pad_token_id=pad)

@@ -46,14 +46,12 @@ from ..contract import ATTENTION_MASK, INPUT_IDS, LOGITS
 from ..runtime.session import DecoderSession, adapter_feeds, create_session
 from .parity import ExactScale, OutputParity, ParityReport, compare_outputs
 
-__all__ = ["ForcedPoint", "forced_parity", "forced_points", "int8_activations"]
+__all__ = ["ForcedPoint", "forced_parity", "forced_points"]
 
 logger = logging.getLogger(__name__)
 
 QUANTIZED_OP = "MatMulNBits"
 """The graph ops whose input a trained quantized layer (our GPTQ ``QuantLinear``) reads."""
-INT8_LEVEL = 4
-"""MatMulNBits ``accuracy_level`` of the int8 activation kernels."""
 FUSED_MEMBERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 """The fast path's fused sibling groups (``export.build.fastpath``): one node reading the members' input."""
 _ROWS_PER_RUN = 4
@@ -70,13 +68,6 @@ class ForcedPoint:
     """The op's weights' name in the graph (``model.layers.0.self_attn.qkv_proj``, ``lm_head``)."""
     layers: tuple[str, ...]
     """Module paths in the trained model of the quantized layers computing on ``tensor``."""
-
-
-def int8_activations(model: nn.Module) -> bool:
-    """Whether a model computes any quantized layer with int8 activations: a trained GPTQ layer of
-    ``model.activations: int8``, or a torch twin's MatMulNBits at accuracy_level 4."""
-    return any(getattr(m, "activation_block", None) is not None or
-               (isinstance(m, NBitsLinear) and m.accuracy_level == INT8_LEVEL) for m in model.modules())
 
 
 def _quantized_layer(module: nn.Module) -> nn.Module:
@@ -241,12 +232,8 @@ def forced_parity(
             def forward(ids: np.ndarray, mask: np.ndarray, past: tuple[torch.Tensor, ...] | None):
                 forcer.torch = {}
                 ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
-                if past is None:
-                    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
-                    past = tuple(torch.zeros(len(ids), wrapper.num_kv_heads, 0, wrapper.head_dim, dtype=dtype)
-                                 for _ in range(2 * wrapper.num_layers))
                 with torch.no_grad():
-                    out = wrapper(ids_t, mask_t, past, lora)
+                    out = wrapper(ids_t, mask_t, wrapper.empty_past(len(ids)) if past is None else past, lora)
                 return out[0].float().numpy(), out[1:]
 
             def compare(phase: str, graph_logits: np.ndarray, torch_logits: np.ndarray, valid: np.ndarray) -> None:
