@@ -118,6 +118,12 @@ class DecoderWrapper(nn.Module):
         self.num_layers, self.num_kv_heads, self.head_dim = geometry.num_layers, geometry.num_kv_heads, geometry.head_dim
         self._branches = [module for _, module in _runtime_branches(model)]
 
+    def empty_past(self, batch: int) -> tuple[torch.Tensor, ...]:
+        """Zero-length past tensors of a prompt step, in the model's float dtype."""
+        dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), torch.float32)
+        return tuple(torch.zeros(batch, self.num_kv_heads, 0, self.head_dim, dtype=dtype)
+                     for _ in range(2 * self.num_layers))
+
     def forward(
         self,
         input_ids: torch.Tensor,

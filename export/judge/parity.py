@@ -331,11 +331,8 @@ def decoder_parity(
     lora = tuple(torch.from_numpy(feeds[name]) for name in adapter_input_names(model)) if feeds else ()
     adapter_context = (lambda: runtime_factors(model, factors)) if factors else contextlib.nullcontext
     names = ["logits"] + [f"present.{i}.{kv}" for i in range(wrapper.num_layers) for kv in ("key", "value")]
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     batch = input_ids.shape[0]
-    past_t: tuple[torch.Tensor, ...] = tuple(
-        torch.zeros(batch, wrapper.num_kv_heads, 0, wrapper.head_dim, dtype=dtype) for _ in range(2 * wrapper.num_layers)
-    )
+    past_t: tuple[torch.Tensor, ...] = wrapper.empty_past(batch)
     past_o = None
     ids, mask = input_ids, attention_mask
     outputs: list[OutputParity] = []
