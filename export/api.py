@@ -51,7 +51,8 @@ EXTERNAL_DATA_MIN_BYTES = 32 << 20
 protobuf costs about 4x the weights in memory (measured: a 243 MB model peaked 1.5 GB above the loaded
 model), external data about 1.3x (+325 MB), which keeps the export within twice the model's size."""
 
-_ADAPTER_OPS = ("MatMul",)
+_ADAPTER_OPS = ("MatMul", "Gemm")
+"""Ops of a branch's two products (the fast path's up-projection is a Gemm adding the base output in fp32)."""
 BUILDERS = ("auto", "fast", "dynamo")
 CALIBRATION_SAMPLES = 32
 """GPTQ re-quantization: calibration sequences (at most; fewer when the text is short)."""
@@ -75,8 +76,9 @@ def _build(model: nn.Module, folder: Path, *, builder: str, opset: int, external
 
 
 def _adapter_matmuls(model_path: Path, branch_modules: list[str]) -> int:
-    """MatMul nodes whose name scope is exactly a branch module (not its ``base``), or that read the factors of
-    the one branch the fast path gives fused siblings (``<parent>.qkv_proj.lora_A`` for ``<parent>.q_proj``, ...)."""
+    """Branch products (:data:`_ADAPTER_OPS`) whose name scope is exactly a branch module (not its ``base``), or that
+    read the factors of the one branch the fast path gives fused siblings (``<parent>.qkv_proj.lora_A`` for
+    ``<parent>.q_proj``, ...)."""
     prefixes = {f"/{name.replace('.', '/')}/" for name in branch_modules}
     joint = set()
     for name in branch_modules:

@@ -252,10 +252,11 @@ def attach_branches(model: nn.Module, kind: str, targets: tuple[str, ...], gener
 
 
 def _branch_matmuls(model_path) -> collections.Counter[str]:
-    """MatMul nodes that read a branch factor (initializer or graph input ``<m>.lora_A`` / ``.lora_B``), by ``<m>``."""
+    """Products (MatMul, or the up-projection's Gemm) that read a branch factor (initializer or graph input
+    ``<m>.lora_A`` / ``.lora_B``), by ``<m>``."""
     graph = onnx.load(str(model_path), load_external_data=False).graph
     factors = {i.name for i in [*graph.initializer, *graph.input] if i.name.endswith((".lora_A", ".lora_B"))}
-    return collections.Counter(name.rsplit(".", 1)[0] for n in graph.node if n.op_type == "MatMul"
+    return collections.Counter(name.rsplit(".", 1)[0] for n in graph.node if n.op_type in ("MatMul", "Gemm")
                                for name in n.input if name in factors)
 
 
@@ -278,7 +279,8 @@ def test_fused_siblings_share_one_branch(kind, tmp_path):
     expected = {f"{layer}.{m}": 2 for layer in layers
                 for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")}
     assert _branch_matmuls(result.model_path) == expected
-    assert result.op_counts["Add"] == 4 * 2  # one branch Add per group or module (no biases)
+    # one Gemm per group or module: the up-projection adds the base output (its C), no Add (no biases either)
+    assert result.op_counts["Gemm"] == 4 * 2 and "Add" not in result.op_counts
     assert _adapter_matmuls(result.model_path, [n for n, m in model.named_modules()
                                                 if isinstance(m, LowRankBranch)]) == 8 * 2
     proto = onnx.load(str(result.model_path), load_external_data=False)

@@ -280,6 +280,10 @@ class DecoderFamily:
         scale = self.embedding_scale(config)
         if scale is not None:
             hidden = g.op1("Mul", [hidden, g.const(scale, g.float_type)], "model/embed_tokens")
+        # hidden states are rows [B * S, H] between embedding and logits (see _token_rows): [B, S, -1] for GQA
+        hidden = g.op1("Reshape", [hidden, g.const([-1, geometry.kv.hidden])], "model/embed_tokens")
+        batch_seq = g.op1("Concat", [g.op1("Shape", [INPUT_IDS], "model"), g.const([-1])], "model", axis=0)
+        attn_width = geometry.kv.num_heads * geometry.kv.head_dim
         past, present = kv_names(geometry.kv.num_layers)
         softcap = self.attention_softcap(config)
         rotary_in_gqa = self.rotary_in_attention(model)
@@ -296,8 +300,9 @@ class DecoderFamily:
                 x, residual = _skip_norm(g, hidden, residual, gamma, eps, f"{path}.input_layernorm")
             attn = layer.self_attn
             apath = f"{path}.self_attn"
-            qkv = self.project_qkv(g, emitter, attn, x, apath, fused_qkv, packed=rotary_in_gqa)
             ascope = scope_of(apath)
+            qkv = tuple(g.op1("Reshape", [t, batch_seq], ascope)
+                        for t in self.project_qkv(g, emitter, attn, x, apath, fused_qkv, packed=rotary_in_gqa))
             cos, sin = ropes[self.rope_key(config, i)]
             if rotary_in_gqa:  # packed q/k/v (key and value left empty) or the three, rotated by GQA
                 q, k, v = (qkv[0], "", "") if len(qkv) == 1 else qkv
@@ -320,6 +325,7 @@ class DecoderFamily:
                         bias, "", "", "", "", "", query_seqlens],
                        ascope, outputs=[f"{ascope}/GroupQueryAttention/output_0", present[2 * i], present[2 * i + 1]],
                        domain=MSFT, **gqa)[0]
+            out = g.op1("Reshape", [out, g.const([-1, attn_width])], ascope)
             attn_out = emitter.linear(attn.o_proj, out, f"{apath}.o_proj")
             attn_out = self._sandwich(g, layer, self.attention_output_norm, attn_out, path)
             norm_name = self.mlp_input_norm
@@ -329,7 +335,7 @@ class DecoderFamily:
             hidden = self._sandwich(g, layer, self.mlp_output_norm, hidden, path)
         gamma, eps = self._norm_weight(g, inner.norm, "model.norm")
         x, _ = _skip_norm(g, hidden, residual, gamma, eps, "model.norm")
-        logits = _emit_lm_head(g, emitter, model, x, tables, geometry.kv)
+        logits = g.op1("Reshape", [_emit_lm_head(g, emitter, model, x, tables), batch_seq], "lm_head")
         cap = self.final_softcap(config)
         if cap is not None:  # c tanh(logits / c)
             c = g.const(float(cap), g.float_type)
@@ -457,21 +463,16 @@ def _emit_embedding(g: Graph, model: nn.Module, tables: dict[str, NBitsLinear]) 
 
 
 
-# x ─> Reshape[-1, H] ─> Gemm(W [V, H], transB=1) ─> Reshape[B, S, V]   (tied fp32: one copy of the table)
+# x ─> Gemm(W [V, H], transB=1)   (tied fp32: one copy of the table)
 # x ─> the table's lowering: MatMulNBits(shared qweight) / the lm_head module's own nodes (otherwise)
-def _emit_lm_head(g: Graph, emitter: LinearEmitter, model: nn.Module, x: str, tables: dict[str, NBitsLinear],
-                  geometry: KVGeometry) -> str:
-    scope = "lm_head"
+def _emit_lm_head(g: Graph, emitter: LinearEmitter, model: nn.Module, x: str, tables: dict[str, NBitsLinear]) -> str:
+    """Logits [B * S, V] of the final hidden rows ``x``."""
     table = tables.get("lm_head")
     if table is not None:  # the table's own lowering; its initializers are the embedding's when tied
         return emitter.table(table, x, "lm_head")
     if tied(model) and g.has("model.embed_tokens.weight"):
-        lead = g.op1("Slice", [g.op1("Shape", [x], scope), g.const([0]), g.const([-1])], scope)
-        x2 = g.op1("Reshape", [x, g.const([-1, geometry.hidden])], scope)
-        y = g.op1("Gemm", [x2, "model.embed_tokens.weight"], scope, transB=1)
-        return g.op1("Reshape", [y, g.op1("Concat", [lead, g.const([geometry.vocab])], scope, axis=0)], scope)
+        return g.op1("Gemm", [x, "model.embed_tokens.weight"], "lm_head", transB=1)
     return emitter.linear(model.lm_head, x, "lm_head")
-
 
 
 # hidden ─┐

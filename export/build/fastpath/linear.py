@@ -10,7 +10,8 @@ that read the same input, the LoRA branch)::
     nn.Linear             MatMul(W^T) [+ Add(bias)]
     ContribNode           [Gather(perm)] + the contrib node (e.g. MatMulNBits, MatMulBnb4) [+ Add(bias)]
     PatternNode           the pattern's nodes (e.g. kinds/bnb8.py's LLM.int8 emulation), bias included
-    LowRankBranch         base (scope <m>/base) + MatMul(lora_A) + MatMul(lora_B) + Add (scope <m>)
+    LowRankBranch         base (scope <m>/base) + MatMul(lora_A) + Gemm(lora_B, C = base) (scope <m>; fp16:
+                          MatMul(lora_B) + Add)
     fused siblings <g>    one base node (scope <g>: qkv_proj, gate_up_proj) + Split; two or more branches with
     (q/k/v, gate/up)      their factors in the graph: one MatMul(<g>.lora_A) + MatMul(<g>.lora_B) + Add before
                           the Split (scope <g>); else each member's branch after it, as LowRankBranch. q/k/v
@@ -18,8 +19,8 @@ that read the same input, the LoRA branch)::
                           branch or more joint
 
 Why one branch per fused group: at batch 1 a branch costs mostly its nodes' dispatch, and a q/k/v group with
-three branches becomes 2 MatMuls and 1 Add instead of 6 and 3, in fp32 and fp16 graphs alike (the zero blocks
-add exact zeros in either). Adapter-inputs branches stay per member: their factors are graph inputs named per
+three branches becomes a MatMul and a Gemm instead of 3 MatMuls and 3 Gemms (fp16: 2 MatMuls and 1 Add instead
+of 6 and 3; the zero blocks add exact zeros in either). Adapter-inputs branches stay per member: their factors are graph inputs named per
 module, with ranks known only per run.
 
 Quantized tables are parameters of :func:`quantize_table` (bits, ``accuracy_level`` of the lm_head's
@@ -77,8 +78,8 @@ class LinearEmitter:
             return self._branch(module, x, base, path)
         return self._base([module], x, path)
 
-    # x ──> base ─────────────────────────────────────> Add ──> y      (scope <path>)
-    # └───> MatMul(lora_A [in, r]) ──> MatMul(lora_B [r, out]) ──┘
+    # x ──> base ──────────────────────────────┐
+    # └───> MatMul(lora_A [in, r]) ──> Gemm(lora_B [r, out], C) ──> y      (scope <path>; see _low_rank)
     def _branch(self, module: LowRankBranch, x: str, base: str, path: str) -> str:
         g, scope = self.g, scope_of(path)
         if module.factors_as_inputs:
@@ -90,9 +91,20 @@ class LinearEmitter:
         else:
             a = g.floats(f"{path}.lora_A", module.lora_A)
             b = g.floats(f"{path}.lora_B", module.lora_B)
-        down = g.op1("MatMul", [x, a], scope)
-        up = g.op1("MatMul", [down, b], scope)
-        return g.op1("Add", [base, up], scope)
+        return self._low_rank(x, a, b, base, scope)
+
+    # fp32: x ─> MatMul(lora_A) ─> Gemm(lora_B, C = base) ─> y      (rows are tokens: the fast path's x is 2-D)
+    # else: x ─> MatMul(lora_A) ─> MatMul(lora_B) ─> Add(base) ─> y
+    def _low_rank(self, x: str, lora_A: str, lora_B: str, base: str, scope: str) -> str:
+        """``base + (x @ lora_A) @ lora_B``. In fp32 graphs the up-projection and the sum are one Gemm whose C
+        is the base output (one node a branch fewer: at batch 1 a branch costs mostly its nodes' dispatch);
+        onnxruntime's Gemm adds the product to C as the Add did (measured: bitwise equal logits on SmolLM2).
+        fp16 graphs keep MatMul + Add: the product rounded to fp16, then the sum, as measured at the lossy tier."""
+        g = self.g
+        down = g.op1("MatMul", [x, lora_A], scope)
+        if g.float_type == np.float32:
+            return g.op1("Gemm", [down, lora_B, base], scope)
+        return g.op1("Add", [base, g.op1("MatMul", [down, lora_B], scope)], scope)
 
     def group(self, modules: Sequence[tuple[str, nn.Module]], x: str, fused_path: str, fuse: bool, *,
               split: bool = True) -> list[str]:
@@ -103,8 +115,8 @@ class LinearEmitter:
         each member's branch is added to its slice. Both are exact: the same sums as the unfused graph, the
         joint branch's off-diagonal blocks adding exact zeros (:func:`~..modules.joint_factors`)::
 
-            x ─> fused base (N = sum N_i) ─> Add ─> Split ─> y_i                                  (joint)
-            └──> MatMul(lora_A [K, sum r_i]) ─> MatMul(lora_B [sum r_i, sum N_i]) ─┘
+            x ─> fused base (N = sum N_i) ────────────────────┐
+            └──> MatMul(lora_A [K, sum r_i]) ─> Gemm(lora_B [sum r_i, sum N_i], C) ─> Split ─> y_i    (joint)
 
             x ─> fused base (N = sum N_i) ─> Split ─> y_i [─> Add(branch_i(x))]                 (per member)
 
@@ -133,14 +145,12 @@ class LinearEmitter:
         return [self._branch(m, x, part, p) if isinstance(m, LowRankBranch) else part
                 for part, (p, m) in zip(parts, modules)]
 
-    # x ──> fused base [.., sum N_i] ──────────────────────────────────────────────> Add ──> y   (scope <path>)
-    # └───> MatMul(lora_A [in, sum r_i]) ──> MatMul(lora_B [sum r_i, sum N_i]) ──┘
+    # x ──> fused base [.., sum N_i] ─────────────────────────┐
+    # └───> MatMul(lora_A [in, sum r_i]) ──> Gemm(lora_B [sum r_i, sum N_i], C) ──> y   (scope <path>; see _low_rank)
     def _joint_branch(self, members: Sequence[nn.Module], x: str, base: str, path: str) -> str:
         g, scope = self.g, scope_of(path)
         lora_A, lora_B = joint_factors(members)
-        down = g.op1("MatMul", [x, g.floats(f"{path}.lora_A", lora_A)], scope)
-        up = g.op1("MatMul", [down, g.floats(f"{path}.lora_B", lora_B)], scope)
-        return g.op1("Add", [base, up], scope)
+        return self._low_rank(x, g.floats(f"{path}.lora_A", lora_A), g.floats(f"{path}.lora_B", lora_B), base, scope)
 
     def _base(self, modules: Sequence[nn.Module], x: str, path: str) -> str:
         """One base node for ``modules`` concatenated along the output axis (one module: no concatenation)."""
