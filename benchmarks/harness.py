@@ -91,9 +91,13 @@ class Suite:
     skipped: list[dict[str, str]] = dataclasses.field(default_factory=list)
     commands: dict[str, list[str]] = dataclasses.field(default_factory=dict)
     tables: list[str] = dataclasses.field(default_factory=list)
+    repeats_override: int | None = None
+    """``--repeats``: timed runs per runner (default: :attr:`repeats`' own)."""
 
     @property
     def repeats(self) -> int:
+        if self.repeats_override:
+            return self.repeats_override
         return 3 if self.quick else 5
 
     def skip(self, section: str, what: str, why: str) -> None:

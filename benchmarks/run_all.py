@@ -2,7 +2,7 @@
 
     python benchmarks/run_all.py [--quick] [--json FILE] [--sections training,export,decode,shipped,compaction,quantize]
                                  [--workdir DIR] [--threads 1]
-                                 [--decode-threads 1,2] [--run JOB_DIR]
+                                 [--decode-threads 1,2] [--repeats N] [--run JOB_DIR]
 
 Sections (one module each in ``benchmarks/sections/``, on the harness in ``benchmarks/harness.py``; each prints
 a table; ``--json`` gets every sample, the spread and the commands):
@@ -61,6 +61,8 @@ def main() -> int:
                         "onnxruntime's intra-op pool (default 1: steadier on a shared machine)")
     parser.add_argument("--decode-threads", default="1,2", help="shipped section: the intra-op thread counts its "
                         "graphs are timed at (default 1,2)")
+    parser.add_argument("--repeats", type=int, help="timed runs per runner, interleaved, reported as median [min-max] "
+                        "(default 5, --quick 3; more for steadier ratios on a shared machine)")
     parser.add_argument("--run", type=Path, help="shipped section: a finished main job's folder (default: "
                         "runs/smollm2-sentiment when it holds one, else the job is run in the workdir)")
     parser.add_argument("--gptqmodel-python", type=Path, help="quantize section: a python with gptqmodel installed "
@@ -77,7 +79,7 @@ def main() -> int:
         workdir = args.workdir or Path(temp)
         workdir.mkdir(parents=True, exist_ok=True)
         suite = Suite(quick=args.quick, workdir=workdir, threads=args.threads, run_dir=args.run, gptqmodel_python=args.gptqmodel_python,
-                      decode_threads=tuple(int(n) for n in args.decode_threads.split(",")))
+                      decode_threads=tuple(int(n) for n in args.decode_threads.split(",")), repeats_override=args.repeats)
         started = time.perf_counter()
         info = machine()
         print(f"benchmark suite ({'quick' if args.quick else 'full'}): {info}", flush=True)
