@@ -175,9 +175,9 @@ class DecoderFamily:
 
     def project_qkv(self, g: Graph, emitter: LinearEmitter, attn: nn.Module, x: str, path: str,
                     fuse: bool, packed: bool = False) -> tuple[str, ...]:
-        """Queries, keys and values [B, S, heads * head_dim] from the normed hidden state ``x``.
+        """Queries, keys and values [B * S, heads * head_dim] (token rows) from the normed hidden rows ``x``.
 
-        With ``packed``: one tensor [B, S, (heads + 2 kv_heads) * head_dim] (q, k, v concatenated) where the
+        With ``packed``: one tensor [B * S, (heads + 2 kv_heads) * head_dim] (q, k, v concatenated) where the
         projection yields it without a Split (GroupQueryAttention's packed input), else q, k, v as without.
         """
         return tuple(emitter.group(self.qkv(attn, path), x, f"{path}.qkv_proj", fuse, split=not packed))
@@ -280,7 +280,8 @@ class DecoderFamily:
         scale = self.embedding_scale(config)
         if scale is not None:
             hidden = g.op1("Mul", [hidden, g.const(scale, g.float_type)], "model/embed_tokens")
-        # hidden states are rows [B * S, H] between embedding and logits (see _token_rows): [B, S, -1] for GQA
+        # hidden states are token rows [B * S, H] from here to the logits, reshaped to [B, S, .] around
+        # GroupQueryAttention only (the package docstring says why: a branch's up-projection + sum is one Gemm)
         hidden = g.op1("Reshape", [hidden, g.const([-1, geometry.kv.hidden])], "model/embed_tokens")
         batch_seq = g.op1("Concat", [g.op1("Shape", [INPUT_IDS], "model"), g.const([-1])], "model", axis=0)
         attn_width = geometry.kv.num_heads * geometry.kv.head_dim
