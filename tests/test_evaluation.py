@@ -16,8 +16,10 @@ from adalora_deploy.evaluation import (
     AGREEMENT_SEQ_LEN,
     EvalSet,
     TaskExample,
+    IGNORE,
     agreement_ids,
     evaluate,
+    evaluate_examples,
     left_pad,
     read_eval_file,
     torch_logits,
@@ -111,3 +113,32 @@ def test_agreement_ids_default_text_gives_several_hundred_positions(tmp_path):
     assert from_eval.size == len(tokenizer("Is it good? yes")["input_ids"]) + 1  # + EOS
     with pytest.raises(DataError):
         agreement_ids(tokenizer, tmp_path / "missing.txt")
+
+
+def test_held_out_scores_read_only_the_positions_their_labels_need():
+    """evaluate_examples asks torch for the last positions only (``logits_to_keep``): the same loss and answers as
+    the full logits, with the lm_head run on fewer rows; labels of different lengths, one from position 1."""
+    from adalora_deploy.data.examples import Example
+
+    model = tiny_llama(seed=0).eval()
+    generator = torch.Generator().manual_seed(0)
+
+    def example(prompt: int, completion: int) -> Example:
+        ids = torch.randint(3, 250, (prompt + completion,), generator=generator).tolist()
+        return Example(tuple(ids), tuple([IGNORE] * prompt + ids[prompt:]))
+
+    examples = [example(9, 2), example(4, 3), example(12, 1), example(1, 5), example(7, 2)]
+    choices = (examples[0].labels[9], examples[1].labels[4], 200)
+    rows = []
+    hook = model.lm_head.register_forward_hook(lambda module, args, out: rows.append(args[0].shape[:-1].numel()))
+    try:
+        tail = evaluate_examples(torch_logits(model), examples, choices=choices, batch_size=3)
+        full_logits = torch_logits(model)
+        full = evaluate_examples(lambda ids, mask, last: full_logits(ids, mask)[:, -last:], examples, choices=choices,
+                                 batch_size=3)
+    finally:
+        hook.remove()
+    assert tail.loss == pytest.approx(full.loss, rel=1e-6) and tail.accuracy == full.accuracy
+    assert tail.tokens == full.tokens == sum(e.trained_tokens for e in examples)
+    tail_rows, full_rows = sum(rows[:2]), sum(rows[2:])  # two batches each: rows x padded length
+    assert full_rows == 3 * 13 + 2 * 9 and tail_rows == 3 * 4 + 2 * 6
