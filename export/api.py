@@ -223,8 +223,8 @@ def export_model(
             task="classification" if labels is not None else "causal-lm", labels=labels,
         )
         write_json(temp / MANIFEST_FILE, manifest.to_dict())
-    logger.info("wrote %s: %s, %d adapter MatMuls, %s", output, conversion.arithmetic.text, manifest.adapter_matmuls,
-                manifest.quantized_ops or "no quantized ops")
+    logger.info("wrote %s: %s, %d adapter products (MatMul, Gemm), %s", output, conversion.arithmetic.text,
+                manifest.adapter_matmuls, manifest.quantized_ops or "no quantized ops")
     if agreement is not None and not agreement["passed"]:
         logger.warning("%s changes what the trained model computes (%s); %s", output, "; ".join(agreement["failures"]),
                        keeping_exports(quantization, mode, weights, serving))

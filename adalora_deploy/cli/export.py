@@ -136,7 +136,8 @@ def run_export(args: argparse.Namespace) -> int:
           f"base {manifest.base_kind}, graph {manifest.graph_bytes / 1e6:.2f} MB")
     print(f"arithmetic: {manifest.arithmetic} (tier {manifest.tier}); built by the {manifest.builder} path, "
           f"{sum(manifest.op_counts.values())} nodes")
-    print(f"quantized ops: {manifest.quantized_ops or 'none'}; adapter MatMuls: {manifest.adapter_matmuls}")
+    print(f"quantized ops: {manifest.quantized_ops or 'none'}; "
+          f"adapter products (MatMul, Gemm): {manifest.adapter_matmuls}")
     print(f"ranks: {ranks}")
     if manifest.requantization is not None:
         r = manifest.requantization
