@@ -42,7 +42,7 @@ from adalora_deploy.errors import ExportError
 
 from ..build.graph import DecoderWrapper, adapter_input_names
 from ..build.modules import NBitsLinear
-from ..contract import ATTENTION_MASK, INPUT_IDS, LOGITS
+from ..contract import ATTENTION_MASK, FUSED_LINEARS, INPUT_IDS, LOGITS
 from ..runtime.session import DecoderSession, adapter_feeds, create_session
 from .parity import ExactScale, OutputParity, ParityReport, compare_outputs
 
@@ -52,8 +52,6 @@ logger = logging.getLogger(__name__)
 
 QUANTIZED_OP = "MatMulNBits"
 """The graph ops whose input a trained quantized layer (our GPTQ ``QuantLinear``) reads."""
-FUSED_MEMBERS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-"""The fast path's fused sibling groups (``export.build.fastpath``): one node reading the members' input."""
 _ROWS_PER_RUN = 4
 """Held-out rows per forward pass (bounds the captured activations' memory)."""
 
@@ -102,8 +100,8 @@ def forced_points(graph: onnx.ModelProto, model: nn.Module) -> list[ForcedPoint]
         parent, _, leaf = path.rpartition(".")
         if path in modules:
             layers = (path,)
-        elif leaf in FUSED_MEMBERS and all(f"{parent}.{m}" in modules for m in FUSED_MEMBERS[leaf]):
-            layers = tuple(f"{parent}.{m}" for m in FUSED_MEMBERS[leaf])
+        elif leaf in FUSED_LINEARS and all(f"{parent}.{m}" in modules for m in FUSED_LINEARS[leaf]):
+            layers = tuple(f"{parent}.{m}" for m in FUSED_LINEARS[leaf])
         else:
             raise ExportError(f"{node.name}: its weights {node.input[1]!r} name no layer of the trained model; "
                               "is this graph an export of that model?")

@@ -11,7 +11,7 @@ from adalora_deploy.export.api import export_model
 from adalora_deploy.export.judge.agreement import held_out_batch
 from adalora_deploy.export.judge.check import ADAPTER_EFFECT_MIN, check_export
 from adalora_deploy.export.build.manifest import read_manifest, sha256_file
-from adalora_deploy.export.contract import MANIFEST_FILE, PARITY_FILE
+from adalora_deploy.export.contract import FUSED_LINEARS, MANIFEST_FILE, PARITY_FILE
 from adalora_deploy.export.build.source import load_source_model
 
 from adalora_deploy.cli import main
@@ -44,11 +44,6 @@ the branches of adapted modules are added beside the fused base (after its Split
 every base stays quantized."""
 
 
-FUSED_GROUPS = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-"""The fast path's fused siblings: when their base fuses, their live branches are one branch of the group (lora_A
-side by side along the rank, lora_B block diagonal, zero columns for members without a branch)."""
-
-
 def test_separate_graph_holds_exactly_the_surviving_ranks(separate_dense):
     out, manifest = separate_dense
     ranks = manifest.ranks
@@ -62,7 +57,7 @@ def test_separate_graph_holds_exactly_the_surviving_ranks(separate_dense):
             continue
         path = name.removesuffix(".lora_A")
         parent, _, leaf = path.rpartition(".")
-        members = [f"{parent}.{m}" for m in FUSED_GROUPS[leaf]] if leaf in FUSED_GROUPS else [path]
+        members = [f"{parent}.{m}" for m in FUSED_LINEARS[leaf]] if leaf in FUSED_LINEARS else [path]
         rank = sum(ranks.get(m, 0) for m in members)
         assert dims[1] == rank > 0, (name, dims, {m: ranks.get(m, 0) for m in members})  # exactly the surviving ranks
         outputs = sum(_linear_shape(m)[1] for m in members)
