@@ -273,7 +273,7 @@ class DecoderFamily:
         emitter = LinearEmitter(g, adapter_branches)
         inner, config = model.model, model.config
         mask_bias = float(np.finfo(np.float32).min) if g.float_type == np.float32 else _FP16_MASK_BIAS
-        positions, bias, seqlens, total, query_seqlens = _mask_subgraph(g, mask_bias)
+        positions, bias, seqlens, total, query_seqlens, batch_seq = _mask_subgraph(g, mask_bias)
         ropes = {key: _rope_tables(model, g, rope, f"_{key}" if key else "") for key, rope in self.ropes(model).items()}
         cos_dims = {ropes[key][0]: 2 * int(rope.inv_freq.numel()) for key, rope in self.ropes(model).items()}
         hidden = _emit_embedding(g, model, tables)
@@ -283,7 +283,6 @@ class DecoderFamily:
         # hidden states are token rows [B * S, H] from here to the logits, reshaped to [B, S, .] around
         # GroupQueryAttention only (the package docstring says why: a branch's up-projection + sum is one Gemm)
         hidden = g.op1("Reshape", [hidden, g.const([-1, geometry.kv.hidden])], "model/embed_tokens")
-        batch_seq = g.op1("Concat", [g.op1("Shape", [INPUT_IDS], "model"), g.const([-1])], "model", axis=0)
         attn_width = geometry.kv.num_heads * geometry.kv.head_dim
         past, present = kv_names(geometry.kv.num_layers)
         softcap = self.attention_softcap(config)
@@ -399,8 +398,9 @@ def tied(model: nn.Module) -> bool:
 #                ─> Where(mask == 0, min, 0) ─> Unsqueeze ─> Expand [B, 1, S, T] = attention_bias
 #                ─> Shape[1] = T ─> Cast(int32) = total_sequence_length ─> Sub(1) ─> Expand [B] = seqlens_k
 # input_ids ─> Shape[1] = S ─> Cast(int32) ─> Expand [B] = query_seqlens
-def _mask_subgraph(g: Graph, mask_bias: float) -> tuple[str, str, str, str, str]:
-    """``(positions, attention_bias, seqlens_k, total_sequence_length, query_seqlens)`` from the inputs.
+#           ─> Shape ─> Concat([B, S], [-1]) = batch_seq (token rows back to [B, S, -1])
+def _mask_subgraph(g: Graph, mask_bias: float) -> tuple[str, str, str, str, str, str]:
+    """``(positions, attention_bias, seqlens_k, total_sequence_length, query_seqlens, batch_seq)`` from the inputs.
 
     ``positions`` [B, S] (int64) feed RotaryEmbedding or GroupQueryAttention's ``position_ids``: pads read row 1
     of the table, any row would do (masked by ``attention_bias``, and in range for GQA's bounds check).
@@ -426,7 +426,8 @@ def _mask_subgraph(g: Graph, mask_bias: float) -> tuple[str, str, str, str, str]
     total32 = g.op1("Cast", [g.op1("Squeeze", [total, g.const([0])], scope)], scope, to=TensorProto.INT32)
     seqlens = g.op1("Expand", [g.op1("Sub", [total32, g.const(1, np.int32)], scope), batch], scope)
     query_seqlens = g.op1("Expand", [g.op1("Cast", [seq], scope, to=TensorProto.INT32), batch], scope)
-    return positions, bias, seqlens, total32, query_seqlens
+    batch_seq = g.op1("Concat", [ids_shape, g.const([-1])], scope, axis=0)
+    return positions, bias, seqlens, total32, query_seqlens, batch_seq
 
 
 def _partial_rotary(rotary_dim: int, head_dim: int, heads: int) -> dict[str, int]:
