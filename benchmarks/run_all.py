@@ -79,7 +79,8 @@ def main() -> int:
         workdir = args.workdir or Path(temp)
         workdir.mkdir(parents=True, exist_ok=True)
         suite = Suite(quick=args.quick, workdir=workdir, threads=args.threads, run_dir=args.run, gptqmodel_python=args.gptqmodel_python,
-                      decode_threads=tuple(int(n) for n in args.decode_threads.split(",")), repeats_override=args.repeats)
+                      decode_threads=tuple(int(n) for n in args.decode_threads.split(",")),
+                      repeats_override=args.repeats)
         started = time.perf_counter()
         info = machine()
         print(f"benchmark suite ({'quick' if args.quick else 'full'}): {info}", flush=True)

@@ -273,7 +273,8 @@ def _export(job: _Job) -> dict[str, Any]:
         result[spec.name] = {"folder": manifest.output_dir, "mode": manifest.mode, "weights": manifest.weights,
                              "serving": manifest.serving, "graph_bytes": manifest.graph_bytes,
                              "arithmetic": manifest.arithmetic, "tier": manifest.tier,
-                             "source_tier": manifest.source_tier, "quantized_ops": manifest.quantized_ops, "adapter_matmuls": manifest.adapter_matmuls,
+                             "source_tier": manifest.source_tier, "quantized_ops": manifest.quantized_ops,
+                             "adapter_matmuls": manifest.adapter_matmuls,
                              "nodes": sum(manifest.op_counts.values()), "seconds": time.perf_counter() - started}
     return {"exports": result}
 

@@ -113,7 +113,8 @@ def export_variants(suite: Suite, job: Path, names: list[str], activations: str 
     return folder
 
 
-def graph_rows(job: Path, variants: Path, names: list[str], shipped_variant: str = SHIPPED) -> dict[str, dict[str, Any]]:
+def graph_rows(job: Path, variants: Path, names: list[str],
+               shipped_variant: str = SHIPPED) -> dict[str, dict[str, Any]]:
     """Per graph, from the job's own report: size, export seconds, check verdict and tier, accuracy."""
     report = json.loads((variants / "report" / "report.json").read_text(encoding="utf-8"))
     shipped = json.loads((job / "report" / "report.json").read_text(encoding="utf-8"))

@@ -13,15 +13,15 @@ that read the same input, the LoRA branch)::
     LowRankBranch         base (scope <m>/base) + MatMul(lora_A) + Gemm(lora_B, C = base) (scope <m>; fp16:
                           MatMul(lora_B) + Add)
     fused siblings <g>    one base node (scope <g>: qkv_proj, gate_up_proj) + Split; two or more branches with
-    (q/k/v, gate/up)      their factors in the graph: one MatMul(<g>.lora_A) + MatMul(<g>.lora_B) + Add before
-                          the Split (scope <g>); else each member's branch after it, as LowRankBranch. q/k/v
+    (q/k/v, gate/up)      their factors in the graph: one branch of <g>.lora_A / <g>.lora_B (as LowRankBranch's)
+                          before the Split (scope <g>); else each member's branch after it, as LowRankBranch. q/k/v
                           read by GroupQueryAttention's own rotary stay packed (no Split), one constant
                           branch or more joint
 
 Why one branch per fused group: at batch 1 a branch costs mostly its nodes' dispatch, and a q/k/v group with
 three branches becomes a MatMul and a Gemm instead of 3 MatMuls and 3 Gemms (fp16: 2 MatMuls and 1 Add instead
-of 6 and 3; the zero blocks add exact zeros in either). Adapter-inputs branches stay per member: their factors are graph inputs named per
-module, with ranks known only per run.
+of 6 and 3; the zero blocks add exact zeros in either). Adapter-inputs branches stay per member: their factors are
+graph inputs named per module, with ranks known only per run.
 
 Quantized tables are parameters of :func:`quantize_table` (bits, ``accuracy_level`` of the lm_head's
 MatMulNBits, symmetric blocks): the embedding reads them through GatherBlockQuantized, the lm_head through
@@ -116,9 +116,9 @@ class LinearEmitter:
         joint branch's off-diagonal blocks adding exact zeros (:func:`~..modules.joint_factors`)::
 
             x ─> fused base (N = sum N_i) ────────────────────┐
-            └──> MatMul(lora_A [K, sum r_i]) ─> Gemm(lora_B [sum r_i, sum N_i], C) ─> Split ─> y_i    (joint)
+            └──> MatMul(lora_A [K, sum r_i]) ─> Gemm(lora_B [sum r_i, sum N_i], C) ─> Split ─> y_i   (joint)
 
-            x ─> fused base (N = sum N_i) ─> Split ─> y_i [─> Add(branch_i(x))]                 (per member)
+            x ─> fused base (N = sum N_i) ─> Split ─> y_i [─> + branch_i(x) (_low_rank)]          (per member)
 
         Without ``split``, the fused output is returned whole (one name, the members' outputs concatenated
         along the last axis: GroupQueryAttention's packed q/k/v), a single constant branch then joint too (its
@@ -146,7 +146,8 @@ class LinearEmitter:
                 for part, (p, m) in zip(parts, modules)]
 
     # x ──> fused base [.., sum N_i] ─────────────────────────┐
-    # └───> MatMul(lora_A [in, sum r_i]) ──> Gemm(lora_B [sum r_i, sum N_i], C) ──> y   (scope <path>; see _low_rank)
+    # └───> MatMul(lora_A [in, sum r_i]) ──> Gemm(lora_B [sum r_i, sum N_i], C) ──> y
+    #                                                               (scope <path>; fp16 as in _low_rank)
     def _joint_branch(self, members: Sequence[nn.Module], x: str, base: str, path: str) -> str:
         g, scope = self.g, scope_of(path)
         lora_A, lora_B = joint_factors(members)
