@@ -23,7 +23,7 @@ onnxruntime's fused contrib ops node by node, streaming each weight to ``model.o
 
 Why rows: a LoRA branch's up-projection and its sum with the base output are then one Gemm (C = the base output;
 Gemm is 2-D), one node a branch fewer, for two Reshapes a layer around GroupQueryAttention (which reads and
-writes [B, S, .]): SmolLM2 with 115 branches, 701 -> 650 nodes, logits bitwise equal. At batch 1 a decode step's
+writes [B, S, .]): SmolLM2 with 115 branches, 701 -> 649 nodes, logits bitwise equal. At batch 1 a decode step's
 branch cost is its nodes' dispatch, not its bytes (measured on SmolLM2 at 2 threads: the 230 branch factors
 replaced by 70 shared tensors of the same shapes decoded no faster; without the branches, 1.24x to 1.39x).
 
