@@ -4,9 +4,10 @@ Nothing here is built by an internal function: the main job (``adalora-deploy ru
 configs/smollm2-sentiment.yaml``) makes the shipped graph with its defaults (``exports/separate``), and the same
 job, rerun from its export stage with every documented export option in its ``export`` list, makes the others
 (``--serving``, ``merged`` with each ``--weights``), checks each against the trained model (``check``: tier and
-verdict) and scores each on the held-out task. This section then times what those commands wrote: size, prefill
-of a 128-token prompt (plain onnxruntime, the same harness for every graph) and greedy decode tokens/s at batch 1
-in our loop (``DecoderSession``) and under onnxruntime-genai, at each of ``--decode-threads``, runners
+verdict) and scores each on the held-out task; the same job with each of :data:`JOBS`' ``--set`` overrides (the
+other activations, an attention-only adapter) is run in the workdir and exported the same way. This section then
+times what those commands wrote: size, prefill of a 128-token prompt (plain onnxruntime, the same harness for
+every graph) and greedy decode tokens/s at batch 1 in our loop (``DecoderSession``) and under onnxruntime-genai, at each of ``--decode-threads``, runners
 interleaved, beside the builder's int4 graph of the same base model under onnxruntime-genai.
 
 The job folder is ``--run DIR`` when given, else ``runs/smollm2-sentiment`` when it holds a finished job, else the
@@ -35,6 +36,14 @@ SHIPPED = "separate"
 """The export the default config ships (its ``export`` list)."""
 FP32 = "fp32"
 """The job trained with ``--set model.activations=fp32`` (the config's other documented arithmetic)."""
+ATTENTION = "attention"
+"""The job with an attention-only adapter (``--set adapter.target_modules=[q_proj, k_proj, v_proj, o_proj]``)."""
+JOBS: dict[str | None, tuple[str, ...]] = {
+    None: (),  # the default config as it is
+    FP32: ("model.activations=fp32",),
+    ATTENTION: ("adapter.target_modules=[q_proj, k_proj, v_proj, o_proj]",),
+}
+"""Each job the section times graphs of, by its ``--set`` overrides of the default config."""
 VARIANTS = (
     # name, the job's export entry (= `adalora-deploy export` options), shown as, the job (None: the default)
     ("separate", {"mode": "separate"}, "--mode separate (shipped)", None),
@@ -44,8 +53,9 @@ VARIANTS = (
     ("merged-fp16", {"mode": "merged", "weights": "fp16"}, "--mode merged --weights fp16", None),
     ("fp32-separate", {"mode": "separate"}, "activations fp32: --mode separate", FP32),
     ("fp32-serving", {"mode": "separate", "serving": True}, "activations fp32: --mode separate --serving", FP32),
+    ("attention-separate", {"mode": "separate"}, "attention-only adapter: --mode separate", ATTENTION),
 )
-QUICK_VARIANTS = ("separate", "fp32-separate")
+QUICK_VARIANTS = ("separate", "fp32-separate", "attention-separate")
 SLOW_RUN_S = 20
 """A decode run slower than this (seconds) is not repeated: its warm-up run is the figure."""
 
@@ -54,40 +64,52 @@ def finished_job(folder: Path) -> bool:
     return (folder / "report" / "report.json").is_file() and (folder / "exports" / SHIPPED / "model.onnx").is_file()
 
 
-def the_job(suite: Suite, activations: str | None = None) -> Path | None:
-    """The main job's folder: ``--run``, the repository's default run, or a run made here; with
-    ``activations``, the same job trained with ``--set model.activations=<activations>`` (run here)."""
-    for folder in (() if activations else (suite.run_dir, DEFAULT_RUN)):
+def the_job(suite: Suite, variant: str | None = None) -> Path | None:
+    """The main job's folder: ``--run``, the repository's default run, or a run made here; with ``variant``, the
+    same job with that variant's ``--set`` overrides (:data:`JOBS`, run here)."""
+    overrides = JOBS[variant]
+    for folder in (() if variant else (suite.run_dir, DEFAULT_RUN)):
         if folder is not None and finished_job(Path(folder)):
             print(f"  the main job's folder: {folder}", flush=True)
             return Path(folder)
-    folder = suite.workdir / (f"job-{activations}" if activations else "job")
+    folder = suite.workdir / (f"job-{variant}" if variant else "job")
     argv = [PYTHON, "-m", "adalora_deploy.cli", "run", str(CONFIG), "--output", str(folder)]
-    if activations:
-        argv += ["--set", f"model.activations={activations}"]
-        if finished_job(folder) and json.loads((folder / "job.json").read_text(encoding="utf-8")).get(
-                "config", {}).get("model", {}).get("activations", activations) == activations:
-            print(f"  reusing {folder} (--workdir of an earlier run)", flush=True)
-            return folder
+    for item in overrides:
+        argv += ["--set", item]
+    if variant and finished_job(folder) and same_settings(folder, overrides):
+        print(f"  reusing {folder} (--workdir of an earlier run)", flush=True)
+        return folder
     suite.command("shipped", argv)
     print(f"  running the main job: {' '.join(argv)}", flush=True)
     job = run_child(argv, timeout=3600)
     if job.returncode or not finished_job(folder):
-        suite.skip("shipped", "the activations-fp32 job" if activations else "everything",
+        suite.skip("shipped", f"the {variant} job" if variant else "everything",
                    f"the main job failed: {tail(job.stderr)}")
         return None
-    suite.results.setdefault("shipped", {})[f"job_run_{activations}" if activations else "job_run"] = {
+    suite.results.setdefault("shipped", {})[f"job_run_{variant}" if variant else "job_run"] = {
         "wall_s": job.wall_s, "cpu_s": job.cpu_s, "peak_rss_mb": job.peak_rss_mb}
     return folder
 
 
-def export_variants(suite: Suite, job: Path, names: list[str], activations: str | None = None) -> Path | None:
+def same_settings(folder: Path, overrides: tuple[str, ...]) -> bool:
+    """Whether the job in ``folder`` ran with the config's model, quantize, adapter and train settings and
+    ``overrides`` as they are now (as its ``job.json`` recorded them)."""
+    from adalora_deploy.config import apply_overrides
+
+    recorded = json.loads((folder / "job.json").read_text(encoding="utf-8")).get("config", {})
+    wanted = apply_overrides(yaml.safe_load(CONFIG.read_text(encoding="utf-8")), list(overrides))
+    return all(recorded.get(section, {}).get(key) == value
+               for section in ("model", "quantize", "adapter", "train")
+               for key, value in wanted.get(section, {}).items())
+
+
+def export_variants(suite: Suite, job: Path, names: list[str], variant: str | None = None) -> Path | None:
     """Rerun the job from its export stage, in a copy, with every variant in its ``export`` list."""
-    tag = f"-{activations}" if activations else ""
+    from adalora_deploy.config import apply_overrides
+
+    tag = f"-{variant}" if variant else ""
     folder = suite.workdir / f"variants{tag}"
-    config = yaml.safe_load(CONFIG.read_text(encoding="utf-8"))
-    if activations:
-        config["model"]["activations"] = activations
+    config = apply_overrides(yaml.safe_load(CONFIG.read_text(encoding="utf-8")), list(JOBS[variant]))
     config["export"] = [{"name": name, **entry} for name, entry, _, _ in VARIANTS if name in names]
     config_file = suite.workdir / f"variants{tag}.yaml"
     text = yaml.safe_dump(config, sort_keys=False)
@@ -254,22 +276,22 @@ def run(suite: Suite) -> None:
         suite.skip("shipped", "everything", why)
         return
     rows: dict[str, Any] = {}
-    for activations in (None, FP32):
-        group = [name for name, _, _, j in VARIANTS if j == activations and (not suite.quick or name in QUICK_VARIANTS)]
-        job = the_job(suite, activations)
+    for variant in JOBS:
+        group = [name for name, _, _, j in VARIANTS if j == variant and (not suite.quick or name in QUICK_VARIANTS)]
+        job = the_job(suite, variant)
         if job is None:
-            if activations is None:
+            if variant is None:
                 return
             continue
-        variants = export_variants(suite, job, group, activations)
+        variants = export_variants(suite, job, group, variant)
         if variants is None:
-            if activations is None:
+            if variant is None:
                 return
             continue
-        part = graph_rows(job, variants, group, SHIPPED if activations is None else f"{FP32}-{SHIPPED}")
-        rows.update({(f"{key}_{activations}" if key.startswith("_") and activations else key): value
+        part = graph_rows(job, variants, group, f"{variant}-{SHIPPED}" if variant else SHIPPED)
+        rows.update({(f"{key}_{variant}" if key.startswith("_") and variant else key): value
                      for key, value in part.items()})
-        if activations is None:
+        if variant is None:
             job_folder = job
     job = job_folder
     names = [name for name, _, _, _ in VARIANTS if name in rows]
@@ -296,10 +318,10 @@ def run(suite: Suite) -> None:
     if builder_bytes:
         table.append(["builder -p int4", f"{builder_bytes / 1e6:.1f}", "1.00x", "-", "(not checked: no adapter)", "-",
                       "-", "-"])
-    fp32_job = (f"; activations fp32: trained {rows['_trained_accuracy_fp32']:.3f}"
-                if "_trained_accuracy_fp32" in rows else "")
+    other_jobs = "".join(f"; {variant} job: trained {rows[f'_trained_accuracy_{variant}']:.3f}"
+                         for variant in JOBS if variant and f"_trained_accuracy_{variant}" in rows)
     suite.print_table(f"The CLI's graphs of the main job (trained {rows['_trained_accuracy']:.3f}, base "
-                      f"{rows['_base_accuracy']:.3f} held-out accuracy{fp32_job}); shipped graph rebuilt with the same "
+                      f"{rows['_base_accuracy']:.3f} held-out accuracy{other_jobs}); shipped graph rebuilt with the same "
                       f"nodes and weights by the rerun: {'yes' if rows['_shipped_graph_reproduced'] else 'NO'}; top-1 "
                       "and KL: graph vs trained model free-running, each on its own activations",
                       ["export", "MB", "vs builder", "export s", "check vs trained", "top-1", "mean KL", "accuracy"],
