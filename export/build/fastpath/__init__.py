@@ -23,9 +23,10 @@ onnxruntime's fused contrib ops node by node, streaming each weight to ``model.o
 
 Why rows: a LoRA branch's up-projection and its sum with the base output are then one Gemm (C = the base output;
 Gemm is 2-D), one node a branch fewer, for two Reshapes a layer around GroupQueryAttention (which reads and
-writes [B, S, .]): SmolLM2 with 115 branches, 701 -> 649 nodes, logits bitwise equal. At batch 1 a decode step's
-branch cost is its nodes' dispatch, not its bytes (measured on SmolLM2 at 2 threads: the 230 branch factors
-replaced by 70 shared tensors of the same shapes decoded no faster; without the branches, 1.24x to 1.39x).
+writes [B, S, .]): SmolLM2 with 115 branches, 701 -> 649 nodes, logits bitwise equal, +2-4% decode. What a
+branch costs a decode step is mostly the bytes of its factors, read again every token (measured on SmolLM2 at 2
+threads: a node's dispatch is 0.3-0.4 us; the same graph with each branch cut to rank 1, same nodes, 40% fewer bytes read, decoded +5-9%;
+without the MLP branches +14-18%; without any, ~1.3x; docs/benchmarks.md).
 
 The graph keeps the interface of :mod:`export.build.graph` exactly (same input and output names, dtypes and
 axes, adapter inputs after the past tensors) and computes the same function as

@@ -18,10 +18,12 @@ that read the same input, the LoRA branch)::
                           read by GroupQueryAttention's own rotary stay packed (no Split), one constant
                           branch or more joint
 
-Why one branch per fused group: at batch 1 a branch costs mostly its nodes' dispatch, and a q/k/v group with
-three branches becomes a MatMul and a Gemm instead of 3 MatMuls and 3 Gemms (fp16: 2 MatMuls and 1 Add instead
-of 6 and 3; the zero blocks add exact zeros in either). Adapter-inputs branches stay per member: their factors are
-graph inputs named per module, with ranks known only per run.
+Why one branch per fused group: at batch 1 a branch costs mostly the bytes of its factors, read from memory every
+token, and MLAS packs a down-projection factor into panels of 16 columns (a rank-4 factor reads as a rank-16
+one). A q/k/v group with three branches becomes a MatMul and a Gemm instead of 3 MatMuls and 3 Gemms (fp16: 2
+MatMuls and 1 Add instead of 6 and 3), and its down factor one set of panels instead of three, which outweighs the
+zero blocks of its block-diagonal up factor (they add exact zeros). Adapter-inputs branches stay per member:
+their factors are graph inputs named per module, with ranks known only per run.
 
 Quantized tables are parameters of :func:`quantize_table` (bits, ``accuracy_level`` of the lm_head's
 MatMulNBits, symmetric blocks): the embedding reads them through GatherBlockQuantized, the lm_head through
@@ -97,7 +99,7 @@ class LinearEmitter:
     # else: x ─> MatMul(lora_A) ─> MatMul(lora_B) ─> Add(base) ─> y
     def _low_rank(self, x: str, lora_A: str, lora_B: str, base: str, scope: str) -> str:
         """``base + (x @ lora_A) @ lora_B``. In fp32 graphs the up-projection and the sum are one Gemm whose C
-        is the base output (one node a branch fewer: at batch 1 a branch costs mostly its nodes' dispatch);
+        is the base output (one node and one intermediate tensor a branch fewer: +2-4% decode on SmolLM2);
         onnxruntime's Gemm adds the product to C as the Add did (measured: bitwise equal logits on SmolLM2).
         fp16 graphs keep MatMul + Add: the product rounded to fp16, then the sum, as measured at the lossy tier."""
         g = self.g
