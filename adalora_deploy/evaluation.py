@@ -137,6 +137,10 @@ class HeldOutResult:
     examples: int
     tokens: int
     """Label tokens the loss averages over."""
+    answers: tuple[int, ...] = ()
+    """The chosen choice (index into the choices) of every example, in order (empty without choices)."""
+    labels: tuple[int, ...] = ()
+    """The true choice of every example (-1: its completion starts with none of the choices' tokens)."""
 
     @property
     def perplexity(self) -> float:
@@ -144,7 +148,8 @@ class HeldOutResult:
 
     def to_dict(self) -> dict[str, Any]:
         return {"loss": self.loss, "perplexity": self.perplexity, "accuracy": self.accuracy,
-                "examples": self.examples, "tokens": self.tokens}
+                "examples": self.examples, "tokens": self.tokens, "answers": list(self.answers),
+                "labels": list(self.labels)}
 
 
 def _chat_ids(tokenizer, messages: Sequence[Mapping[str, str]], generation_prompt: bool) -> list[int]:
@@ -412,6 +417,8 @@ def evaluate_examples(logits: TailLogitsFn, examples: Sequence[Any], *, choices:
         raise DataError("no held-out examples to evaluate on (set data.eval_size or data.eval)")
     tokens = None if choices is None else np.asarray(choices)
     total, count, correct = 0.0, 0, 0
+    answers: list[int] = []
+    truth: list[int] = []
     for start in range(0, len(examples), batch_size):
         chunk = examples[start:start + batch_size]
         ids, mask = left_pad([e.input_ids for e in chunk], pad_id)
@@ -428,7 +435,11 @@ def evaluate_examples(logits: TailLogitsFn, examples: Sequence[Any], *, choices:
         if tokens is not None:
             first = keep.argmax(-1)  # position predicting each row's first label token
             rows = np.arange(len(chunk))
-            predicted = tokens[shifted[rows, first][:, tokens].argmax(-1)]
-            correct += int((predicted == target[rows, first]).sum())
+            chosen = shifted[rows, first][:, tokens].argmax(-1)
+            answers += chosen.tolist()
+            truth += [int(np.flatnonzero(tokens == token)[0]) if token in tokens else -1
+                      for token in target[rows, first].tolist()]
+            correct += int((tokens[chosen] == target[rows, first]).sum())
     accuracy = None if tokens is None else correct / len(examples)
-    return HeldOutResult(loss=total / max(count, 1), accuracy=accuracy, examples=len(examples), tokens=count)
+    return HeldOutResult(loss=total / max(count, 1), accuracy=accuracy, examples=len(examples), tokens=count,
+                         answers=tuple(answers), labels=tuple(truth))

@@ -139,6 +139,12 @@ def test_held_out_scores_read_only_the_positions_their_labels_need():
     finally:
         hook.remove()
     assert tail.loss == pytest.approx(full.loss, rel=1e-6) and tail.accuracy == full.accuracy
+    # per-example answers and true choices (-1: a completion that starts with none of the choices)
+    assert tail.answers == full.answers and len(tail.answers) == len(examples)
+    firsts = [next(t for t in e.labels if t != IGNORE) for e in examples]
+    assert tail.labels == tuple(choices.index(t) if t in choices else -1 for t in firsts)
+    assert tail.labels[:2] == (0, 1)
+    assert tail.accuracy == sum(a == y for a, y in zip(tail.answers, tail.labels)) / len(examples)
     assert tail.tokens == full.tokens == sum(e.trained_tokens for e in examples)
     tail_rows, full_rows = sum(rows[:2]), sum(rows[2:])  # two batches each: rows x padded length
     assert full_rows == 3 * 13 + 2 * 9 and tail_rows == 3 * 4 + 2 * 6

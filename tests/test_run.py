@@ -126,3 +126,18 @@ def test_an_int8_activation_job_ships_the_fast_graph_checked_teacher_forced(tmp_
               if a.name == "accuracy_level"}
     assert levels == {4}
     assert "PASS (teacher-forced" in (out / "report" / "report.md").read_text()
+
+
+def test_report_counts_the_answers_a_graph_shares_with_the_trained_model():
+    """Equal accuracies can hide answers that differ (int8 activations round each side its own way): the report
+    counts them, and which side was right where they part; a job recorded without answers gets no count."""
+    from adalora_deploy.job.report import answer_agreement
+
+    trained = {"answers": [0, 1, 1, 0, 1], "labels": [0, 1, 0, 0, 1]}
+    graph = {"answers": [0, 1, 0, 1, 1]}
+    assert answer_agreement(trained, graph) == {"same": 3, "examples": 5, "only_graph_right": 1,
+                                                "only_trained_right": 1}
+    assert answer_agreement(trained, trained)["same"] == 5
+    assert answer_agreement({"accuracy": 0.5}, graph) is None  # a job.json from before answers were kept
+    assert answer_agreement({"answers": [0, 1]}, graph) is None
+    assert answer_agreement({"answers": trained["answers"]}, graph) == {"same": 3, "examples": 5}

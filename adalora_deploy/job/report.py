@@ -136,6 +136,24 @@ def _fmt(value: Any, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def answer_agreement(trained: dict[str, Any], row: dict[str, Any]) -> dict[str, int] | None:
+    """How often a model chose the trained model's answer on the held-out examples, and where they part which one
+    was right; ``None`` without per-example answers (no choices, or a job recorded before they were kept).
+
+    With int8 activations a graph and the trained model each round their own activations, so a few borderline
+    examples can go either way and equal accuracies can hide answers that differ."""
+    mine, theirs = row.get("answers"), trained.get("answers")
+    if not mine or not theirs or len(mine) != len(theirs):
+        return None
+    labels = trained.get("labels")
+    same = sum(a == b for a, b in zip(mine, theirs))
+    result = {"same": same, "examples": len(mine)}
+    if labels and len(labels) == len(mine):
+        result["only_graph_right"] = sum(a == y != b for a, b, y in zip(mine, theirs, labels))
+        result["only_trained_right"] = sum(b == y != a for a, b, y in zip(mine, theirs, labels))
+    return result
+
+
 def write_report(run: RunConfig, output: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Write ``output/report/`` (report.md, report.json, plots); returns the report.json content."""
     folder = output / "report"
@@ -169,8 +187,14 @@ def write_report(run: RunConfig, output: Path, stages: dict[str, dict[str, Any]]
         lines += ["", f"Training moved held-out accuracy from {base['accuracy']:.3f} to {trained['accuracy']:.3f} "
                       f"({100 * (trained['accuracy'] - base['accuracy']):+.1f} points)."]
         for row in rows[2:]:
+            same = answer_agreement(trained, row)
+            agree = "" if same is None else (
+                f"; it gives the trained model's answer on {same['same']} of {same['examples']} examples"
+                + (f", and of the {same['examples'] - same['same']} others it is right on {same['only_graph_right']}"
+                   if "only_graph_right" in same and same["same"] < same["examples"] else ""))
             lines.append(f"- `{row['label']}` under onnxruntime: {row['accuracy']:.3f} "
-                         f"({100 * (row['accuracy'] - trained['accuracy']):+.1f} points against the trained model).")
+                         f"({100 * (row['accuracy'] - trained['accuracy']):+.1f} points against the trained model)"
+                         f"{agree}.")
     lines += report_lines(stages.get("evaluate-exports", {}).get("scores", {}))
     if exports:
         lines += ["", "| export | what the graph computes | nodes | export s |", "|---|---|---|---|"]
@@ -182,9 +206,12 @@ def write_report(run: RunConfig, output: Path, stages: dict[str, dict[str, Any]]
               "![surviving ranks](ranks.png)", "", "![accuracy](accuracy.png)", ""]
     with atomic_file(folder / "report.md") as temp:
         temp.write_text("\n".join(lines), encoding="utf-8")
+    agreement = {row["label"]: answer_agreement(trained, row) for row in rows[2:]}
     report = {"config": run.to_dict(), "scores": {row["label"]: {k: row.get(k) for k in ("accuracy", "loss", "perplexity",
                                                                                           "examples")}
                                                   | ({"lm_eval": row["lm_eval"]} if "lm_eval" in row else {})
+                                                  | ({"agreement": agreement[row["label"]]}
+                                                     if agreement.get(row["label"]) else {})
                                                   for row in rows},
               "checks": checks, "exports": exports, "ranks": ranks, "stages": {n: r.get("stage_seconds") for n, r in stages.items()},
               "plots": list(PLOTS)}
