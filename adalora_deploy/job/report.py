@@ -183,11 +183,12 @@ def write_report(run: RunConfig, output: Path, stages: dict[str, dict[str, Any]]
         size = _fmt(export["graph_bytes"] / 1e6, 1) if export else "-"
         lines.append(f"| {row['label']} | {_fmt(row['accuracy'])} | {_fmt(row['loss'])} | {_fmt(row['perplexity'], 2)} "
                      f"| {size} | {verdict} |")
+    agreement = {row["label"]: answer_agreement(trained, row) for row in rows[2:]}
     if base["accuracy"] is not None:
         lines += ["", f"Training moved held-out accuracy from {base['accuracy']:.3f} to {trained['accuracy']:.3f} "
                       f"({100 * (trained['accuracy'] - base['accuracy']):+.1f} points)."]
         for row in rows[2:]:
-            same = answer_agreement(trained, row)
+            same = agreement[row["label"]]
             agree = "" if same is None else (
                 f"; it gives the trained model's answer on {same['same']} of {same['examples']} examples"
                 + (f", and of the {same['examples'] - same['same']} others it is right on {same['only_graph_right']}"
@@ -206,7 +207,6 @@ def write_report(run: RunConfig, output: Path, stages: dict[str, dict[str, Any]]
               "![surviving ranks](ranks.png)", "", "![accuracy](accuracy.png)", ""]
     with atomic_file(folder / "report.md") as temp:
         temp.write_text("\n".join(lines), encoding="utf-8")
-    agreement = {row["label"]: answer_agreement(trained, row) for row in rows[2:]}
     report = {"config": run.to_dict(), "scores": {row["label"]: {k: row.get(k) for k in ("accuracy", "loss", "perplexity",
                                                                                           "examples")}
                                                   | ({"lm_eval": row["lm_eval"]} if "lm_eval" in row else {})

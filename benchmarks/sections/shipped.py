@@ -7,8 +7,9 @@ job, rerun from its export stage with every documented export option in its ``ex
 verdict) and scores each on the held-out task; the same job with each of :data:`JOBS`' ``--set`` overrides (the
 other activations, an attention-only adapter) is run in the workdir and exported the same way. This section then
 times what those commands wrote: size, prefill of a 128-token prompt (plain onnxruntime, the same harness for
-every graph) and greedy decode tokens/s at batch 1 in our loop (``DecoderSession``) and under onnxruntime-genai, at each of ``--decode-threads``, runners
-interleaved, beside the builder's int4 graph of the same base model under onnxruntime-genai.
+every graph) and greedy decode tokens/s at batch 1 in our loop (``DecoderSession``) and under onnxruntime-genai,
+at each of ``--decode-threads``, runners interleaved, beside the builder's int4 graph of the same base model under
+onnxruntime-genai.
 
 The job folder is ``--run DIR`` when given, else ``runs/smollm2-sentiment`` when it holds a finished job, else the
 job is run here (its wall time is then reported: a rerun with the cached base, or a fresh run on an empty cache).
@@ -91,13 +92,18 @@ def the_job(suite: Suite, variant: str | None = None) -> Path | None:
     return folder
 
 
+def job_config(overrides: tuple[str, ...]) -> dict[str, Any]:
+    """The default config's raw mapping with ``--set`` ``overrides`` applied (what ``run --set`` reads)."""
+    from adalora_deploy.config import apply_overrides
+
+    return apply_overrides(yaml.safe_load(CONFIG.read_text(encoding="utf-8")), list(overrides))
+
+
 def same_settings(folder: Path, overrides: tuple[str, ...]) -> bool:
     """Whether the job in ``folder`` ran with the config's model, quantize, adapter and train settings and
     ``overrides`` as they are now (as its ``job.json`` recorded them)."""
-    from adalora_deploy.config import apply_overrides
-
     recorded = json.loads((folder / "job.json").read_text(encoding="utf-8")).get("config", {})
-    wanted = apply_overrides(yaml.safe_load(CONFIG.read_text(encoding="utf-8")), list(overrides))
+    wanted = job_config(overrides)
     return all(recorded.get(section, {}).get(key) == value
                for section in ("model", "quantize", "adapter", "train")
                for key, value in wanted.get(section, {}).items())
@@ -105,11 +111,9 @@ def same_settings(folder: Path, overrides: tuple[str, ...]) -> bool:
 
 def export_variants(suite: Suite, job: Path, names: list[str], variant: str | None = None) -> Path | None:
     """Rerun the job from its export stage, in a copy, with every variant in its ``export`` list."""
-    from adalora_deploy.config import apply_overrides
-
     tag = f"-{variant}" if variant else ""
     folder = suite.workdir / f"variants{tag}"
-    config = apply_overrides(yaml.safe_load(CONFIG.read_text(encoding="utf-8")), list(JOBS[variant]))
+    config = job_config(JOBS[variant])
     config["export"] = [{"name": name, **entry} for name, entry, _, _ in VARIANTS if name in names]
     config_file = suite.workdir / f"variants{tag}.yaml"
     text = yaml.safe_dump(config, sort_keys=False)

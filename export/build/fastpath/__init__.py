@@ -25,8 +25,8 @@ Why rows: a LoRA branch's up-projection and its sum with the base output are the
 Gemm is 2-D), one node a branch fewer, for two Reshapes a layer around GroupQueryAttention (which reads and
 writes [B, S, .]): SmolLM2 with 115 branches, 701 -> 649 nodes, logits bitwise equal, +2-4% decode. What a
 branch costs a decode step is mostly the bytes of its factors, read again every token (measured on SmolLM2 at 2
-threads: a node's dispatch is 0.3-0.4 us; the same graph with each branch cut to rank 1, same nodes, 40% fewer bytes read, decoded +5-9%;
-without the MLP branches +14-18%; without any, ~1.3x; docs/benchmarks.md).
+threads: a node's dispatch is 0.3-0.4 us; the same graph with each branch cut to rank 1, same nodes, 40% fewer
+bytes read, decoded +5-9%; without the MLP branches +14-18%; without any, ~1.3x; docs/benchmarks.md).
 
 The graph keeps the interface of :mod:`export.build.graph` exactly (same input and output names, dtypes and
 axes, adapter inputs after the past tensors) and computes the same function as
