@@ -297,6 +297,7 @@ class Engine:
                     continue
                 rows = list(batch.rows)
                 self.max_rows_seen = max(self.max_rows_seen, len(rows))
+                self.steps += 1  # before the step: its final events may reach a client before it returns
                 try:
                     batch.step()
                 except Exception as error:  # drop this batch (rebuilt empty on next use), tell its requests
@@ -304,7 +305,6 @@ class Engine:
                     self._batches.pop(model)
                     for ticket in {id(r.sink): r.sink for r in rows if not r.cancelled}.values():
                         ticket(error)
-                self.steps += 1
         self._cancel_all()
 
     def _cancel_all(self) -> None:
