@@ -276,13 +276,19 @@ def test_cli_bad_input(tmp_path):
 
 
 def test_lazy_batch_blocks_do_not_change_the_result():
-    """Section 4's lazy batch updates are a reordering of the same arithmetic: the codes do not depend on
-    the block size (measured: identical codes for block sizes 1, 32 and 128)."""
+    """Section 4's lazy batch updates are a reordering of the same arithmetic: the codes do not depend on the
+    block size beyond fp32 summation order, which can move a weight sitting on a rounding boundary by one code
+    (measured: identical codes for block sizes 1, 32 and 128 on one CPU; on an AVX-512 EPYC block 128 changed
+    3 of 8192 codes by one and 1 of 256 fp16 group scales by 0.23%)."""
     weight, _, hessian = _correlated_layer(6)
     reference = gptq_quantize(weight, hessian, bits=4, group_size=32, block_size=1)
     for block_size in (32, 128):
         result = gptq_quantize(weight, hessian, bits=4, group_size=32, block_size=block_size)
-        assert torch.equal(result.q, reference.q)
+        moved = (result.q.int() - reference.q.int()).abs()
+        assert int(moved.max()) <= 1 and int((moved > 0).sum()) <= moved.numel() // 1000, (block_size, moved.sum())
+        ratio = result.scales.float() / reference.scales.float()
+        changed = ratio != 1  # fp16 scales: a changed one moves by an fp16 ulp or two (<= 0.2% measured)
+        assert float((ratio - 1).abs().max()) < 5e-3 and int(changed.sum()) <= max(1, changed.numel() // 100)
 
 
 GPTQ_VS_REFERENCE_MAX_RATIO = 1.1
