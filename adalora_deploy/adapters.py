@@ -114,7 +114,7 @@ def inject_adapters(model: nn.Module, config: AdaLoraConfig, seed: int = 0) -> A
     for name in names:
         try:
             layer = AdaLoraLinear(model.get_submodule(name), config.init_r, config.lora_alpha, config.lora_dropout,
-                                  generator=generator)
+                                  generator=generator, down_weights=config.down_weights)
         except UnsupportedLayerError as error:
             raise UnsupportedLayerError(f"{name}: {error}") from None
         replace_module(model, name, layer)

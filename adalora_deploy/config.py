@@ -106,6 +106,11 @@ class AdaLoraConfig:
     """Budget schedule; AdaLoRA is cubic, linear exists only as an option."""
     compact_in_training: bool = False
     """At the final step, slice the adapters to their surviving ranks and re-point the optimizer."""
+    down_weights: Literal["fp32", "int8"] = "fp32"
+    """How the adapter's down-projection ``Λ Q`` multiplies: ``fp32``, or ``int8``: each of its rows quantized to
+    8-bit blocks in the forward (straight-through gradients) and multiplied on the base layer's int8 activation
+    codes, which is what an 8-bit MatMulNBits at accuracy_level 4 computes, so the graph stores it in a quarter of
+    the bytes and reads no padded fp32 panels (needs ``model.activations: int8``)."""
 
     def __post_init__(self) -> None:
         section = "adapter"
@@ -154,6 +159,7 @@ class AdaLoraConfig:
                 object.__setattr__(self, "target_modules", list(self.target_modules))
         _check_choice(section, "regularizer", self.regularizer, ("peft", "paper"))
         _check_choice(section, "schedule", self.schedule, ("cubic", "linear"))
+        _check_choice(section, "down_weights", self.down_weights, ("fp32", "int8"))
 
     def to_peft_dict(self, rank_pattern: Mapping[str, list[bool]] | None) -> dict[str, Any]:
         """The ``adapter_config.json`` PEFT writes for an AdaLoRA adapter."""
@@ -577,6 +583,9 @@ def parse_run_config(data: Any, source: str | None = None) -> RunConfig:
     if len(set(names)) != len(names):
         raise ConfigError(f"export: names must be unique, got {names}")
     quantize = from_mapping(QuantizeConfig, sections.get("quantize", {}), "quantize")
+    if adapter.down_weights == "int8" and model.activations != "int8":
+        _fail("adapter", "down_weights", "int8", "multiplies on the base's int8 activation codes",
+              "set model.activations: int8 (a GPTQ base), or down_weights: fp32")
     task_data = sections.get("task", {})
     task = from_mapping(TaskConfig, {"kind": task_data} if isinstance(task_data, str) else task_data, "task")
     if task.kind == "classification":

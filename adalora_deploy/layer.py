@@ -8,6 +8,13 @@
 
     scale = lora_alpha / (init_r + 1e-5), fixed for the whole run and after compaction.
 
+With ``down_weights="int8"`` (a GPTQ base with int8 activations) the down-projection computes as the 8-bit
+MatMulNBits the exporter writes for it: the base's int8 activation codes times ``Λ Q`` quantized per row to
+8-bit blocks of the base's block size, both straight-through in the backward
+(:func:`~adalora_deploy.gptq.int8_compute.fake_quantize_weights`)::
+
+    x ──► int8 codes (shared with the base) ──► · 8-bit(Λ Q)^T ──► P^T ──► · scale
+
 The layer holds its state in Parameters and buffers only (``lora_A`` = Q, ``lora_E`` = Λ, ``lora_B`` = P,
 ``ranknum`` = init_r, ``rank_mask`` = which of the init_r triplets are alive, ``compacted`` = whether
 P, Λ, Q hold only those rows/columns or all init_r of them), so ``state_dict()``
@@ -22,6 +29,8 @@ from torch import nn
 
 from adalora_deploy import functional as F
 from adalora_deploy.backends import LinearBackend, backend_for
+from adalora_deploy.errors import ConfigError
+from adalora_deploy.gptq.int8_compute import fake_quantize_activations, fake_quantize_weights
 
 __all__ = ["AdaLoraLinear"]
 
@@ -35,13 +44,22 @@ class AdaLoraLinear(nn.Module):
         lora_alpha: numerator of the scale.
         lora_dropout: dropout probability on the adapter input.
         generator: optional RNG for the N(0, 0.02^2) init of P and Q (Λ starts at 0, so ΔW = 0).
+        down_weights: ``fp32``, or ``int8`` (see the module docstring; the base must compute with int8
+            activations, ``model.activations: int8``).
+
+    Raises:
+        ConfigError: ``down_weights="int8"`` on a base without int8 activations.
     """
 
     def __init__(self, base_layer: nn.Module, init_r: int, lora_alpha: float, lora_dropout: float = 0.0,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, down_weights: str = "fp32"):
         super().__init__()
         self.base_layer = base_layer
         self.backend: LinearBackend = backend_for(base_layer)
+        if down_weights == "int8" and getattr(base_layer, "activation_block", None) is None:
+            raise ConfigError(f"adapter.down_weights = 'int8': the base layer ({type(base_layer).__name__}) does not "
+                              "compute with int8 activations; use a GPTQ base with model.activations: int8")
+        self.down_weights = down_weights
         self.in_features, self.out_features = self.backend.features(base_layer)
         self.init_r = init_r
         self.lora_alpha = lora_alpha
@@ -84,8 +102,18 @@ class AdaLoraLinear(nn.Module):
         if self.rank == 0:
             return result
         adapter_in = self.lora_dropout(x.to(self.lora_A.dtype))
-        delta = F.adapter_output(adapter_in, self.lora_A, self.lora_E, self.lora_B, self.scale)
+        if self.down_weights == "int8":
+            block, perm = self.down_layout()
+            down = fake_quantize_activations(adapter_in, block, perm) @ fake_quantize_weights(
+                self.lora_A * self.lora_E, block, perm).T  # the base's codes: cached on adapter_in when it is x
+            delta = (down @ self.lora_B.T) * self.scale
+        else:
+            delta = F.adapter_output(adapter_in, self.lora_A, self.lora_E, self.lora_B, self.scale)
         return result + delta.to(result.dtype)
+
+    def down_layout(self) -> tuple[int, torch.Tensor | None]:
+        """``(block_size, perm)`` of an int8 down-projection: the base's MatMulNBits block and channel order."""
+        return self.base_layer.activation_block, self.base_layer.activation_order()
 
     def live_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(Q', Λ', P')`` of the triplets alive in ``rank_mask``, detached: ``(r_k, d_in), (r_k, 1), (d_out, r_k)``."""
@@ -95,8 +123,13 @@ class AdaLoraLinear(nn.Module):
         return F.slice_triplets(*tensors, self.rank_mask)
 
     def delta_weight(self) -> torch.Tensor:
-        """``ΔW`` of the live triplets, ``(out_features, in_features)``, float32."""
+        """``ΔW`` of the live triplets, ``(out_features, in_features)``, float32 (with ``down_weights="int8"``, of
+        ``Λ Q`` on its 8-bit grid, as trained)."""
         lora_A, lora_E, lora_B = self.live_factors()
+        if self.down_weights == "int8":
+            block, perm = self.down_layout()
+            down = fake_quantize_weights(lora_A.float() * lora_E.float(), block, perm)
+            return (lora_B.float() @ down) * self.scale
         return F.adapter_delta(lora_A.float(), lora_E.float(), lora_B.float(), self.scale)
 
     @torch.no_grad()
@@ -153,7 +186,8 @@ class AdaLoraLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"init_r={self.init_r}, lora_alpha={self.lora_alpha}, base={self.backend.describe(self.base_layer)}")
+                f"init_r={self.init_r}, lora_alpha={self.lora_alpha}, base={self.backend.describe(self.base_layer)}"
+                + (", down_weights=int8" if self.down_weights == "int8" else ""))
 
 
 def _device_of(module: nn.Module) -> torch.device:

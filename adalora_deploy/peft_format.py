@@ -196,7 +196,7 @@ def _read_config(folder: Path) -> tuple[dict[str, Any], AdaLoraConfig, dict[str,
     extra = data.get("adalora_deploy", {}).get("config", {}) if isinstance(data.get("adalora_deploy"), dict) else {}
     config, rank_pattern = AdaLoraConfig.from_peft_dict(data)
     if extra:
-        options = {k: extra[k] for k in ("regularizer", "schedule", "compact_in_training") if k in extra}
+        options = {k: extra[k] for k in ("regularizer", "schedule", "compact_in_training", "down_weights") if k in extra}
         config = dataclasses.replace(config, **options)
     return data, config, rank_pattern
 

@@ -78,7 +78,8 @@ def _build(model: nn.Module, folder: Path, *, builder: str, opset: int, external
 def _adapter_matmuls(model_path: Path, branch_modules: list[str]) -> int:
     """Branch products (:data:`_ADAPTER_OPS`) whose name scope is exactly a branch module (not its ``base``), or that
     read the factors of the one branch the fast path gives fused siblings (``<parent>.qkv_proj.lora_A`` for
-    ``<parent>.q_proj``, ...)."""
+    ``<parent>.q_proj``, ...); and 8-bit down products (``adapter.down_weights: int8``), MatMulNBits reading
+    ``<branch>.lora_A.qweight`` or the fused siblings' joint one."""
     prefixes = {f"/{name.replace('.', '/')}/" for name in branch_modules}
     joint = set()
     for name in branch_modules:
@@ -91,6 +92,9 @@ def _adapter_matmuls(model_path: Path, branch_modules: list[str]) -> int:
         if node.op_type in _ADAPTER_OPS and node.domain in ("", "ai.onnx"):
             scope = node.name.rsplit("/", 1)[0] + "/"
             count += scope in prefixes or any(name in joint for name in node.input)
+        elif node.op_type == "MatMulNBits" and len(node.input) > 1:
+            weights = node.input[1].removesuffix(".qweight")
+            count += weights in joint or weights.removesuffix(".lora_A") in branch_modules
     return count
 
 
@@ -223,7 +227,7 @@ def export_model(
             task="classification" if labels is not None else "causal-lm", labels=labels,
         )
         write_json(temp / MANIFEST_FILE, manifest.to_dict())
-    logger.info("wrote %s: %s, %d adapter products (MatMul, Gemm), %s", output, conversion.arithmetic.text,
+    logger.info("wrote %s: %s, %d adapter products (MatMul, Gemm, 8-bit MatMulNBits), %s", output, conversion.arithmetic.text,
                 manifest.adapter_matmuls, manifest.quantized_ops or "no quantized ops")
     if agreement is not None and not agreement["passed"]:
         logger.warning("%s changes what the trained model computes (%s); %s", output, "; ".join(agreement["failures"]),

@@ -121,6 +121,18 @@ def test_total_step_is_train_steps(tmp_path):
         parse_run_config(raw)
 
 
+def test_int8_down_weights_need_int8_activations(tmp_path):
+    raw = _raw(tmp_path)
+    raw["adapter"]["down_weights"] = "int8"
+    with pytest.raises(ConfigError, match="down_weights = 'int8': multiplies on the base's int8 activation codes"):
+        parse_run_config(raw)
+    raw["model"].update(quantization="gptq", activations="int8")
+    assert parse_run_config(raw).adapter.down_weights == "int8"
+    raw["adapter"]["down_weights"] = "int4"
+    with pytest.raises(ConfigError, match="adapter.down_weights = 'int4': must be one of 'fp32', 'int8'"):
+        parse_run_config(raw)
+
+
 def test_overrides_and_relative_paths(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text(yaml.safe_dump(_raw(tmp_path) | {"train": {"data": "d.txt", "steps": 20}}))

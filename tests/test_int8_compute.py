@@ -15,7 +15,13 @@ import numpy as np
 import pytest
 import torch
 
-from adalora_deploy.gptq.int8_compute import fake_quantize_activations, nbits_block_size, quantize_activations
+from adalora_deploy.gptq.int8_compute import (
+    fake_quantize_activations,
+    fake_quantize_weights,
+    nbits_block_size,
+    quantize_activations,
+    weight_codes,
+)
 
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
@@ -105,6 +111,40 @@ def test_emulation_equals_onnxruntime_int8_path(m, k, n, block, bits, explicit_z
     assert ((got - fp32).abs() > bound).any()
     other = 16 if block > 16 else 32
     assert ((got - fake_quantize_activations(x, other) @ w.T).abs() > bound).any()
+
+
+@pytest.mark.parametrize("m", [1, 9])
+@pytest.mark.parametrize("k,rank,block", [(576, 1, 128), (576, 5, 128), (1536, 12, 128), (576, 21, 64), (200, 3, 32)])
+def test_8_bit_down_factor_equals_onnxruntime_int8_path(m, k, rank, block):
+    """A LoRA down factor on the 8-bit grid (``adapter.down_weights: int8``; ranks as AdaLoRA leaves them, one row
+    zero as a masked triplet leaves it) in MatMulNBits: onnxruntime's product equals the training forward's."""
+    rng = np.random.default_rng(m + k + rank + block)
+    w = torch.from_numpy((rng.standard_normal((rank, k)) * 0.02).astype(np.float32))
+    w[0] = 0.0
+    q, scales = weight_codes(w, block)
+    assert q.min() >= 1 and q.max() <= 255 and (q[0] == 128).all() and (scales[0] == 0).all()
+    session = _matmul_nbits_session(q.numpy().astype(np.uint8), scales.numpy(), None, bits=8, block=block,
+                                    accuracy_level=4)
+    x = torch.from_numpy((rng.standard_normal((m, k)) * np.exp(rng.standard_normal(k))).astype(np.float32))
+    got = torch.from_numpy(session.run(None, {"A": x.numpy()})[0])
+    xq, wq = fake_quantize_activations(x, block), fake_quantize_weights(w, block)
+    assert torch.equal(wq, _weight(q.numpy(), scales.numpy(), np.full(scales.shape, 128), block))
+    bound = _bound(xq, wq)
+    assert ((got - xq @ wq.T).abs() <= bound).all() and (got[:, 0] == 0).all()
+    if rank > 1:  # the bound separates it from the fp32 factor
+        assert ((got - xq @ w.T).abs() > bound).any()
+
+
+def test_weight_grid_rows_are_independent_and_straight_through():
+    w = torch.randn(6, 100, requires_grad=True)
+    wq = fake_quantize_weights(w, 32)
+    wq.sum().backward()
+    assert torch.equal(w.grad, torch.ones_like(w))
+    assert torch.equal(fake_quantize_weights(w.detach()[[1, 4]], 32), wq.detach()[[1, 4]])  # compaction keeps codes
+    perm = torch.randperm(100)
+    q, scales = weight_codes(w, 32, perm)
+    dequantized = (q - 128).float() * scales.repeat_interleave(32, 1)[:, :100]
+    assert torch.equal(dequantized, fake_quantize_weights(w.detach(), 32, perm)[:, perm])
 
 
 def test_accuracy_level_zero_is_fp32_compute():

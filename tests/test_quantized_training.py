@@ -85,3 +85,42 @@ def _check_training(path: str, quantization: str, double_quant: bool, tokenizer_
     kind = next(iter(adapters.values())).backend.describe(next(iter(adapters.values())).base_layer)
     expected = {"none": "dense", "bnb-int8": "bnb-int8", "gptq": "gptq"}.get(quantization, f"bnb-{quantization[4:]}")
     assert kind.startswith(expected) and kind.endswith("-dq") == double_quant
+
+
+@pytest.mark.parametrize("name", ["gptq-4", "gptq-4-act"])
+def test_int8_down_projection_computes_the_8_bit_product_and_trains(gptq_dirs, tiny_model_dir, name):
+    """``adapter.down_weights: int8``: the branch's down product is the base's int8 activation codes times ``Λ Q``
+    on the 8-bit grid (in the exported channel order with act-order), gradients reach P, Λ and Q straight
+    through, and training still lowers the loss."""
+    from adalora_deploy import functional as F
+    from adalora_deploy.gptq.int8_compute import fake_quantize_activations, fake_quantize_weights
+
+    model = load_base_model(ModelConfig(path=gptq_dirs[name], quantization="gptq", device="cpu", activations="int8"))
+    config = AdaLoraConfig(total_step=STEPS, init_r=6, target_r=2, tinit=2, tfinal=3, lora_alpha=16,
+                           target_modules=["q_proj", "o_proj"], orth_reg_weight=0.1, down_weights="int8")
+    losses, adapters = _train(model, load_tokenizer(str(tiny_model_dir)), config)
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4
+    layer = next(layer for layer in adapters.values() if layer.live_rank > 0)
+    block, perm = layer.down_layout()
+    assert block == 32 and (perm is not None) == name.endswith("-act")
+    x = torch.randn(2, 5, layer.in_features) * 3
+    codes = fake_quantize_activations(x, block, perm)
+    down = codes @ fake_quantize_weights(layer.lora_A * layer.lora_E, block, perm).T
+    expected = layer.base_layer(x) + (down @ layer.lora_B.T) * layer.scale
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+    fp32_down = layer.base_layer(x) + F.adapter_output(x, layer.lora_A, layer.lora_E, layer.lora_B, layer.scale)
+    assert (layer(x) - fp32_down).abs().max() > 1e-4  # the 8-bit grid is visible in the output
+    layer.zero_grad()
+    layer(x.requires_grad_()).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (layer.lora_A, layer.lora_E, layer.lora_B))
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+def test_int8_down_projection_needs_int8_activations(gptq_dirs):
+    from adalora_deploy.errors import ConfigError
+
+    model = load_base_model(ModelConfig(path=gptq_dirs["gptq-4"], quantization="gptq", device="cpu"))
+    config = AdaLoraConfig(total_step=STEPS, init_r=6, target_r=2, lora_alpha=16, target_modules=["q_proj"],
+                           down_weights="int8")
+    with pytest.raises(ConfigError, match="does not compute with int8 activations"):
+        inject_adapters(model, config)

@@ -66,16 +66,17 @@ def smollm2(tmp_path_factory):
     save_gptq_model(model, gptq, tokenizer_source=base, overwrite=True)
     del model
     adapters = {}
-    for name, path, quantization, activations in (("nf4", base, "bnb-nf4", "fp32"), ("gptq", gptq, "gptq", "fp32"),
-                                                  ("gptq-int8", gptq, "gptq", "int8")):
+    for name, path, quantization, activations, down in (
+            ("nf4", base, "bnb-nf4", "fp32", "fp32"), ("gptq", gptq, "gptq", "fp32", "fp32"),
+            ("gptq-int8", gptq, "gptq", "int8", "fp32"), ("gptq-int8-down", gptq, "gptq", "int8", "int8")):
         run = parse_run_config({
             "model": {"path": str(path), "quantization": quantization, "device": "cpu", "activations": activations},
             "adapter": {"target_modules": PROJECTIONS, "init_r": 6, "target_r": 2, "tinit": 1, "tfinal": 1,
-                        "deltaT": 1, "lora_alpha": 16},
+                        "deltaT": 1, "lora_alpha": 16, "down_weights": down},
             "train": {"data": BUILTIN_SAMPLE, "steps": 4, "batch_size": 2, "seq_len": 32, "lr": 1e-2, "seed": 0},
         })
         adapters[name] = train(run, root / f"run-{name}", progress=False).adapter_dir
-    return {"root": root, "base": base, "gptq_base": gptq, **adapters}  # adapters: "nf4", "gptq", "gptq-int8"
+    return {"root": root, "base": base, "gptq_base": gptq, **adapters}  # "nf4", "gptq", "gptq-int8", "gptq-int8-down"
 
 
 def _exact_passes(report) -> None:
@@ -114,16 +115,23 @@ def test_int8_activations_in_the_exact_real_graph_fail_the_check(smollm2):
     assert logits.max_abs > 10 * logits.tolerance
 
 
-def test_the_int8_trained_fast_graph_of_the_real_model_is_exact_teacher_forced(smollm2, monkeypatch):
+@pytest.mark.parametrize("adapter", ["gptq-int8", "gptq-int8-down"])
+def test_the_int8_trained_fast_graph_of_the_real_model_is_exact_teacher_forced(smollm2, monkeypatch, adapter):
     """An adapter trained with int8 activations exports MatMulNBits at accuracy_level 4 (and the int4 table);
     check holds it to the exact tier teacher-forced (every quantized op's input, prefill and decode, and the
-    logits within the fp32 bound of a 30-layer model); the same weights in blocks of 64 (trained: 128) fail."""
+    logits within the fp32 bound of a 30-layer model); the same weights in blocks of 64 (trained: 128) fail.
+    With ``adapter.down_weights: int8`` (the job's default) each branch's down product is an 8-bit MatMulNBits."""
+    import onnx
+
     from adalora_deploy.export.api import export_model
     from adalora_deploy.export.build import modules
     from adalora_deploy.export.judge.check import check_export
 
-    out = smollm2["root"] / "separate-gptq-int8"
-    manifest = export_model(smollm2["gptq_base"], smollm2["gptq-int8"], output=out, mode="separate")
+    out = smollm2["root"] / f"separate-{adapter}"
+    manifest = export_model(smollm2["gptq_base"], smollm2[adapter], output=out, mode="separate")
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    downs = [n for n in graph.node if n.op_type == "MatMulNBits" and n.input[1].endswith(".lora_A.qweight")]
+    assert (len(downs) == len([n for n in graph.node if n.op_type == "Gemm"]) > 0) == adapter.endswith("-down")
     assert manifest.source_tier == "exact" and manifest.agreement["method"] == "teacher-forced"
     assert manifest.agreement["passed"], manifest.agreement["failures"]
     report = check_export(out, decode_steps=1, max_new_tokens=4)
@@ -134,8 +142,8 @@ def test_the_int8_trained_fast_graph_of_the_real_model_is_exact_teacher_forced(s
     assert all(o.max_abs <= o.tolerance for o in source.outputs)
 
     monkeypatch.setattr(modules, "nbits_block_size", lambda group, k: 64)
-    other = smollm2["root"] / "separate-gptq-int8-blocks-64"
-    export_model(smollm2["gptq_base"], smollm2["gptq-int8"], output=other, mode="separate", measure_agreement=False)
+    other = smollm2["root"] / f"separate-{adapter}-blocks-64"
+    export_model(smollm2["gptq_base"], smollm2[adapter], output=other, mode="separate", measure_agreement=False)
     monkeypatch.undo()
     failed = check_export(other, decode_steps=1, max_new_tokens=4)
     assert not failed.passed

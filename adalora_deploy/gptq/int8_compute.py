@@ -26,10 +26,13 @@ import torch.nn.functional as F
 
 from adalora_deploy.errors import ConfigError
 
-__all__ = ["ACTIVATION_CODE_MAX", "MAX_BLOCK", "fake_quantize_activations", "nbits_block_size", "quantize_activations"]
+__all__ = ["ACTIVATION_CODE_MAX", "MAX_BLOCK", "WEIGHT_ZERO_POINT", "fake_quantize_activations", "fake_quantize_weights",
+           "nbits_block_size", "quantize_activations", "weight_codes"]
 
 ACTIVATION_CODE_MAX = 127.0
 """Largest int8 activation code: MLAS maps the block's largest magnitude to +-127 (never -128)."""
+WEIGHT_ZERO_POINT = 128
+"""MatMulNBits' default zero point of 8-bit weights: a symmetric code c in [-127, 127] is stored as c + 128."""
 MAX_BLOCK = 256
 """Largest MatMulNBits block our exporter emits (onnxruntime's CPU kernels take 16..256 for every bit width)."""
 
@@ -135,10 +138,46 @@ def fake_quantize_activations(x: torch.Tensor, block_size: int, perm: torch.Tens
         output up to fp32 summation order.
     """
     key = (x._version, block_size, None if perm is None else (perm.data_ptr(), perm._version),
-           torch.is_grad_enabled())
+           torch.is_grad_enabled(), x.requires_grad)
     cached = getattr(x, _CACHE, None)
     if cached is not None and cached[0] == key:
         return cached[1]
     result = _StraightThrough.apply(x, block_size, perm)
     setattr(x, _CACHE, (key, result))
     return result
+
+
+# --- 8-bit weights on the same grid (an adapter's down-projection factor, ``adapter.down_weights: int8``) ------
+
+
+def fake_quantize_weights(w: torch.Tensor, block_size: int, perm: torch.Tensor | None = None) -> torch.Tensor:
+    """``w [N, K]`` as an 8-bit symmetric MatMulNBits stores it (``scale * code``), straight-through gradient.
+
+    Each row's blocks take the activations' grid (:func:`quantize_activations`: ``scale = amax / 127``, codes
+    rounded half to even in [-127, 127]), so the same function serves both and :func:`weight_codes` gives the
+    integers an exporter writes for exactly these numbers. Rows are independent: a zero row (a masked triplet)
+    stays zero, and slicing rows (compaction) leaves the others' codes unchanged.
+
+    Args:
+        w: ``[N, K]`` float weight (a LoRA down factor ``Λ * Q``).
+        block_size: MatMulNBits block size (the base layer's, so both nodes read one set of activation codes).
+        perm: optional ``[K]`` input-channel order of the exported node (blocks run along it).
+    """
+    return _StraightThrough.apply(w, block_size, perm)
+
+
+@torch.no_grad()
+def weight_codes(w: torch.Tensor, block_size: int, perm: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The integers of :func:`fake_quantize_weights`, in the exported channel order.
+
+    Returns:
+        ``q [N, K]`` int32 stored codes (``code + 128``, in [1, 255]) and ``scales [N, k_blocks]`` fp32:
+        ``scales[n, k // block] * (q[n, k] - 128)`` is :func:`fake_quantize_weights`' value of ``w[n, perm[k]]``.
+    """
+    w = w.detach().float()
+    if perm is not None:
+        w = w[..., perm]
+    codes, scales = quantize_activations(w, block_size)
+    q = codes.flatten(-2)[..., :w.shape[-1]].to(torch.int32) + WEIGHT_ZERO_POINT
+    return q, scales.squeeze(-1)

@@ -157,7 +157,7 @@ class QuantLinear(nn.Module):
         or again with fp32 activations."""
         self.activation_block = nbits_block_size(self.group_size, self.in_features) if enabled else None
 
-    def _activation_order(self) -> torch.Tensor | None:
+    def activation_order(self) -> torch.Tensor | None:
         """The exported input-channel order (act-order weights are sorted by group), or None when natural.
 
         Cached per g_idx version like :meth:`_contiguous_groups`: the forward asks on every call, and a natural
@@ -172,7 +172,7 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x (..., in)`` of any float dtype -> ``(..., out)`` of the same dtype (weight rounded once to it)."""
         if self.activation_block is not None:
-            x = fake_quantize_activations(x, self.activation_block, self._activation_order())
+            x = fake_quantize_activations(x, self.activation_block, self.activation_order())
         weight = self._dequantize_exact().t().to(x.dtype)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, weight, bias)

@@ -35,10 +35,12 @@ from adalora_deploy.backends import backend_for, is_supported
 from adalora_deploy.gptq.linear import QuantLinear
 from adalora_deploy.errors import ExportError
 from adalora_deploy.gptq.driver import quantize_model
+from adalora_deploy.gptq.int8_compute import WEIGHT_ZERO_POINT, weight_codes
 from adalora_deploy.merge import merge_into_dense
 
 from .kinds import (
     BRANCH,
+    INT8_DOWN_BRANCH,
     SERVING_ACCURACY_LEVEL,
     Arithmetic,
     SourceTier,
@@ -184,6 +186,12 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
     ranks = {name: layer.live_rank for name, layer in adapters.items()}
     factors = adapter_factors(model)
     arithmetic = describe(quantization, mode, weights, serving, requantize, trained_activations(model))
+    if any(layer.down_weights == "int8" for layer in adapters.values()):
+        if adapter_inputs:
+            raise ExportError("--adapter-inputs feeds fp32 factors, and this adapter was trained with an 8-bit "
+                              "down-projection (adapter.down_weights: int8); export it without --adapter-inputs")
+        if mode == "separate":
+            arithmetic = dataclasses.replace(arithmetic, text=arithmetic.text.replace(BRANCH, INT8_DOWN_BRANCH))
     requantization = None
     if mode == "merged":
         table = _quantized_table(model)
@@ -222,7 +230,8 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
                 new = LowRankBranch(base, factors_as_inputs=True, in_features=in_features, out_features=out_features)
             elif ranks[name] > 0:
                 A, B = factors[name]
-                new = LowRankBranch(base, A, B, in_features=in_features, out_features=out_features)
+                down = _int8_down(layer, A) if layer.down_weights == "int8" else None
+                new = LowRankBranch(base, A, B, in_features=in_features, out_features=out_features, down=down)
             else:
                 new = base
             swap_module(model, name, new)
@@ -233,6 +242,17 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
     model.eval()
     return Conversion(ranks=ranks, factors=factors, base_kind=kinds_found, arithmetic=arithmetic,
                       requantization=requantization)
+
+
+def _int8_down(layer: nn.Module, A: torch.Tensor) -> NBitsLinear:
+    """The down product of an adapter trained with ``down_weights: int8``: ``A = Λ'Q'`` on the 8-bit grid its
+    forward used (:func:`~adalora_deploy.gptq.int8_compute.weight_codes`), in the base's blocks and channel
+    order, multiplied at accuracy_level 4 on the same int8 activation codes as the base."""
+    block, perm = layer.down_layout()
+    q, scales = weight_codes(A, block, perm)
+    zeros = torch.full(scales.shape, WEIGHT_ZERO_POINT, dtype=torch.int32)
+    return NBitsLinear.from_integers(q, zeros, scales, bits=8, block_size=block, perm=perm,
+                                     accuracy_level=SERVING_ACCURACY_LEVEL)
 
 
 def _quantized_table(model: nn.Module) -> QuantLinear | None:

@@ -72,6 +72,7 @@ class LowRankBranch(nn.Module):
         factors_as_inputs: bool = False,
         in_features: int | None = None,
         out_features: int | None = None,
+        down: NBitsLinear | None = None,
     ) -> None:
         """Args:
         base: the frozen base layer (``nn.Linear``, :class:`NBitsLinear`, a kind's twin, ...).
@@ -79,9 +80,12 @@ class LowRankBranch(nn.Module):
         B: ``[out, r]`` up factor (required unless ``factors_as_inputs``).
         factors_as_inputs: take the factors from :meth:`set_factors` at call time instead.
         in_features, out_features: sizes when ``base`` does not expose them.
+        down: the down product as an 8-bit :class:`NBitsLinear` (``A`` quantized, an adapter trained with
+            ``down_weights: int8``): it computes ``x @ A.T`` in the graph, ``A`` stays for reference.
         """
         super().__init__()
         self.base = base
+        self.down = down
         self.in_features = int(in_features if in_features is not None else base.in_features)
         self.out_features = int(out_features if out_features is not None else base.out_features)
         self.factors_as_inputs = factors_as_inputs
@@ -94,6 +98,9 @@ class LowRankBranch(nn.Module):
             raise ValueError("LowRankBranch: A and B are required unless factors_as_inputs=True")
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise ValueError(f"LowRankBranch: expected A [r, in] and B [out, r], got {tuple(A.shape)} and {tuple(B.shape)}")
+        if down is not None and (down.in_features, down.out_features) != (A.shape[1], A.shape[0]):
+            raise ValueError(f"LowRankBranch: down product [{down.out_features}, {down.in_features}] does not fit A "
+                             f"{tuple(A.shape)}")
         if A.shape[1] != self.in_features or B.shape[0] != self.out_features:
             raise ValueError(
                 f"LowRankBranch: factors {tuple(A.shape)} / {tuple(B.shape)} do not fit base "
@@ -122,7 +129,8 @@ class LowRankBranch(nn.Module):
             a, b = self._runtime_factors
         else:
             a, b = self.lora_A, self.lora_B
-        return self.base(x) + torch.matmul(torch.matmul(x, a.to(x.dtype)), b.to(x.dtype))
+        down = self.down(x) if self.down is not None else torch.matmul(x, a.to(x.dtype))
+        return self.base(x) + torch.matmul(down, b.to(x.dtype))
 
 
 def joint_factors(members: Sequence[nn.Module]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -92,10 +92,14 @@ def forced_points(graph: onnx.ModelProto, model: nn.Module) -> list[ForcedPoint]
     modules = dict(model.named_modules())
     producers = {out: node for node in graph.graph.node for out in node.output}
     points = []
+    downs = []  # 8-bit down products of LoRA branches: they read their layer's input, forced with the layer's
     for node in graph.graph.node:
         if node.op_type != QUANTIZED_OP:
             continue
         label = node.input[1].removesuffix(".qweight")
+        if label.endswith(".lora_A"):
+            downs.append((node, _unpermuted(node.input[0], producers)))
+            continue
         path = label.removesuffix(".base")
         parent, _, leaf = path.rpartition(".")
         if path in modules:
@@ -109,12 +113,21 @@ def forced_points(graph: onnx.ModelProto, model: nn.Module) -> list[ForcedPoint]
             if not _is_quantized(_quantized_layer(modules[layer])):
                 raise ExportError(f"{node.name}: {layer} is {type(_quantized_layer(modules[layer])).__name__}, not a "
                                   "quantized layer the graph's MatMulNBits could reproduce")
-        tensor = node.input[0]
-        gather = producers.get(tensor)
-        if gather is not None and gather.op_type == "Gather" and gather.input[1].endswith(".perm"):
-            tensor = gather.input[0]  # act-order: torch's layer gathers its input itself
-        points.append(ForcedPoint(tensor=tensor, label=label, layers=layers))
+        points.append(ForcedPoint(tensor=_unpermuted(node.input[0], producers), label=label, layers=layers))
+    forced = {p.tensor for p in points}
+    for node, tensor in downs:
+        if tensor not in forced:
+            raise ExportError(f"{node.name}: a branch's 8-bit down product reads {tensor!r}, which no base layer of "
+                              "the trained model reads; is this graph an export of that model?")
     return points
+
+
+def _unpermuted(tensor: str, producers: Mapping[str, onnx.NodeProto]) -> str:
+    """The tensor a quantized op reads, before an act-order Gather (torch's layer gathers its input itself)."""
+    gather = producers.get(tensor)
+    if gather is not None and gather.op_type == "Gather" and gather.input[1].endswith(".perm"):
+        return gather.input[0]
+    return tensor
 
 
 @contextlib.contextmanager
@@ -133,7 +146,11 @@ def _capturing_session(model_path: Path, points: list[ForcedPoint], provider: st
 
 
 class _Forcer:
-    """Pre-hooks that replace each trained quantized layer's input with the graph's, recording torch's own."""
+    """Pre-hooks that replace each trained quantized layer's input with the graph's, recording torch's own.
+
+    The hook sits on the adapted layer (base and LoRA branch), not on its base alone: a branch whose down product
+    rounds the input to int8 codes (``adapter.down_weights: int8``) must round the graph's input as the graph's
+    down node does; an fp32 branch on the forced input only computes closer to the graph."""
 
     def __init__(self, model: nn.Module, points: list[ForcedPoint]) -> None:
         modules = dict(model.named_modules())
@@ -142,7 +159,7 @@ class _Forcer:
         self.torch: dict[str, np.ndarray] = {}
         for point in points:
             for layer in point.layers:
-                self._handles.append(_quantized_layer(modules[layer]).register_forward_pre_hook(self._hook(point)))
+                self._handles.append(modules[layer].register_forward_pre_hook(self._hook(point)))
 
     def _hook(self, point: ForcedPoint):
         def replace(module: nn.Module, args: tuple) -> tuple:

@@ -43,12 +43,13 @@ def int8_run(tmp_path_factory):
     quantize_model(model, blocks, method="gptq", bits=4, group_size=32, tables=True)
     base = save_gptq_model(model, root / "base", tokenizer_source=model_dir)
     adapters = {}
-    for activations in ("int8", "fp32"):
+    for name, activations, down in (("int8", "int8", "fp32"), ("fp32", "fp32", "fp32"), ("int8-down", "int8", "int8")):
         run = parse_run_config(run_config(
             base, SAMPLE_TEXT, model={"quantization": "gptq", "device": "cpu", "activations": activations},
-            adapter={"target_modules": ADAPTED_MODULES + ["o_proj", "up_proj"], "lora_alpha": 32},
+            adapter={"target_modules": ADAPTED_MODULES + ["o_proj", "up_proj"], "lora_alpha": 32,
+                     "down_weights": down},
             train={"lr": 2e-2}))
-        adapters[activations] = train(run, root / f"run-{activations}", progress=False).adapter_dir
+        adapters[name] = train(run, root / f"run-{name}", progress=False).adapter_dir
     return root, base, adapters
 
 
@@ -175,3 +176,83 @@ def test_merged_fp32_of_a_quantized_table_holds_one_float_table(int8_run):
     report = check_export(out, max_new_tokens=6)
     assert report.passed, report.failures
     assert report["source"].report.tier == "exact"
+
+
+# --- adapter.down_weights: int8 (the down-projection on the 8-bit grid, an 8-bit MatMulNBits in the graph) ----
+
+
+@pytest.fixture(scope="module")
+def int8_down_export(int8_run):
+    root, base, adapters = int8_run
+    out = root / "export-int8-down"
+    return out, export_model(base, adapters["int8-down"], output=out, mode="separate")
+
+
+def _down_nodes(folder):
+    return [n for n in _nodes(folder, "MatMulNBits") if n.input[1].endswith(".lora_A.qweight")]
+
+
+def test_int8_down_adapter_exports_8_bit_down_products_exact_when_teacher_forced(int8_run, int8_down_export):
+    from adalora_deploy.models import load_trained_model
+
+    root, base, adapters = int8_run
+    out, manifest = int8_down_export
+    downs = _down_nodes(out)
+    attributes = [{a.name: a.i for a in n.attribute} for n in downs]
+    # one down node per branch (q/k/v share one, the joint branch), each followed by its up product's Gemm
+    assert len(downs) == len(_nodes(out, "Gemm")) >= 2 and manifest.adapter_matmuls == 2 * len(downs)
+    assert all(a["bits"] == 8 and a["accuracy_level"] == 4 and a["block_size"] == 32 for a in attributes)
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert not [i.name for i in graph.graph.initializer if i.name.endswith(".lora_A")]  # no fp32 down factor left
+    assert "8-bit MatMulNBits" in manifest.arithmetic and manifest.source_tier == "exact"
+    assert manifest.agreement["method"] == "teacher-forced" and manifest.agreement["passed"]
+    from adalora_deploy.adapters import find_adapters
+
+    layers = find_adapters(load_trained_model(base, adapters["int8-down"], quantization="gptq")).values()
+    assert {layer.down_weights for layer in layers} == {"int8"}
+    assert sum(float(layer.lora_E.abs().sum()) for layer in layers) > 0  # trained: the branches are not zero
+    report = check_export(out, max_new_tokens=6)
+    assert report.passed, report.failures
+    source = report["source"].report
+    assert source.tier == "exact" and source.tokens_equal and all(o.max_abs <= o.tolerance for o in source.outputs)
+
+
+@pytest.mark.parametrize("change", ["fp32-down", "down-blocks-16"])
+def test_a_down_product_computed_otherwise_fails_the_teacher_forced_check(int8_run, tmp_path, monkeypatch, change):
+    """The same adapter with its down factor exported in fp32 (no 8-bit grid), or on 8-bit blocks of 16 (its
+    activations rounded per 16 values, the base's per 32): another arithmetic, caught where the layer's output
+    next enters a quantized op."""
+    from adalora_deploy.export.build import convert
+
+    root, base, adapters = int8_run
+    if change == "fp32-down":
+        monkeypatch.setattr(convert, "_int8_down", lambda layer, A: None)
+    else:
+        original = convert._int8_down
+        monkeypatch.setattr(convert, "_int8_down", lambda layer, A: original(_Blocks16(layer), A))
+    out = tmp_path / change
+    export_model(base, adapters["int8-down"], output=out, mode="separate", measure_agreement=False)
+    monkeypatch.undo()
+    assert (len(_down_nodes(out)) == 0) == (change == "fp32-down")
+    report = check_export(out, max_new_tokens=6)
+    assert not report.passed
+    assert any("teacher-forced" in f for f in report["source"].report.failures), report["source"].report.failures
+
+
+class _Blocks16:
+    """An adapted layer whose down product claims blocks of 16 (the base's are 32)."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def down_layout(self):
+        return 16, self.layer.down_layout()[1]
+
+
+def test_int8_down_adapter_refuses_adapter_inputs(int8_run, tmp_path):
+    from adalora_deploy.errors import ExportError
+
+    root, base, adapters = int8_run
+    with pytest.raises(ExportError, match="8-bit down-projection"):
+        export_model(base, adapters["int8-down"], output=tmp_path / "inputs", mode="separate", adapter_inputs=True)
+    assert not (tmp_path / "inputs").exists()

@@ -90,10 +90,25 @@ class LinearEmitter:
             if g.float_type != np.float32:
                 a = g.op1("Cast", [a], scope, to=helper.np_dtype_to_tensor_dtype(g.float_type))
                 b = g.op1("Cast", [b], scope, to=helper.np_dtype_to_tensor_dtype(g.float_type))
+        elif module.down is not None:
+            return self._nbits_down([module.down], x, g.floats(f"{path}.lora_B", module.lora_B), base, path)
         else:
             a = g.floats(f"{path}.lora_A", module.lora_A)
             b = g.floats(f"{path}.lora_B", module.lora_B)
         return self._low_rank(x, a, b, base, scope)
+
+    # x ─> [Gather(perm)] ─> MatMulNBits(8-bit A, accuracy_level 4) ─> Gemm(lora_B, C = base) ─> y
+    def _nbits_down(self, downs: Sequence[NBitsLinear], x: str, lora_B: str, base: str, path: str) -> str:
+        """A branch whose down product is 8-bit (``adapter.down_weights: int8``): one MatMulNBits over the members'
+        quantized ``A`` (weights ``<path>.lora_A.*``, reading ``x`` as the base node does, so it rounds the same
+        activation codes), then the up product as in :meth:`_low_rank`. At batch 1 it reads a quarter of the fp32
+        factor's bytes and none of MLAS's 16-column padding."""
+        g = self.g
+        if g.float_type != np.float32:
+            raise FastPathUnsupported("fast path: an 8-bit down-projection (MatMulNBits accuracy_level 4) is built "
+                                      "for fp32 graphs only")
+        down = self._contrib(list(downs), x, f"{path}.lora_A")
+        return g.op1("Gemm", [down, lora_B, base], scope_of(path))
 
     # fp32: x ─> MatMul(lora_A) ─> Gemm(lora_B, C = base) ─> y      (rows are tokens: the fast path's x is 2-D)
     # else: x ─> MatMul(lora_A) ─> MatMul(lora_B) ─> Add(base) ─> y
@@ -153,6 +168,11 @@ class LinearEmitter:
     def _joint_branch(self, members: Sequence[nn.Module], x: str, base: str, path: str) -> str:
         g, scope = self.g, scope_of(path)
         lora_A, lora_B = joint_factors(members)
+        downs = [m.down for m in members if isinstance(m, LowRankBranch)]
+        if any(d is not None for d in downs):
+            if not all(d is not None for d in downs):
+                raise ExportError(f"fast path: {path} mixes 8-bit and fp32 down-projections in one group")
+            return self._nbits_down(downs, x, g.floats(f"{path}.lora_B", lora_B), base, path)
         return self._low_rank(x, g.floats(f"{path}.lora_A", lora_A), g.floats(f"{path}.lora_B", lora_B), base, scope)
 
     def _base(self, modules: Sequence[nn.Module], x: str, path: str) -> str:

@@ -50,6 +50,7 @@ from .. import contrib
 
 __all__ = [
     "BRANCH",
+    "INT8_DOWN_BRANCH",
     "Arithmetic",
     "ExportKind",
     "SERVING_ACCURACY_LEVEL",
@@ -75,6 +76,9 @@ MERGED_EXACT = "`--mode merged` (fp32, exact)"
 """The export that keeps any base's trained arithmetic (the advice when a kind has nothing better)."""
 BRANCH = " + fp32 low-rank branch x·Aᵀ·Bᵀ per module with rank > 0"
 """What separate mode adds beside every base kind's matmul."""
+INT8_DOWN_BRANCH = (" + low-rank branch per module with rank > 0: x·Aᵀ as an 8-bit MatMulNBits at accuracy_level 4 (A on "
+                    "the 8-bit grid it was trained on, the base's activation codes), then fp32 ·Bᵀ")
+"""Separate mode's branch for an adapter trained with ``adapter.down_weights: int8``."""
 
 
 @dataclass(frozen=True)
