@@ -136,8 +136,16 @@ def test_report_counts_the_answers_a_graph_shares_with_the_trained_model():
     trained = {"answers": [0, 1, 1, 0, 1], "labels": [0, 1, 0, 0, 1]}
     graph = {"answers": [0, 1, 0, 1, 1]}
     assert answer_agreement(trained, graph) == {"same": 3, "examples": 5, "only_graph_right": 1,
-                                                "only_trained_right": 1}
+                                                "only_trained_right": 1, "p_value": 1.0}
     assert answer_agreement(trained, trained)["same"] == 5
     assert answer_agreement({"accuracy": 0.5}, graph) is None  # a job.json from before answers were kept
     assert answer_agreement({"answers": [0, 1]}, graph) is None
     assert answer_agreement({"answers": trained["answers"]}, graph) == {"same": 3, "examples": 5}
+
+
+def test_mcnemar_exact_p_values():
+    from adalora_deploy.job.report import mcnemar_exact
+
+    assert mcnemar_exact(0, 0) == 1.0 and mcnemar_exact(2, 3) == 1.0 and mcnemar_exact(3, 2) == 1.0
+    assert mcnemar_exact(5, 2) == pytest.approx(0.453125)  # 2 * (1 + 7 + 21) / 128
+    assert mcnemar_exact(0, 6) == pytest.approx(2 / 64) and mcnemar_exact(9, 1) == pytest.approx(0.021484375)

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
@@ -141,7 +142,9 @@ def answer_agreement(trained: dict[str, Any], row: dict[str, Any]) -> dict[str, 
     was right; ``None`` without per-example answers (no choices, or a job recorded before they were kept).
 
     With int8 activations a graph and the trained model each round their own activations, so a few borderline
-    examples can go either way and equal accuracies can hide answers that differ."""
+    examples can go either way and equal accuracies can hide answers that differ. ``p_value`` is McNemar's exact
+    test on the examples where one of them is right: how likely a split at least that uneven is when neither is
+    better (a graph that computes the trained model, rounding apart, gives a large one)."""
     mine, theirs = row.get("answers"), trained.get("answers")
     if not mine or not theirs or len(mine) != len(theirs):
         return None
@@ -151,7 +154,17 @@ def answer_agreement(trained: dict[str, Any], row: dict[str, Any]) -> dict[str, 
     if labels and len(labels) == len(mine):
         result["only_graph_right"] = sum(a == y != b for a, b, y in zip(mine, theirs, labels))
         result["only_trained_right"] = sum(b == y != a for a, b, y in zip(mine, theirs, labels))
+        result["p_value"] = mcnemar_exact(result["only_graph_right"], result["only_trained_right"])
     return result
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value of ``b`` against ``c`` discordant pairs (binomial, n = b + c, p = 1/2)."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
 
 
 def write_report(run: RunConfig, output: Path, stages: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -192,6 +205,9 @@ def write_report(run: RunConfig, output: Path, stages: dict[str, dict[str, Any]]
             agree = "" if same is None else (
                 f"; it gives the trained model's answer on {same['same']} of {same['examples']} examples"
                 + (f", and of the {same['examples'] - same['same']} others it is right on {same['only_graph_right']}"
+                   f" (McNemar's exact p = {same['p_value']:.2f}: "
+                   + ("a split this even is what rounding alone gives" if same["p_value"] >= 0.05
+                      else "more uneven than rounding alone gives") + ")"
                    if "only_graph_right" in same and same["same"] < same["examples"] else ""))
             lines.append(f"- `{row['label']}` under onnxruntime: {row['accuracy']:.3f} "
                          f"({100 * (row['accuracy'] - trained['accuracy']):+.1f} points against the trained model)"
