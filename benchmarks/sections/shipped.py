@@ -5,11 +5,11 @@ configs/smollm2-sentiment.yaml``) makes the shipped graph with its defaults (``e
 job, rerun from its export stage with every documented export option in its ``export`` list, makes the others
 (``--serving``, ``merged`` with each ``--weights``), checks each against the trained model (``check``: tier and
 verdict) and scores each on the held-out task; the same job with each of :data:`JOBS`' ``--set`` overrides (the
-other activations, an attention-only adapter) is run in the workdir and exported the same way. This section then
-times what those commands wrote: size, prefill of a 128-token prompt (plain onnxruntime, the same harness for
-every graph) and greedy decode tokens/s at batch 1 in our loop (``DecoderSession``) and under onnxruntime-genai,
-at each of ``--decode-threads``, runners interleaved, beside the builder's int4 graph of the same base model under
-onnxruntime-genai.
+other activations, fp32 down-projections, an attention-only adapter) is run in the workdir and exported the same
+way. This section then times what those commands wrote: size, prefill of a 128-token prompt (plain onnxruntime,
+the same harness for every graph) and greedy decode tokens/s at batch 1 in our loop (``DecoderSession``) and under
+onnxruntime-genai, at each of ``--decode-threads``, runners interleaved, beside the builder's int4 graph of the
+same base model under onnxruntime-genai.
 
 The job folder is ``--run DIR`` when given, else ``runs/smollm2-sentiment`` when it holds a finished job, else the
 job is run here (its wall time is then reported: a rerun with the cached base, or a fresh run on an empty cache).
@@ -37,11 +37,14 @@ SHIPPED = "separate"
 """The export the default config ships (its ``export`` list)."""
 FP32 = "fp32"
 """The job trained with ``--set model.activations=fp32`` (the config's other documented arithmetic)."""
+FP32_DOWN = "fp32-down"
+"""The job with fp32 down-projections (``--set adapter.down_weights=fp32``, the default before 8-bit ones)."""
 ATTENTION = "attention"
 """The job with an attention-only adapter (``--set adapter.target_modules=[q_proj, k_proj, v_proj, o_proj]``)."""
 JOBS: dict[str | None, tuple[str, ...]] = {
     None: (),  # the default config as it is
-    FP32: ("model.activations=fp32",),
+    FP32: ("model.activations=fp32", "adapter.down_weights=fp32"),
+    FP32_DOWN: ("adapter.down_weights=fp32",),
     ATTENTION: ("adapter.target_modules=[q_proj, k_proj, v_proj, o_proj]",),
 }
 """Each job the section times graphs of, by its ``--set`` overrides of the default config."""
@@ -54,9 +57,10 @@ VARIANTS = (
     ("merged-fp16", {"mode": "merged", "weights": "fp16"}, "--mode merged --weights fp16", None),
     ("fp32-separate", {"mode": "separate"}, "activations fp32: --mode separate", FP32),
     ("fp32-serving", {"mode": "separate", "serving": True}, "activations fp32: --mode separate --serving", FP32),
+    ("fp32-down-separate", {"mode": "separate"}, "fp32 down-projections: --mode separate", FP32_DOWN),
     ("attention-separate", {"mode": "separate"}, "attention-only adapter: --mode separate", ATTENTION),
 )
-QUICK_VARIANTS = ("separate", "fp32-separate", "attention-separate")
+QUICK_VARIANTS = ("separate", "fp32-separate", "fp32-down-separate", "attention-separate")
 SLOW_RUN_S = 20
 """A decode run slower than this (seconds) is not repeated: its warm-up run is the figure."""
 

@@ -11,7 +11,8 @@ that read the same input, the LoRA branch)::
     ContribNode           [Gather(perm)] + the contrib node (e.g. MatMulNBits, MatMulBnb4) [+ Add(bias)]
     PatternNode           the pattern's nodes (e.g. kinds/bnb8.py's LLM.int8 emulation), bias included
     LowRankBranch         base (scope <m>/base) + MatMul(lora_A) + Gemm(lora_B, C = base) (scope <m>; fp16:
-                          MatMul(lora_B) + Add)
+                          MatMul(lora_B) + Add); an adapter trained with down_weights: int8 has MatMulNBits
+                          (8-bit lora_A, accuracy_level 4) for the MatMul
     fused siblings <g>    one base node (scope <g>: qkv_proj, gate_up_proj) + Split; two or more branches with
     (q/k/v, gate/up)      their factors in the graph: one branch of <g>.lora_A / <g>.lora_B (as LowRankBranch's)
                           before the Split (scope <g>); else each member's branch after it, as LowRankBranch. q/k/v
