@@ -61,11 +61,16 @@ def _accuracy_levels(folder) -> set[int]:
     return {a.i for n in _nodes(folder, "MatMulNBits") for a in n.attribute if a.name == "accuracy_level"}
 
 
+def _separate(int8_run, adapter: str):
+    """``--mode separate`` of one of the run's adapters: (folder, manifest)."""
+    root, base, adapters = int8_run
+    out = root / f"export-{adapter}"
+    return out, export_model(base, adapters[adapter], output=out, mode="separate")
+
+
 @pytest.fixture(scope="module")
 def exact_export(int8_run):
-    root, base, adapters = int8_run
-    out = root / "export-fp32"
-    return out, export_model(base, adapters["fp32"], output=out, mode="separate")
+    return _separate(int8_run, "fp32")
 
 
 def test_a_quantized_table_exports_once_and_exactly(exact_export):
@@ -93,9 +98,7 @@ def test_int8_activations_in_the_exact_graph_fail_the_check(exact_export, tmp_pa
 
 @pytest.fixture(scope="module")
 def int8_export(int8_run):
-    root, base, adapters = int8_run
-    out = root / "export-int8"
-    return out, export_model(base, adapters["int8"], output=out, mode="separate")
+    return _separate(int8_run, "int8")
 
 
 def test_int8_trained_adapter_exports_the_fast_graph_exact_when_teacher_forced(int8_export):
@@ -183,9 +186,7 @@ def test_merged_fp32_of_a_quantized_table_holds_one_float_table(int8_run):
 
 @pytest.fixture(scope="module")
 def int8_down_export(int8_run):
-    root, base, adapters = int8_run
-    out = root / "export-int8-down"
-    return out, export_model(base, adapters["int8-down"], output=out, mode="separate")
+    return _separate(int8_run, "int8-down")
 
 
 def _down_nodes(folder):
