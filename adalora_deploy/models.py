@@ -21,7 +21,7 @@ from adalora_deploy.config import ModelConfig
 from adalora_deploy.errors import ArtifactError, ConfigError
 from adalora_deploy.gptq.checkpoint import load_gptq_model
 from adalora_deploy.gptq.linear import quant_linears
-from adalora_deploy.peft_format import load_adapter, read_labels
+from adalora_deploy.peft_format import load_adapter, read_adapter_config, read_labels
 from adalora_deploy.quantization import QUANTIZATIONS, bnb_4bit_type, family, is_bnb, is_gptq_folder
 
 __all__ = [
@@ -151,8 +151,12 @@ def load_trained_model(base: str | os.PathLike, adapter: str | os.PathLike, *, q
         ArtifactError: unreadable folders.
         AdapterMismatchError: the adapter was trained for another base.
     """
-    # int8 activations (model.activations) are part of what was trained on a GPTQ base: the run record says
-    activations = read_run_record(adapter).get("activations", "fp32") if quantization == "gptq" else "fp32"
+    # int8 activations (model.activations) are part of what was trained on a GPTQ base: the run record says, and
+    # without one (an adapter folder copied elsewhere) an adapter with 8-bit down-projections implies them
+    activations = "fp32"
+    if quantization == "gptq":
+        implied = "int8" if read_adapter_config(adapter).down_weights == "int8" else "fp32"
+        activations = read_run_record(adapter).get("activations", implied)
     model = load_base_model(ModelConfig(path=str(base), quantization=quantization, double_quant=double_quant,
                                         device=device, activations=activations), labels=read_labels(adapter))
     load_adapter(model, adapter)

@@ -42,6 +42,7 @@ __all__ = [
     "load_adapter",
     "lora_config_dict",
     "read_adapter",
+    "read_adapter_config",
     "read_compact_adapter",
     "read_rank_pattern",
     "save_adapter",
@@ -210,6 +211,11 @@ def read_adapter(folder: str | Path) -> tuple[AdaLoraConfig, dict[str, list[bool
     """Read an AdaLoRA adapter folder (ours or PEFT's): config, rank_pattern and PEFT-keyed tensors."""
     _, config, rank_pattern, tensors = _read(Path(folder))
     return config, rank_pattern, tensors
+
+
+def read_adapter_config(folder: str | Path) -> AdaLoraConfig:
+    """The adapter's config (PEFT's fields and our own options), without reading its tensors."""
+    return _read_config(Path(folder))[1]
 
 
 def read_labels(folder: str | Path) -> tuple[str, ...] | None:

@@ -250,6 +250,21 @@ class _Blocks16:
         return 16, self.layer.down_layout()[1]
 
 
+def test_int8_down_adapter_copied_without_its_run_record_still_loads_as_trained(int8_run, tmp_path):
+    """An adapter folder copied away from its run.json: its 8-bit down-projections imply the int8 activations."""
+    import shutil
+
+    from adalora_deploy.adapters import find_adapters
+    from adalora_deploy.models import load_trained_model
+
+    root, base, adapters = int8_run
+    copied = tmp_path / "adapter"
+    shutil.copytree(adapters["int8-down"], copied)
+    layers = find_adapters(load_trained_model(base, copied, quantization="gptq")).values()
+    assert {layer.down_weights for layer in layers} == {"int8"}
+    assert all(layer.base_layer.activation_block == 32 for layer in layers)
+
+
 def test_int8_down_adapter_refuses_adapter_inputs(int8_run, tmp_path):
     from adalora_deploy.errors import ExportError
 

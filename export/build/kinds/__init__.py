@@ -237,5 +237,6 @@ def arithmetic_table() -> str:
         rows.append(f"| {kind.label} | {kind.merged().text} | {exact} | {serving} |")
     rows.append("")
     rows.append("Separate mode adds an fp32 low-rank branch x·Aᵀ·Bᵀ beside each adapted module with exactly its "
-                "surviving rank (A = Λ'Q', B = P'·scale); a rank-0 module adds no node.")
+                "surviving rank (A = Λ'Q', B = P'·scale; an adapter trained with `adapter.down_weights: int8` has "
+                "x·Aᵀ as an 8-bit MatMulNBits); a rank-0 module adds no node.")
     return "\n".join(rows)
