@@ -104,9 +104,8 @@ class AdaLoraLinear(nn.Module):
         adapter_in = self.lora_dropout(x.to(self.lora_A.dtype))
         if self.down_weights == "int8":
             block, perm = self.down_layout()
-            down = fake_quantize_activations(adapter_in, block, perm) @ fake_quantize_weights(
-                self.lora_A * self.lora_E, block, perm).T  # the base's codes: cached on adapter_in when it is x
-            delta = (down @ self.lora_B.T) * self.scale
+            codes = fake_quantize_activations(adapter_in, block, perm)  # the base's: cached on adapter_in when it is x
+            delta = (codes @ self._int8_down(self.lora_A, self.lora_E).T @ self.lora_B.T) * self.scale
         else:
             delta = F.adapter_output(adapter_in, self.lora_A, self.lora_E, self.lora_B, self.scale)
         return result + delta.to(result.dtype)
@@ -114,6 +113,11 @@ class AdaLoraLinear(nn.Module):
     def down_layout(self) -> tuple[int, torch.Tensor | None]:
         """``(block_size, perm)`` of an int8 down-projection: the base's MatMulNBits block and channel order."""
         return self.base_layer.activation_block, self.base_layer.activation_order()
+
+    def _int8_down(self, lora_A: torch.Tensor, lora_E: torch.Tensor) -> torch.Tensor:
+        """``Λ Q`` on the 8-bit grid of an int8 down-projection (straight-through gradients)."""
+        block, perm = self.down_layout()
+        return fake_quantize_weights(lora_A * lora_E, block, perm)
 
     def live_factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(Q', Λ', P')`` of the triplets alive in ``rank_mask``, detached: ``(r_k, d_in), (r_k, 1), (d_out, r_k)``."""
@@ -127,9 +131,7 @@ class AdaLoraLinear(nn.Module):
         ``Λ Q`` on its 8-bit grid, as trained)."""
         lora_A, lora_E, lora_B = self.live_factors()
         if self.down_weights == "int8":
-            block, perm = self.down_layout()
-            down = fake_quantize_weights(lora_A.float() * lora_E.float(), block, perm)
-            return (lora_B.float() @ down) * self.scale
+            return (lora_B.float() @ self._int8_down(lora_A.float(), lora_E.float())) * self.scale
         return F.adapter_delta(lora_A.float(), lora_E.float(), lora_B.float(), self.scale)
 
     @torch.no_grad()

@@ -112,21 +112,23 @@ class Conversion:
 
 
 def describe(quantization: str, mode: str, weights: str = "fp32", serving: bool = False,
-             requantize: str = "gptq", activations: str = "fp32") -> Arithmetic:
+             requantize: str = "gptq", activations: str = "fp32", down_weights: str = "fp32") -> Arithmetic:
     """The arithmetic of one export configuration (from the base kind's plug-in or the merged weights').
 
     ``activations``: how the base's quantized linears computed in training (``int8``: the GPTQ kind's
-    accuracy_level-4 arithmetic, see :func:`trained_activations`)."""
+    accuracy_level-4 arithmetic, see :func:`trained_activations`); ``down_weights``: how the adapter's
+    down-projections did (``int8``: separate mode's branch is :data:`INT8_DOWN_BRANCH`)."""
     kind = kind_for_quantization(quantization)
+    branch = INT8_DOWN_BRANCH if down_weights == "int8" else BRANCH
     if activations == "int8" and not (mode == "merged" and weights in ("int4", "int8", "fp16")):
         base = kind.int8_trained(mode=mode)
-        return dataclasses.replace(base, text=base.text + BRANCH) if mode == "separate" else base
+        return dataclasses.replace(base, text=base.text + branch) if mode == "separate" else base
     if mode == "merged":
         if weights in ("int4", "int8"):
             return _merged_nbits(weights, requantize)
         return MERGED_WEIGHTS[weights] if weights in MERGED_WEIGHTS else kind.merged()
     base = kind.separate(serving=serving)
-    return dataclasses.replace(base, text=base.text + BRANCH)
+    return dataclasses.replace(base, text=base.text + branch)
 
 
 def trained_activations(model: nn.Module) -> str:
@@ -185,13 +187,11 @@ def convert_for_export(model: nn.Module, *, quantization: str, mode: Mode = "sep
     kinds_found = base_kind(model)
     ranks = {name: layer.live_rank for name, layer in adapters.items()}
     factors = adapter_factors(model)
-    arithmetic = describe(quantization, mode, weights, serving, requantize, trained_activations(model))
-    if any(layer.down_weights == "int8" for layer in adapters.values()):
-        if adapter_inputs:
-            raise ExportError("--adapter-inputs feeds fp32 factors, and this adapter was trained with an 8-bit "
-                              "down-projection (adapter.down_weights: int8); export it without --adapter-inputs")
-        if mode == "separate":
-            arithmetic = dataclasses.replace(arithmetic, text=arithmetic.text.replace(BRANCH, INT8_DOWN_BRANCH))
+    down_weights = "int8" if any(layer.down_weights == "int8" for layer in adapters.values()) else "fp32"
+    if down_weights == "int8" and adapter_inputs:
+        raise ExportError("--adapter-inputs feeds fp32 factors, and this adapter was trained with an 8-bit "
+                          "down-projection (adapter.down_weights: int8); export it without --adapter-inputs")
+    arithmetic = describe(quantization, mode, weights, serving, requantize, trained_activations(model), down_weights)
     requantization = None
     if mode == "merged":
         table = _quantized_table(model)
